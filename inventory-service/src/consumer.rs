@@ -1,0 +1,130 @@
+//! The inventory service's reaction to order events: OrderPlaced reserves every line or none and
+//! answers StockReserved or StockReservationRejected; OrderConfirmed sells the reserved stock.
+//! Each runs in the consumer runtime's transaction (inbox claim + stock change + outbox row).
+
+use messaging::consumer::Handler;
+use messaging::outbox;
+use messaging::{Envelope, HandlerError};
+use schemas::{
+    Event, OrderPlaced, ReservedLine, Shortage, StockReservationRejected, StockReserved,
+};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::domain::{self, ReservationDecision, ReservationInput, ReserveDecision};
+use crate::store;
+
+pub const GROUP: &str = "inventory-service";
+
+pub struct OrderEvents;
+
+impl Handler for OrderEvents {
+    async fn handle(
+        &self,
+        conn: &mut PgConnection,
+        envelope: &Envelope,
+    ) -> Result<(), HandlerError> {
+        match &envelope.event {
+            Event::OrderPlaced(placed) => reserve(conn, placed, envelope).await,
+            Event::OrderConfirmed(e) => {
+                move_reservation(conn, e.order_id, ReservationInput::Commit).await
+            }
+            other => {
+                tracing::debug!(event_type = other.event_type(), order_id = %other.order_id(), "nothing for inventory to do");
+                Ok(())
+            }
+        }
+    }
+}
+
+fn now_millis() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+async fn reserve(
+    conn: &mut PgConnection,
+    placed: &OrderPlaced,
+    envelope: &Envelope,
+) -> Result<(), HandlerError> {
+    let order_id = placed.order_id;
+    if store::lock_reservation(conn, order_id).await?.is_some() {
+        tracing::info!(%order_id, "order already has a reservation; OrderPlaced ignored");
+        return Ok(());
+    }
+    let items: Vec<(String, i64)> = placed
+        .items
+        .iter()
+        .map(|i| (i.sku.clone(), i.quantity))
+        .collect();
+    let mut skus: Vec<String> = items.iter().map(|(sku, _)| sku.clone()).collect();
+    skus.sort();
+    skus.dedup();
+    let stock = store::lock_stock(conn, &skus).await?;
+    let event = match domain::reserve(&items, &stock) {
+        ReserveDecision::Reserve { lines, total_cents } => {
+            let reservation_id =
+                store::insert_reservation(conn, order_id, &lines, total_cents).await?;
+            tracing::info!(%order_id, %reservation_id, total_cents, "stock reserved");
+            metrics::counter!("inventory_reservations_total", "outcome" => "reserved").increment(1);
+            Event::StockReserved(StockReserved {
+                order_id,
+                reservation_id,
+                lines: lines
+                    .into_iter()
+                    .map(|l| ReservedLine {
+                        sku: l.sku,
+                        quantity: l.quantity,
+                        unit_price_cents: l.unit_price_cents,
+                    })
+                    .collect(),
+                total_cents,
+                reserved_at: now_millis(),
+            })
+        }
+        ReserveDecision::Reject { shortages, reason } => {
+            tracing::info!(%order_id, %reason, "reservation rejected");
+            metrics::counter!("inventory_reservations_total", "outcome" => "rejected").increment(1);
+            Event::StockReservationRejected(StockReservationRejected {
+                order_id,
+                reason,
+                shortages: shortages
+                    .into_iter()
+                    .map(|s| Shortage {
+                        sku: s.sku,
+                        requested: s.requested,
+                        available: s.available,
+                    })
+                    .collect(),
+                rejected_at: now_millis(),
+            })
+        }
+    };
+    outbox::append(conn, &event, &envelope.cause()).await?;
+    Ok(())
+}
+
+async fn move_reservation(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    input: ReservationInput,
+) -> Result<(), HandlerError> {
+    let Some(reservation) = store::lock_reservation(conn, order_id).await? else {
+        return Err(HandlerError::Permanent(format!(
+            "no reservation for order {order_id} to {input:?}"
+        )));
+    };
+    let status: domain::ReservationStatus = reservation
+        .status
+        .parse()
+        .map_err(HandlerError::Permanent)?;
+    match domain::decide(status, input).map_err(|e| HandlerError::Permanent(e.to_string()))? {
+        ReservationDecision::Ignore(why) => {
+            tracing::info!(%order_id, %status, why, "reservation unchanged");
+        }
+        ReservationDecision::Transition { to, stock } => {
+            store::move_reservation(conn, &reservation, to, stock).await?;
+            tracing::info!(%order_id, reservation_id = %reservation.reservation_id, from = %status, %to, "reservation moved");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! Inventory rules, pure: whether an order's lines can all be reserved from the current stock (all
+//! or none), and the reservation state machine. No I/O here.
+//!
+//! Reservation statuses: RESERVED → COMMITTED; RESERVED or COMMITTED → RELEASED.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReservationStatus {
+    Reserved,
+    Committed,
+    Released,
+}
+
+impl ReservationStatus {
+    pub const ALL: [ReservationStatus; 3] = [
+        ReservationStatus::Reserved,
+        ReservationStatus::Committed,
+        ReservationStatus::Released,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReservationStatus::Reserved => "RESERVED",
+            ReservationStatus::Committed => "COMMITTED",
+            ReservationStatus::Released => "RELEASED",
+        }
+    }
+}
+
+impl fmt::Display for ReservationStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ReservationStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ReservationStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| format!("unknown reservation status {s:?}"))
+    }
+}
+
+/// What can happen to a reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReservationInput {
+    /// The order was confirmed: the reserved stock is sold.
+    Commit,
+    /// The order was cancelled: the stock goes back to available.
+    Release,
+}
+
+/// The stock movement a reservation transition makes, per line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StockMove {
+    /// reserved → sold
+    Sell,
+    /// reserved → available
+    Unreserve,
+    /// sold → available (the compensation of a completed sale)
+    Return,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReservationDecision {
+    Transition {
+        to: ReservationStatus,
+        stock: StockMove,
+    },
+    Ignore(&'static str),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a reservation in status {status} cannot take {input:?}")]
+pub struct InvalidTransition {
+    pub status: ReservationStatus,
+    pub input: ReservationInput,
+}
+
+/// The reservation state machine: every (status, input) pair is decided here.
+pub fn decide(
+    status: ReservationStatus,
+    input: ReservationInput,
+) -> Result<ReservationDecision, InvalidTransition> {
+    use ReservationInput::*;
+    use ReservationStatus::*;
+    match (status, input) {
+        (Reserved, Commit) => Ok(ReservationDecision::Transition {
+            to: Committed,
+            stock: StockMove::Sell,
+        }),
+        (Reserved, Release) => Ok(ReservationDecision::Transition {
+            to: Released,
+            stock: StockMove::Unreserve,
+        }),
+        (Committed, Release) => Ok(ReservationDecision::Transition {
+            to: Released,
+            stock: StockMove::Return,
+        }),
+        (Committed, Commit) => Ok(ReservationDecision::Ignore("already committed")),
+        (Released, Release) => Ok(ReservationDecision::Ignore("already released")),
+        (Released, Commit) => Err(InvalidTransition { status, input }),
+    }
+}
+
+/// One sku's stock as the reservation sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stock {
+    pub available: i64,
+    pub price_cents: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub sku: String,
+    pub quantity: i64,
+    pub unit_price_cents: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Shortage {
+    pub sku: String,
+    pub requested: i64,
+    pub available: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReserveDecision {
+    /// Every line can be reserved: take `lines` (one per sku, in sku order) for `total_cents`.
+    Reserve { lines: Vec<Line>, total_cents: i64 },
+    /// Something is short: reserve nothing. `reason` names every short or unknown sku.
+    Reject {
+        shortages: Vec<Shortage>,
+        reason: String,
+    },
+}
+
+/// Decides a reservation for `items` (sku, quantity; a sku may repeat and is then summed) against
+/// `stock`, which holds the skus that exist. All lines or none.
+pub fn reserve(items: &[(String, i64)], stock: &BTreeMap<String, Stock>) -> ReserveDecision {
+    let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
+    for (sku, quantity) in items {
+        *wanted.entry(sku.as_str()).or_default() += quantity;
+    }
+    let mut lines = Vec::new();
+    let mut shortages = Vec::new();
+    let mut reasons = Vec::new();
+    for (sku, &requested) in &wanted {
+        match stock.get(*sku) {
+            None => {
+                shortages.push(Shortage {
+                    sku: sku.to_string(),
+                    requested,
+                    available: 0,
+                });
+                reasons.push(format!("unknown sku {sku}"));
+            }
+            Some(s) if s.available < requested => {
+                shortages.push(Shortage {
+                    sku: sku.to_string(),
+                    requested,
+                    available: s.available,
+                });
+                reasons.push(format!(
+                    "insufficient stock for sku {sku} (requested {requested}, available {})",
+                    s.available
+                ));
+            }
+            Some(s) => lines.push(Line {
+                sku: sku.to_string(),
+                quantity: requested,
+                unit_price_cents: s.price_cents,
+            }),
+        }
+    }
+    if shortages.is_empty() {
+        let total_cents = lines.iter().map(|l| l.quantity * l.unit_price_cents).sum();
+        ReserveDecision::Reserve { lines, total_cents }
+    } else {
+        ReserveDecision::Reject {
+            shortages,
+            reason: reasons.join("; "),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReservationInput::*;
+    use super::ReservationStatus::*;
+    use super::*;
+
+    #[test]
+    fn every_reservation_transition_is_decided_as_the_design_says() {
+        let table = [
+            (Reserved, Commit, "COMMITTED/Sell"),
+            (Reserved, Release, "RELEASED/Unreserve"),
+            (Committed, Release, "RELEASED/Return"),
+            (Committed, Commit, "ignore"),
+            (Released, Release, "ignore"),
+            (Released, Commit, "invalid"),
+        ];
+        for (status, input, expected) in table {
+            let got = match decide(status, input) {
+                Ok(ReservationDecision::Transition { to, stock }) => format!("{to}/{stock:?}"),
+                Ok(ReservationDecision::Ignore(_)) => "ignore".into(),
+                Err(_) => "invalid".into(),
+            };
+            assert_eq!(got, expected, "{status} + {input:?}");
+        }
+        // The table above covers every pair.
+        assert_eq!(table.len(), ReservationStatus::ALL.len() * 2);
+    }
+
+    fn stock(entries: &[(&str, i64, i64)]) -> BTreeMap<String, Stock> {
+        entries
+            .iter()
+            .map(|(sku, available, price_cents)| {
+                (
+                    sku.to_string(),
+                    Stock {
+                        available: *available,
+                        price_cents: *price_cents,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_order_within_stock_is_reserved_with_prices_and_total() {
+        let decision = reserve(
+            &[("B".into(), 2), ("A".into(), 1)],
+            &stock(&[("A", 5, 100), ("B", 2, 250)]),
+        );
+        assert_eq!(
+            decision,
+            ReserveDecision::Reserve {
+                lines: vec![
+                    Line {
+                        sku: "A".into(),
+                        quantity: 1,
+                        unit_price_cents: 100
+                    },
+                    Line {
+                        sku: "B".into(),
+                        quantity: 2,
+                        unit_price_cents: 250
+                    },
+                ],
+                total_cents: 600,
+            }
+        );
+    }
+
+    #[test]
+    fn repeated_skus_are_summed_before_checking_stock() {
+        let decision = reserve(
+            &[("A".into(), 2), ("A".into(), 2)],
+            &stock(&[("A", 3, 100)]),
+        );
+        assert_eq!(
+            decision,
+            ReserveDecision::Reject {
+                shortages: vec![Shortage {
+                    sku: "A".into(),
+                    requested: 4,
+                    available: 3
+                }],
+                reason: "insufficient stock for sku A (requested 4, available 3)".into(),
+            }
+        );
+    }
+
+    #[test]
+    fn an_unknown_sku_rejects_the_whole_order_and_is_named() {
+        let decision = reserve(
+            &[("A".into(), 1), ("NOPE".into(), 1)],
+            &stock(&[("A", 3, 100)]),
+        );
+        let ReserveDecision::Reject { shortages, reason } = decision else {
+            panic!("expected a rejection");
+        };
+        assert_eq!(shortages.len(), 1);
+        assert_eq!(reason, "unknown sku NOPE");
+    }
+}

@@ -1,0 +1,171 @@
+//! HTTP pieces both services share: RFC 9457 problem responses, a JSON body extractor whose
+//! rejections are problems too, and the operational routes (`/healthz`, `/readyz`, `/metrics`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// An RFC 9457 problem: served as `application/problem+json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+}
+
+impl Problem {
+    pub fn new(status: StatusCode, detail: impl Into<String>) -> Problem {
+        Problem {
+            kind: "about:blank".to_owned(),
+            title: status.canonical_reason().unwrap_or("Error").to_owned(),
+            status: status.as_u16(),
+            detail: detail.into(),
+        }
+    }
+
+    pub fn bad_request(detail: impl Into<String>) -> Problem {
+        Problem::new(StatusCode::BAD_REQUEST, detail)
+    }
+
+    pub fn unprocessable(detail: impl Into<String>) -> Problem {
+        Problem::new(StatusCode::UNPROCESSABLE_ENTITY, detail)
+    }
+
+    pub fn not_found(detail: impl Into<String>) -> Problem {
+        Problem::new(StatusCode::NOT_FOUND, detail)
+    }
+
+    /// A 500 that logs the cause and tells the client nothing internal.
+    pub fn internal(err: impl std::fmt::Display) -> Problem {
+        tracing::error!(error = %err, "request failed");
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error; see the service log",
+        )
+    }
+}
+
+impl From<sqlx::Error> for Problem {
+    fn from(err: sqlx::Error) -> Problem {
+        if crate::db::is_transient(&err) {
+            tracing::warn!(error = %err, "database unavailable");
+            Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database unavailable; retry later",
+            )
+        } else {
+            Problem::internal(err)
+        }
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut response = (status, Json(self)).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        response
+    }
+}
+
+/// `Json<T>` whose rejections (wrong content type, malformed JSON, unknown or missing fields)
+/// are problem responses that name the problem.
+pub struct ValidJson<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ValidJson<T> {
+    type Rejection = Problem;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(ValidJson(value)),
+            Err(rejection) => Err(json_problem(rejection)),
+        }
+    }
+}
+
+fn json_problem(rejection: JsonRejection) -> Problem {
+    let status = rejection.status();
+    let detail = match &rejection {
+        JsonRejection::MissingJsonContentType(_) => {
+            "expected a request body with content-type application/json".to_owned()
+        }
+        JsonRejection::JsonSyntaxError(_) => format!("malformed JSON: {}", inner(&rejection)),
+        JsonRejection::JsonDataError(_) => format!("invalid request body: {}", inner(&rejection)),
+        _ => rejection.body_text(),
+    };
+    Problem::new(status, detail)
+}
+
+fn inner(rejection: &JsonRejection) -> String {
+    use std::error::Error;
+    let mut source: Option<&dyn Error> = rejection.source();
+    let mut last = rejection.body_text();
+    while let Some(s) = source {
+        last = s.to_string();
+        source = s.source();
+    }
+    last
+}
+
+/// Whether the process is ready to serve (database migrated, topics in place, consumer running).
+#[derive(Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set_ready(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    pub fn is_ready(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// `/healthz` (the process answers), `/readyz` (ready to serve) and `/metrics` (Prometheus text).
+pub fn ops_routes(readiness: Readiness, metrics: PrometheusHandle) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = readiness.is_ready();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n").into_response()
+                    } else {
+                        Problem::new(StatusCode::SERVICE_UNAVAILABLE, "starting: not ready yet")
+                            .into_response()
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let body = metrics.render();
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        body,
+                    )
+                }
+            }),
+        )
+        .fallback(|| async { Problem::not_found("no such route") })
+}

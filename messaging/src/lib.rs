@@ -1,0 +1,19 @@
+//! The plumbing that order-service and inventory-service share, so that each service's code is only
+//! its domain and its adapters: database setup, the transactional outbox writer, the inbox, the
+//! Kafka consumer runtime (inbox + effect in one transaction, offsets stored only after commit,
+//! transient failures retried in place, permanent ones dead-lettered), HTTP problem responses,
+//! logs and metrics.
+
+pub mod consumer;
+pub mod db;
+pub mod dead_letter;
+pub mod http;
+pub mod inbox;
+pub mod kafka;
+pub mod outbox;
+pub mod service;
+pub mod shutdown;
+pub mod telemetry;
+pub mod trace_context;
+
+pub use consumer::{Envelope, HandlerError};

@@ -1,0 +1,94 @@
+//! The start-up and shutdown sequence both services share: bind HTTP, create and migrate the
+//! database, serve the API and the operational routes, create the topics, run the consumer, and
+//! report ready; on shutdown, stop taking requests, finish the current message, close the pool.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+
+use crate::consumer::{self, ConsumerSettings, Handler};
+use crate::http::Readiness;
+use crate::kafka;
+use crate::shutdown::Shutdown;
+
+/// What a service is: its name, migrations, consumer group, subscription and routes.
+pub struct ServiceSpec<H, R> {
+    pub name: &'static str,
+    pub migrations: &'static Migrator,
+    pub group: &'static str,
+    pub subscribe: &'static str,
+    pub handler: H,
+    /// Builds the service's API routes from its database pool.
+    pub routes: R,
+}
+
+/// Where a service runs.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    pub listen_addr: SocketAddr,
+    pub database_url: String,
+    pub kafka_bootstrap_servers: String,
+    pub topic_partitions: i32,
+    pub db_max_connections: u32,
+}
+
+/// Runs the service until `shutdown` fires.
+pub async fn run<H, R>(
+    spec: ServiceSpec<H, R>,
+    config: ServiceConfig,
+    shutdown: Shutdown,
+) -> anyhow::Result<()>
+where
+    H: Handler,
+    R: FnOnce(PgPool) -> axum::Router,
+{
+    let name = spec.name;
+    let metrics = crate::telemetry::init_metrics()?;
+    let readiness = Readiness::default();
+    let listener = tokio::net::TcpListener::bind(config.listen_addr)
+        .await
+        .with_context(|| format!("binding {}", config.listen_addr))?;
+    tracing::info!(database = %config.database_url, "connecting to the database and migrating");
+    let pool = crate::db::connect_and_migrate(
+        &config.database_url,
+        config.db_max_connections,
+        spec.migrations,
+    )
+    .await?;
+    let app =
+        (spec.routes)(pool.clone()).merge(crate::http::ops_routes(readiness.clone(), metrics));
+    tracing::info!("{name} listening on http://{}", listener.local_addr()?);
+    let server_shutdown = shutdown.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { server_shutdown.wait().await })
+            .await
+    });
+    let dlq = kafka::dead_letter_topic(spec.group);
+    let mut topics: Vec<&str> = kafka::EVENT_TOPICS.to_vec();
+    topics.push(&dlq);
+    tracing::info!(?topics, "making sure the topics exist");
+    tokio::select! {
+        _ = kafka::ensure_topics_with_retry(&config.kafka_bootstrap_servers, &topics, config.topic_partitions) => {}
+        _ = shutdown.wait() => {}
+    }
+    let consumer = tokio::spawn(consumer::run(
+        ConsumerSettings {
+            bootstrap_servers: config.kafka_bootstrap_servers.clone(),
+            group: spec.group.to_owned(),
+            topics: vec![spec.subscribe.to_owned()],
+        },
+        pool.clone(),
+        spec.handler,
+        shutdown.clone(),
+    ));
+    readiness.set_ready();
+    tracing::info!("{name} ready");
+    consumer.await.context("consumer task")??;
+    server.await.context("server task")??;
+    pool.close().await;
+    tracing::info!("{name} stopped");
+    Ok(())
+}

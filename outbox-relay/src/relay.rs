@@ -1,0 +1,254 @@
+//! The tailing loop of one source: poll the oldest outbox rows, produce them in id order, wait for
+//! the broker's acknowledgements, delete what was acknowledged. See the crate docs for why.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use futures::future::join_all;
+use messaging::shutdown::Shutdown;
+use metrics::{counter, gauge, histogram};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, FromRow, PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::Source;
+
+/// The advisory lock key that makes one relay the publisher of a source (ASCII "outbox").
+const LEADER_LOCK: i64 = 0x6f7574626f78;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub batch_size: i64,
+    pub idle_poll: Duration,
+}
+
+pub fn producer(bootstrap_servers: &str) -> anyhow::Result<FutureProducer> {
+    messaging::kafka::reliable_producer_config(bootstrap_servers)
+        .create()
+        .context("creating Kafka producer")
+}
+
+#[derive(Debug, FromRow)]
+struct Row {
+    id: i64,
+    message_id: Uuid,
+    aggregate_type: String,
+    aggregate_id: String,
+    event_type: String,
+    content_type: String,
+    payload: Vec<u8>,
+    causation_id: Option<Uuid>,
+    traceparent: Option<String>,
+    tracestate: Option<String>,
+    created_at: DateTime<Utc>,
+}
+
+/// Tails `source` until shutdown, reconnecting with backoff whenever the database fails.
+pub async fn tail(source: Source, producer: FutureProducer, options: Options, shutdown: Shutdown) {
+    let mut failures: u32 = 0;
+    while !shutdown.is_fired() {
+        match tail_connected(&source, &producer, &options, &shutdown).await {
+            Ok(()) => return,
+            Err(e) => {
+                failures += 1;
+                let delay = messaging::consumer::backoff(failures);
+                tracing::warn!(source = %source.name, error = %format!("{e:#}"), ?delay,
+                    "outbox source unavailable; retrying");
+                if shutdown.sleep(delay).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn tail_connected(
+    source: &Source,
+    producer: &FutureProducer,
+    options: &Options,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(&source.database_url)
+        .await
+        .with_context(|| format!("connecting to source {}", source.name))?;
+    // Held for as long as this relay publishes the source; dropped (and so released) on error.
+    let Some(_leader) = become_leader(&pool, source, shutdown).await? else {
+        return Ok(());
+    };
+    tracing::info!(source = %source.name, "publishing outbox rows");
+    let mut last_backlog_report = Instant::now() - Duration::from_secs(10);
+    loop {
+        if shutdown.is_fired() {
+            return Ok(());
+        }
+        if last_backlog_report.elapsed() >= Duration::from_secs(1) {
+            report_backlog(&pool, source).await?;
+            last_backlog_report = Instant::now();
+        }
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT id, message_id, aggregate_type, aggregate_id, event_type, content_type, payload, \
+             causation_id, traceparent, tracestate, created_at FROM outbox ORDER BY id LIMIT $1",
+        )
+        .bind(options.batch_size)
+        .fetch_all(&pool)
+        .await
+        .with_context(|| format!("reading the outbox of source {}", source.name))?;
+        if rows.is_empty() {
+            if shutdown.sleep(options.idle_poll).await.is_err() {
+                return Ok(());
+            }
+            continue;
+        }
+        histogram!("relay_batch_size", "source" => source.name.clone()).record(rows.len() as f64);
+        let published = publish(source, producer, &rows).await;
+        if !published.acked.is_empty() {
+            sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+                .bind(&published.acked)
+                .execute(&pool)
+                .await
+                .with_context(|| format!("deleting published rows of source {}", source.name))?;
+        }
+        if published.failed > 0 && shutdown.sleep(Duration::from_secs(1)).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// Takes the source's leader lock, waiting as a standby while another relay holds it.
+async fn become_leader(
+    pool: &PgPool,
+    source: &Source,
+    shutdown: &Shutdown,
+) -> anyhow::Result<Option<PgConnection>> {
+    let mut conn = pool.acquire().await?.detach();
+    let mut announced = false;
+    loop {
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(LEADER_LOCK)
+            .fetch_one(&mut conn)
+            .await?;
+        if got {
+            return Ok(Some(conn));
+        }
+        if !announced {
+            tracing::info!(source = %source.name, "another relay publishes this source; standing by");
+            announced = true;
+        }
+        if shutdown.sleep(Duration::from_secs(1)).await.is_err() {
+            conn.close().await.ok();
+            return Ok(None);
+        }
+    }
+}
+
+async fn report_backlog(pool: &PgPool, source: &Source) -> anyhow::Result<()> {
+    let (pending, oldest): (i64, Option<f64>) = sqlx::query_as(
+        "SELECT count(*), EXTRACT(EPOCH FROM clock_timestamp() - min(created_at))::float8 FROM outbox",
+    )
+    .fetch_one(pool)
+    .await
+    .with_context(|| format!("measuring the backlog of source {}", source.name))?;
+    gauge!("relay_outbox_pending_rows", "source" => source.name.clone()).set(pending as f64);
+    gauge!("relay_outbox_oldest_pending_age_seconds", "source" => source.name.clone())
+        .set(oldest.unwrap_or(0.0));
+    Ok(())
+}
+
+struct Published {
+    acked: Vec<i64>,
+    failed: usize,
+}
+
+/// Produces `rows` in order and waits for every delivery report.
+async fn publish(source: &Source, producer: &FutureProducer, rows: &[Row]) -> Published {
+    let mut deliveries = Vec::with_capacity(rows.len());
+    let mut failed = 0;
+    for row in rows {
+        let Some(topic) = schemas::topic_for_aggregate(&row.aggregate_type) else {
+            tracing::error!(source = %source.name, id = row.id, aggregate_type = %row.aggregate_type,
+                "outbox row has an unknown aggregate type; left in place");
+            counter!("relay_publish_errors_total", "source" => source.name.clone(), "reason" => "unknown_aggregate").increment(1);
+            failed += 1;
+            continue;
+        };
+        let record = FutureRecord::to(topic)
+            .key(row.aggregate_id.as_str())
+            .payload(row.payload.as_slice())
+            .headers(headers(row));
+        match producer.send_result(record) {
+            Ok(delivery) => deliveries.push((row, topic, delivery)),
+            Err((e, _)) => {
+                tracing::warn!(source = %source.name, id = row.id, error = %e, "could not enqueue; will retry");
+                counter!("relay_publish_errors_total", "source" => source.name.clone(), "reason" => "enqueue").increment(1);
+                failed += 1;
+                // Later rows could overtake this one: stop here and retry from it.
+                break;
+            }
+        }
+    }
+    let (rows_sent, futures): (Vec<_>, Vec<_>) = deliveries
+        .into_iter()
+        .map(|(row, topic, delivery)| ((row, topic), delivery))
+        .unzip();
+    let reports = join_all(futures).await;
+    let mut acked = Vec::with_capacity(rows_sent.len());
+    let now = Utc::now();
+    for ((row, topic), report) in rows_sent.into_iter().zip(reports) {
+        match report {
+            Ok(Ok(_)) => {
+                acked.push(row.id);
+                counter!("relay_rows_published_total", "source" => source.name.clone(), "topic" => topic).increment(1);
+                let waited = (now - row.created_at).to_std().unwrap_or_default();
+                histogram!("relay_commit_to_ack_seconds", "source" => source.name.clone())
+                    .record(waited.as_secs_f64());
+            }
+            Ok(Err((e, _))) => {
+                tracing::warn!(source = %source.name, id = row.id, message_id = %row.message_id, error = %e,
+                    "delivery failed; the row stays in the outbox and will be sent again");
+                counter!("relay_publish_errors_total", "source" => source.name.clone(), "reason" => "delivery").increment(1);
+                failed += 1;
+            }
+            Err(_) => {
+                failed += 1;
+            }
+        }
+    }
+    if !acked.is_empty() {
+        tracing::debug!(source = %source.name, rows = acked.len(), "published");
+    }
+    Published { acked, failed }
+}
+
+fn headers(row: &Row) -> OwnedHeaders {
+    let message_id = row.message_id.to_string();
+    let causation_id = row.causation_id.map(|c| c.to_string());
+    let mut pairs: Vec<(&str, &str)> = vec![
+        ("message-id", &message_id),
+        ("event-type", &row.event_type),
+        ("content-type", &row.content_type),
+        ("correlation-id", &row.aggregate_id),
+    ];
+    if let Some(c) = &causation_id {
+        pairs.push(("causation-id", c));
+    }
+    if let Some(t) = &row.traceparent {
+        pairs.push(("traceparent", t));
+    }
+    if let Some(t) = &row.tracestate {
+        pairs.push(("tracestate", t));
+    }
+    pairs
+        .into_iter()
+        .fold(OwnedHeaders::new(), |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value),
+            })
+        })
+}

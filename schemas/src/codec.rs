@@ -1,0 +1,214 @@
+//! Wire formats: Avro single-object encoding (the default on Kafka) and plain JSON with the schema's
+//! field names (for hand-made test events, e.g. with `kcat`), plus the content-type dispatch used
+//! by consumers.
+//!
+//! Single-object encoding: `C3 01`, then the 8-byte little-endian CRC-64-AVRO (Rabin) fingerprint
+//! of the writer schema's parsing canonical form, then the Avro binary datum.
+
+use apache_avro::types::Value;
+use apache_avro::{from_avro_datum, from_value, to_avro_datum, to_value};
+use serde::de::DeserializeOwned;
+
+use crate::error::{DecodeError, bounded};
+use crate::events::{
+    Event, OrderCancelled, OrderConfirmed, OrderPlaced, OrderRejected, StockReleased,
+    StockReservationRejected, StockReserved,
+};
+use crate::registry::{entry, index_of, index_of_fingerprint};
+
+/// Content type of Avro single-object encoded payloads.
+pub const AVRO_CONTENT_TYPE: &str = "application/avro";
+/// Content type of JSON payloads (schema field names; needs an `event-type` header).
+pub const JSON_CONTENT_TYPE: &str = "application/json";
+
+/// The two marker bytes that start every single-object encoded payload.
+pub const SINGLE_OBJECT_MARKER: [u8; 2] = [0xC3, 0x01];
+/// Marker plus fingerprint.
+pub(crate) const HEADER_LEN: usize = 10;
+
+/// Applies `$body` to the struct inside any [`Event`] variant, bound as `$e`.
+macro_rules! with_inner {
+    ($event:expr, $e:ident => $body:expr) => {
+        match $event {
+            Event::OrderPlaced($e) => $body,
+            Event::OrderConfirmed($e) => $body,
+            Event::OrderRejected($e) => $body,
+            Event::OrderCancelled($e) => $body,
+            Event::StockReserved($e) => $body,
+            Event::StockReservationRejected($e) => $body,
+            Event::StockReleased($e) => $body,
+        }
+    };
+}
+
+/// Calls `$f::<T>($args)` with `T` the struct of the event type at `$index` of
+/// [`Event::EVENT_TYPES`].
+macro_rules! by_index {
+    ($index:expr, $f:ident($($arg:expr),*)) => {
+        match $index {
+            0 => $f::<OrderPlaced>($($arg),*),
+            1 => $f::<OrderConfirmed>($($arg),*),
+            2 => $f::<OrderRejected>($($arg),*),
+            3 => $f::<OrderCancelled>($($arg),*),
+            4 => $f::<StockReserved>($($arg),*),
+            5 => $f::<StockReservationRejected>($($arg),*),
+            6 => $f::<StockReleased>($($arg),*),
+            other => unreachable!("event type index {other} out of range"),
+        }
+    };
+}
+
+/// Encodes an event with Avro single-object encoding.
+///
+/// Infallible: every value of the Rust types is valid for its schema (the test suite encodes every
+/// variant), so a failure here would be a mismatch between `src/events.rs` and `avro/*.avsc`, a
+/// programming bug, and panics.
+pub fn encode(event: &Event) -> Vec<u8> {
+    let entry = entry(event.index());
+    let datum = with_inner!(event, e => to_value(e))
+        .and_then(|value| value.resolve(&entry.schema))
+        .and_then(|value| to_avro_datum(&entry.schema, value))
+        .unwrap_or_else(|e| {
+            panic!(
+                "bug: {} does not match its Avro schema: {e}",
+                event.event_type()
+            )
+        });
+    let mut bytes = Vec::with_capacity(HEADER_LEN + datum.len());
+    bytes.extend_from_slice(&SINGLE_OBJECT_MARKER);
+    bytes.extend_from_slice(&entry.fingerprint);
+    bytes.extend_from_slice(&datum);
+    bytes
+}
+
+/// Encodes an event as JSON with the schema's field names (ids as UUID strings, times as integer
+/// milliseconds, enums as their symbols): the format [`decode_json`] reads. The event type is not
+/// part of the JSON; it travels in the `event-type` header ([`Event::event_type`]).
+pub fn encode_json(event: &Event) -> Vec<u8> {
+    with_inner!(event, e => serde_json::to_vec(e))
+        .expect("bug: serializing plain structs to JSON cannot fail")
+}
+
+/// Decodes an Avro single-object encoded payload, choosing the schema by its fingerprint.
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let (index, body) = split_header(bytes)?;
+    decode_body(index, body)
+}
+
+/// Decodes a JSON payload of the given event type. Rejects unknown event types, malformed JSON,
+/// unknown, missing or mistyped fields, and values that do not validate against the Avro schema.
+pub fn decode_json(event_type: &str, bytes: &[u8]) -> Result<Event, DecodeError> {
+    let index =
+        index_of(event_type).ok_or_else(|| DecodeError::UnknownEventType(bounded(event_type)))?;
+    let event_type = Event::EVENT_TYPES[index];
+    let invalid = |e: serde_json::Error| DecodeError::InvalidJson {
+        event_type,
+        message: bounded(e.to_string()),
+    };
+    let event = by_index!(index, typed_from_json(bytes)).map_err(invalid)?;
+    // The typed parse succeeded, so the bytes are well-formed JSON; now check the same JSON
+    // against the Avro schema itself (e.g. UUID syntax, enum symbols, number ranges).
+    let raw: serde_json::Value = serde_json::from_slice(bytes).map_err(invalid)?;
+    Value::from(raw)
+        .resolve(&entry(index).schema)
+        .map_err(|e| DecodeError::SchemaMismatch {
+            event_type,
+            message: bounded(e.to_string()),
+        })?;
+    Ok(event)
+}
+
+/// Decodes a consumed record from its `content-type` and `event-type` headers.
+///
+/// * `application/json` (parameters such as `; charset=utf-8` and letter case ignored): JSON via
+///   [`decode_json`]; the event type is required ([`DecodeError::MissingEventType`]).
+/// * anything else, or no content type: Avro single-object encoding via [`decode`]; an event type,
+///   when given, must name the schema found by the fingerprint
+///   ([`DecodeError::EventTypeMismatch`]).
+pub fn decode_with_content_type(
+    content_type: Option<&str>,
+    event_type: Option<&str>,
+    bytes: &[u8],
+) -> Result<Event, DecodeError> {
+    if content_type.is_some_and(is_json_content_type) {
+        let event_type = event_type.ok_or(DecodeError::MissingEventType)?;
+        return decode_json(event_type, bytes);
+    }
+    let (index, body) = split_header(bytes)?;
+    let actual = Event::EVENT_TYPES[index];
+    if let Some(header) = event_type
+        && header != actual
+    {
+        return Err(DecodeError::EventTypeMismatch {
+            header: bounded(header),
+            actual,
+        });
+    }
+    decode_body(index, body)
+}
+
+fn is_json_content_type(content_type: &str) -> bool {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .eq_ignore_ascii_case(JSON_CONTENT_TYPE)
+}
+
+/// Checks marker and fingerprint; returns the event type index and the Avro body.
+fn split_header(bytes: &[u8]) -> Result<(usize, &[u8]), DecodeError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(DecodeError::TooShort { len: bytes.len() });
+    }
+    let (header, body) = bytes.split_at(HEADER_LEN);
+    let (marker, fingerprint) = header.split_at(2);
+    if marker != SINGLE_OBJECT_MARKER {
+        return Err(DecodeError::BadMarker {
+            found: [marker[0], marker[1]],
+        });
+    }
+    let index = index_of_fingerprint(fingerprint).ok_or_else(|| {
+        let mut le = [0u8; 8];
+        le.copy_from_slice(fingerprint);
+        DecodeError::UnknownFingerprint {
+            fingerprint: u64::from_le_bytes(le),
+        }
+    })?;
+    Ok((index, body))
+}
+
+fn decode_body(index: usize, body: &[u8]) -> Result<Event, DecodeError> {
+    let event_type = Event::EVENT_TYPES[index];
+    let mut rest = body;
+    let value = from_avro_datum(&entry(index).schema, &mut rest, None).map_err(|e| {
+        DecodeError::CorruptBody {
+            event_type,
+            message: bounded(e.to_string()),
+        }
+    })?;
+    if !rest.is_empty() {
+        return Err(DecodeError::TrailingBytes {
+            event_type,
+            count: rest.len(),
+        });
+    }
+    by_index!(index, typed_from_avro(&value)).map_err(|e| DecodeError::Mapping {
+        event_type,
+        message: bounded(e.to_string()),
+    })
+}
+
+fn typed_from_avro<T>(value: &Value) -> Result<Event, apache_avro::Error>
+where
+    T: DeserializeOwned + Into<Event>,
+{
+    from_value::<T>(value).map(Into::into)
+}
+
+fn typed_from_json<T>(bytes: &[u8]) -> Result<Event, serde_json::Error>
+where
+    T: DeserializeOwned + Into<Event>,
+{
+    serde_json::from_slice::<T>(bytes).map(Into::into)
+}

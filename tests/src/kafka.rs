@@ -1,0 +1,158 @@
+//! Reading and writing the broker's topics the way a user with `kcat` would.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+fn config(bootstrap: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap);
+    c
+}
+
+pub async fn wait_for_broker(bootstrap: &str, timeout: Duration) -> anyhow::Result<()> {
+    let bootstrap = bootstrap.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = config(&bootstrap).create()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match consumer.fetch_metadata(None, Duration::from_secs(2)) {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => bail!("broker {bootstrap} not up: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    })
+    .await?
+}
+
+/// One record as read from a topic.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub headers: HashMap<String, String>,
+    pub payload: Vec<u8>,
+}
+
+impl Record {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+
+    pub fn event(&self) -> anyhow::Result<schemas::Event> {
+        schemas::decode_with_content_type(
+            self.header("content-type"),
+            self.header("event-type"),
+            &self.payload,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+}
+
+/// Every record of `topic` from the beginning to the current end of each partition.
+pub async fn read_topic(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Record>> {
+    let bootstrap = bootstrap.to_owned();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || read_topic_blocking(&bootstrap, &topic)).await?
+}
+
+fn read_topic_blocking(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Record>> {
+    let consumer: BaseConsumer = config(bootstrap)
+        .set("group.id", format!("e2e-reader-{}", uuid::Uuid::new_v4()))
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .context("topic metadata")?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut ends = HashMap::new();
+    let mut assignment = TopicPartitionList::new();
+    for p in &partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, *p, Duration::from_secs(10))
+            .with_context(|| format!("watermarks of {topic}/{p}"))?;
+        if high > low {
+            ends.insert(*p, high);
+            assignment.add_partition_offset(topic, *p, Offset::Offset(low))?;
+        }
+    }
+    let mut records = Vec::new();
+    if ends.is_empty() {
+        return Ok(records);
+    }
+    consumer.assign(&assignment)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut done: HashMap<i32, bool> = ends.keys().map(|p| (*p, false)).collect();
+    while done.values().any(|d| !d) {
+        if Instant::now() > deadline {
+            bail!("timed out reading {topic}: got {} records", records.len());
+        }
+        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let m = message?;
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        records.push(Record {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            headers,
+            payload: m.payload().unwrap_or_default().to_vec(),
+        });
+        if m.offset() + 1 >= ends[&m.partition()] {
+            done.insert(m.partition(), true);
+        }
+    }
+    Ok(records)
+}
+
+/// Produces one record and waits for the acknowledgement.
+pub async fn produce(
+    bootstrap: &str,
+    topic: &str,
+    key: Option<&str>,
+    headers: &[(&str, &str)],
+    payload: &[u8],
+) -> anyhow::Result<()> {
+    let producer: FutureProducer = config(bootstrap).create()?;
+    let mut owned = OwnedHeaders::new();
+    for (k, v) in headers {
+        owned = owned.insert(Header {
+            key: k,
+            value: Some(*v),
+        });
+    }
+    let mut record: FutureRecord<'_, str, [u8]> =
+        FutureRecord::to(topic).payload(payload).headers(owned);
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("producing to {topic}: {e}"))?;
+    Ok(())
+}

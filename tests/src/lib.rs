@@ -1,0 +1,521 @@
+//! The end-to-end harness: starts a Tansu broker, the two services and the relay as real processes,
+//! each test with its own databases and its own broker, and gives tests the handles a user has:
+//! HTTP, the topics, `/metrics`, and the databases.
+//!
+//! The binaries must be built first (`cargo build --bins`; the test script does it). Settings:
+//! `E2E_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432`), `TANSU_BIN` (default: the
+//! project's cached build, then `tansu` on PATH). Process logs go to `target/e2e-logs/<test>/`.
+
+pub mod kafka;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
+
+pub fn postgres_url() -> String {
+    std::env::var("E2E_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// `target/debug` (or the profile dir the tests were built in).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let deps = exe.parent().expect("deps dir");
+    deps.parent().expect("profile dir").to_path_buf()
+}
+
+pub fn binary(name: &str) -> PathBuf {
+    let path = target_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first with `cargo build --bins` (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+pub fn tansu_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("TANSU_BIN") {
+        return PathBuf::from(path);
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let cached = PathBuf::from(home).join(".cache/order-saga/tansu-0.6.0/bin/tansu");
+    if cached.exists() {
+        return cached;
+    }
+    PathBuf::from("tansu")
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind port 0")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, program: &Path, args: &[String], log_dir: &Path) -> Proc {
+        std::fs::create_dir_all(log_dir).expect("log dir");
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(log_dir.join(format!("{name}.log")))
+            .expect("log file");
+        let child = Command::new(program)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env_remove("DATABASE_URL")
+            .env_remove("RELAY_SOURCES")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+        Proc {
+            name: name.to_owned(),
+            child: Some(child),
+        }
+    }
+
+    /// `kill -9`: no clean shutdown, no last words.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A Tansu broker on a free port, in memory.
+pub struct Broker {
+    pub bootstrap: String,
+    _proc: Proc,
+}
+
+impl Broker {
+    pub async fn start(log_dir: &Path) -> Broker {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let args: Vec<String> = [
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let proc = Proc::spawn("broker", &tansu_binary(), &args, log_dir);
+        let bootstrap = format!("127.0.0.1:{port}");
+        kafka::wait_for_broker(&bootstrap, Duration::from_secs(30))
+            .await
+            .expect("broker did not come up");
+        Broker {
+            bootstrap,
+            _proc: proc,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StackOptions {
+    /// Start the relay with the stack (otherwise call [`Stack::start_relay`]).
+    pub relay: bool,
+    pub relay_batch_size: u32,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        StackOptions {
+            relay: true,
+            relay_batch_size: 500,
+        }
+    }
+}
+
+/// The whole system for one test: broker, order-service, inventory-service, outbox-relay, and two
+/// fresh databases. Everything is killed and the databases dropped when it goes out of scope.
+pub struct Stack {
+    pub broker: Broker,
+    pub orders_db: String,
+    pub inventory_db: String,
+    pub order_url: String,
+    pub inventory_url: String,
+    pub relay_metrics_url: String,
+    pub order_service: Proc,
+    pub inventory_service: Proc,
+    pub relay: Option<Proc>,
+    pub http: reqwest::Client,
+    options: StackOptions,
+    log_dir: PathBuf,
+}
+
+impl Stack {
+    pub async fn start(test: &str) -> Stack {
+        Stack::start_with(test, StackOptions::default()).await
+    }
+
+    pub async fn start_with(test: &str, options: StackOptions) -> Stack {
+        let log_dir = target_dir().join("e2e-logs").join(test);
+        let _ = std::fs::remove_dir_all(&log_dir);
+        let broker = Broker::start(&log_dir).await;
+        let suffix = Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let orders_db = format!("e2e_orders_{suffix}");
+        let inventory_db = format!("e2e_inventory_{suffix}");
+        let order_port = free_port();
+        let inventory_port = free_port();
+        let relay_port = free_port();
+        let service_args = |port: u16, db: &str| -> Vec<String> {
+            vec![
+                "--listen-addr".into(),
+                format!("127.0.0.1:{port}"),
+                "--database-url".into(),
+                format!("{}/{db}", postgres_url()),
+                "--kafka-bootstrap-servers".into(),
+                broker.bootstrap.clone(),
+            ]
+        };
+        let order_service = Proc::spawn(
+            "order-service",
+            &binary("order-service"),
+            &service_args(order_port, &orders_db),
+            &log_dir,
+        );
+        let inventory_service = Proc::spawn(
+            "inventory-service",
+            &binary("inventory-service"),
+            &service_args(inventory_port, &inventory_db),
+            &log_dir,
+        );
+        let mut stack = Stack {
+            broker,
+            orders_db,
+            inventory_db,
+            order_url: format!("http://127.0.0.1:{order_port}"),
+            inventory_url: format!("http://127.0.0.1:{inventory_port}"),
+            relay_metrics_url: format!("http://127.0.0.1:{relay_port}"),
+            order_service,
+            inventory_service,
+            relay: None,
+            http: reqwest::Client::new(),
+            options: options.clone(),
+            log_dir,
+        };
+        stack.wait_ready(&stack.order_url.clone()).await;
+        stack.wait_ready(&stack.inventory_url.clone()).await;
+        if options.relay {
+            stack.start_relay().await;
+        }
+        stack
+    }
+
+    pub async fn start_relay(&mut self) {
+        let relay_port: u16 = self
+            .relay_metrics_url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("relay port");
+        let pg = postgres_url();
+        let args = vec![
+            "--source".into(),
+            format!("orders={pg}/{}", self.orders_db),
+            "--source".into(),
+            format!("inventory={pg}/{}", self.inventory_db),
+            "--kafka-bootstrap-servers".into(),
+            self.broker.bootstrap.clone(),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{relay_port}"),
+            "--batch-size".into(),
+            self.options.relay_batch_size.to_string(),
+        ];
+        self.relay = Some(Proc::spawn(
+            "outbox-relay",
+            &binary("outbox-relay"),
+            &args,
+            &self.log_dir,
+        ));
+        let url = self.relay_metrics_url.clone();
+        self.wait_ready(&url).await;
+    }
+
+    async fn wait_ready(&self, base: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = self.http.get(format!("{base}/readyz")).send().await {
+                if r.status().is_success() {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{base} not ready after 60 s; see {}",
+                self.log_dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn orders_pool(&self) -> PgPool {
+        PgPool::connect(&format!("{}/{}", postgres_url(), self.orders_db))
+            .await
+            .expect("orders db")
+    }
+
+    pub async fn inventory_pool(&self) -> PgPool {
+        PgPool::connect(&format!("{}/{}", postgres_url(), self.inventory_db))
+            .await
+            .expect("inventory db")
+    }
+
+    pub async fn put_product(&self, sku: &str, price_cents: i64, available: i64) {
+        let r = self
+            .http
+            .put(format!("{}/products/{sku}", self.inventory_url))
+            .json(&json!({"name": format!("product {sku}"), "price_cents": price_cents, "available": available}))
+            .send()
+            .await
+            .expect("PUT product");
+        assert!(
+            r.status().is_success(),
+            "PUT /products/{sku}: {}",
+            r.status()
+        );
+    }
+
+    pub async fn product(&self, sku: &str) -> Value {
+        self.get_json(&format!("{}/products/{sku}", self.inventory_url))
+            .await
+    }
+
+    /// Places an order and returns its id.
+    pub async fn place_order(&self, items: &[(&str, i64)]) -> Uuid {
+        let items: Vec<Value> = items
+            .iter()
+            .map(|(sku, quantity)| json!({"sku": sku, "quantity": quantity}))
+            .collect();
+        let r = self
+            .http
+            .post(format!("{}/orders", self.order_url))
+            .json(&json!({"customer_id": Uuid::new_v4(), "items": items}))
+            .send()
+            .await
+            .expect("POST /orders");
+        assert_eq!(r.status(), 201, "POST /orders: {:?}", r.text().await);
+        let body: Value = r.json().await.expect("order json");
+        body["order_id"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("order_id")
+    }
+
+    pub async fn order(&self, id: Uuid) -> Value {
+        self.get_json(&format!("{}/orders/{id}", self.order_url))
+            .await
+    }
+
+    pub async fn get_json(&self, url: &str) -> Value {
+        let r = self.http.get(url).send().await.expect("GET");
+        assert!(r.status().is_success(), "GET {url}: {}", r.status());
+        r.json().await.expect("json")
+    }
+
+    /// Waits until every order has one of `statuses`; returns id → status.
+    pub async fn wait_for_statuses(
+        &self,
+        ids: &[Uuid],
+        statuses: &[&str],
+        timeout: Duration,
+    ) -> HashMap<Uuid, String> {
+        let pool = self.orders_pool().await;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let rows: Vec<(Uuid, String)> = sqlx::query_as(
+                "SELECT order_id, status FROM order_status_view WHERE order_id = ANY($1)",
+            )
+            .bind(ids)
+            .fetch_all(&pool)
+            .await
+            .expect("statuses");
+            let done: HashMap<Uuid, String> = rows
+                .into_iter()
+                .filter(|(_, s)| statuses.contains(&s.as_str()))
+                .collect();
+            if done.len() == ids.len() {
+                pool.close().await;
+                return done;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} of {} orders reached {statuses:?} within {timeout:?}; logs in {}",
+                done.len(),
+                ids.len(),
+                self.log_dir.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The value of a Prometheus sample of `base_url/metrics` whose name is `name` and whose labels
+    /// include every pair in `labels`, summed over the matches (0 when none).
+    pub async fn metric(&self, base_url: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = self
+            .http
+            .get(format!("{base_url}/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text");
+        sum_metric(&text, name, labels)
+    }
+
+    /// Checks stock conservation per sku: stock ever put = available + reserved + sold, none
+    /// negative. `initial` is sku → stock put.
+    pub async fn assert_stock_conserved(&self, initial: &[(&str, i64)]) {
+        for (sku, put) in initial {
+            let p = self.product(sku).await;
+            let (a, r, s) = (
+                p["available"].as_i64().expect("available"),
+                p["reserved"].as_i64().expect("reserved"),
+                p["sold"].as_i64().expect("sold"),
+            );
+            assert!(a >= 0 && r >= 0 && s >= 0, "negative stock for {sku}: {p}");
+            assert_eq!(a + r + s, *put, "stock of {sku} not conserved: {p}");
+        }
+    }
+
+    pub fn log_dir(&self) -> &Path {
+        &self.log_dir
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if let Some(relay) = self.relay.as_mut() {
+            relay.kill9();
+        }
+        self.order_service.kill9();
+        self.inventory_service.kill9();
+        let dbs = [self.orders_db.clone(), self.inventory_db.clone()];
+        // Drop cannot await: drop the databases from a thread with its own runtime.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(mut conn) =
+                    PgConnection::connect(&format!("{}/postgres", postgres_url())).await
+                {
+                    for db in dbs {
+                        let _ =
+                            sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+                                .execute(&mut conn)
+                                .await;
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Sums the samples of `name` (exact metric name) whose labels include `labels`.
+pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let ok = labels
+                .iter()
+                .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")));
+            ok.then(|| value.parse::<f64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// Polls `check` until it returns `Ok(Some(v))`, or fails after `timeout` with the last message.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => {}
+        }
+        if Instant::now() >= deadline {
+            bail!("condition not met within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Connects to a database of the stack's server by name.
+pub async fn connect(db: &str) -> anyhow::Result<PgConnection> {
+    PgConnection::connect(&format!("{}/{db}", postgres_url()))
+        .await
+        .with_context(|| format!("connecting to {db}"))
+}
