@@ -110,6 +110,8 @@ pub async fn run<H: Handler>(
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
+        // The broker answers a fetch when data arrives or this wait ends: bounds delivery latency.
+        .set("fetch.wait.max.ms", "50")
         // A transient outage is waited out inside one record; do not leave the group meanwhile.
         .set("max.poll.interval.ms", "86400000")
         .create()

@@ -76,32 +76,42 @@ fn read_topic_blocking(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Recor
         .iter()
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
-    let mut ends = HashMap::new();
+    let watermarks = |consumer: &BaseConsumer| -> anyhow::Result<HashMap<i32, i64>> {
+        let mut ends = HashMap::new();
+        for p in &partitions {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, *p, Duration::from_secs(10))
+                .with_context(|| format!("watermarks of {topic}/{p}"))?;
+            ends.insert(*p, high);
+        }
+        Ok(ends)
+    };
     let mut assignment = TopicPartitionList::new();
     for p in &partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, *p, Duration::from_secs(10))
-            .with_context(|| format!("watermarks of {topic}/{p}"))?;
-        if high > low {
-            ends.insert(*p, high);
-            assignment.add_partition_offset(topic, *p, Offset::Offset(low))?;
-        }
-    }
-    let mut records = Vec::new();
-    if ends.is_empty() {
-        return Ok(records);
+        assignment.add_partition_offset(topic, *p, Offset::Beginning)?;
     }
     consumer.assign(&assignment)?;
+    let mut records = Vec::new();
+    let mut next: HashMap<i32, i64> = partitions.iter().map(|p| (*p, 0)).collect();
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut done: HashMap<i32, bool> = ends.keys().map(|p| (*p, false)).collect();
-    while done.values().any(|d| !d) {
+    // Tansu 0.6's high watermark can trail the log (records a consumer already received lie past
+    // it), so reaching the watermark is not the end: read on until the topic stays quiet.
+    let ends = watermarks(&consumer)?;
+    let quiet = Duration::from_millis(1500);
+    let mut last_record = Instant::now();
+    loop {
+        let reached = ends.iter().all(|(p, end)| next[p] >= *end);
+        if reached && last_record.elapsed() >= quiet {
+            break;
+        }
         if Instant::now() > deadline {
             bail!("timed out reading {topic}: got {} records", records.len());
         }
-        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
             continue;
         };
         let m = message?;
+        last_record = Instant::now();
         let headers = m
             .headers()
             .map(|h| {
@@ -122,9 +132,7 @@ fn read_topic_blocking(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Recor
             headers,
             payload: m.payload().unwrap_or_default().to_vec(),
         });
-        if m.offset() + 1 >= ends[&m.partition()] {
-            done.insert(m.partition(), true);
-        }
+        next.insert(m.partition(), m.offset() + 1);
     }
     Ok(records)
 }

@@ -1,0 +1,61 @@
+# Shared by run.sh and test.sh: install and start what the system needs, printing what it does.
+# shellcheck shell=bash
+
+TANSU_VERSION=0.6.0
+CACHE_DIR="${ORDER_SAGA_CACHE:-$HOME/.cache/order-saga}"
+TANSU_BIN="${TANSU_BIN:-$CACHE_DIR/tansu-$TANSU_VERSION/bin/tansu}"
+export TANSU_BIN
+PG_HOST=127.0.0.1
+PG_PORT=5432
+
+say() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        die "need root to run: $*"; fi
+}
+
+# Postgres on 127.0.0.1:5432 with trust auth for user postgres. Installed from Debian's packages
+# when no server answers and none is installed.
+ensure_postgres() {
+    if port_open "$PG_HOST" "$PG_PORT"; then
+        say "Postgres answers on $PG_HOST:$PG_PORT"
+        return
+    fi
+    if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then
+        say "installing Postgres from Debian's packages"
+        as_root apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq postgresql >/dev/null
+        local hba
+        hba=$(ls /etc/postgresql/*/main/pg_hba.conf | head -1)
+        # Local development only: trust connections from this machine.
+        as_root sed -i -E 's/^(local|host)(\s+all\s+all\s+.*\s)(peer|md5|scram-sha-256)$/\1\2trust/' "$hba"
+        as_root sed -i -E 's/^(local\s+all\s+postgres\s+)peer$/\1trust/' "$hba"
+    fi
+    local version
+    version=$(ls /etc/postgresql | sort -n | tail -1)
+    say "starting Postgres $version"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    for _ in $(seq 1 60); do
+        port_open "$PG_HOST" "$PG_PORT" && { say "Postgres is up"; return; }
+        sleep 0.5
+    done
+    die "Postgres did not come up on $PG_HOST:$PG_PORT"
+}
+
+# The Tansu broker, built once with cargo and cached in $CACHE_DIR.
+ensure_tansu() {
+    if [ -x "$TANSU_BIN" ]; then
+        say "Tansu broker: $TANSU_BIN"
+        return
+    fi
+    say "building the Tansu broker $TANSU_VERSION (about 10 minutes on 2 cores, once; cached in $CACHE_DIR)"
+    mkdir -p "$CACHE_DIR"
+    cargo install --locked tansu --version "$TANSU_VERSION" --features dynostore \
+        --root "$CACHE_DIR/tansu-$TANSU_VERSION" 2>&1 |
+        grep --line-buffered -E '^\s*(Compiling tansu|Installing|Installed|Finished|error|warning: build failed)' >&2 || true
+    [ -x "$TANSU_BIN" ] || die "building Tansu failed; run the cargo install above by hand to see why"
+}

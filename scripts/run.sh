@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Runs the whole system locally in the background: Postgres (installed and started if needed), the
+# Tansu broker on 127.0.0.1:9092, order-service (:8080), inventory-service (:8081) and outbox-relay
+# (metrics on :8082). Seeds a few products. Logs and pids go to .run/. Stop it with scripts/stop.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+RUN_DIR=.run
+mkdir -p "$RUN_DIR/logs" "$RUN_DIR/pids"
+BROKER=127.0.0.1:9092
+PG_URL="postgres://postgres@$PG_HOST:$PG_PORT"
+
+ensure_postgres
+ensure_tansu
+say "building the services"
+cargo build --workspace --bins
+BIN=target/debug
+
+start() {  # name, command...
+    local name=$1; shift
+    local pidfile="$RUN_DIR/pids/$name.pid"
+    if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+        say "$name already runs (pid $(cat "$pidfile"))"
+        return
+    fi
+    "$@" >>"$RUN_DIR/logs/$name.log" 2>&1 &
+    echo $! >"$pidfile"
+    say "started $name (pid $!, log $RUN_DIR/logs/$name.log)"
+}
+
+wait_ready() {  # name, url
+    for _ in $(seq 1 120); do
+        curl -fsS "$2" >/dev/null 2>&1 && return
+        sleep 0.5
+    done
+    die "$1 is not ready at $2; see $RUN_DIR/logs/$1.log"
+}
+
+if port_open 127.0.0.1 9092 && [ ! -f "$RUN_DIR/pids/broker.pid" ]; then
+    say "a broker already listens on $BROKER; using it"
+else
+    start broker "$TANSU_BIN" broker --listener-url "tcp://$BROKER" --advertised-listener-url "tcp://$BROKER" \
+        --storage-engine memory://tansu/
+    for _ in $(seq 1 60); do port_open 127.0.0.1 9092 && break; sleep 0.5; done
+fi
+
+export RUST_LOG="${RUST_LOG:-info}"
+start order-service "$BIN/order-service" --database-url "$PG_URL/orders" --kafka-bootstrap-servers "$BROKER"
+start inventory-service "$BIN/inventory-service" --database-url "$PG_URL/inventory" --kafka-bootstrap-servers "$BROKER"
+wait_ready order-service http://127.0.0.1:8080/readyz
+wait_ready inventory-service http://127.0.0.1:8081/readyz
+start outbox-relay "$BIN/outbox-relay" --source "orders=$PG_URL/orders" --source "inventory=$PG_URL/inventory" \
+    --kafka-bootstrap-servers "$BROKER"
+wait_ready outbox-relay http://127.0.0.1:8082/readyz
+
+say "seeding products"
+for p in "WIDGET-1 Widget 250 100" "GADGET-2 Gadget 1299 20" "GIZMO-3 Gizmo 99 5"; do
+    set -- $p
+    curl -fsS -X PUT "http://127.0.0.1:8081/products/$1" -H 'content-type: application/json' \
+        -d "{\"name\":\"$2\",\"price_cents\":$3,\"available\":$4}" >/dev/null
+done
+
+cat <<MSG
+
+The order saga is running.
+  order-service      http://127.0.0.1:8080   (POST /orders, GET /orders/{id}, /openapi.json, /metrics)
+  inventory-service  http://127.0.0.1:8081   (GET /products, PUT /products/{sku}, GET /reservations)
+  outbox-relay       http://127.0.0.1:8082/metrics
+  Kafka broker       $BROKER (Tansu, in memory)   Postgres $PG_URL (databases orders, inventory)
+  logs               $RUN_DIR/logs/
+
+Try:
+  curl -s -X POST http://127.0.0.1:8080/orders -H 'content-type: application/json' \\
+    -d '{"customer_id":"7f1d0c1e-58c5-4f0e-9a55-0b0d2a4c6f10","items":[{"sku":"WIDGET-1","quantity":2}]}'
+
+Stop everything with: scripts/stop.sh
+MSG

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Stops what scripts/run.sh started (services first, then the relay, then the broker).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+for name in order-service inventory-service outbox-relay broker; do
+    pidfile=.run/pids/$name.pid
+    [ -f "$pidfile" ] || continue
+    pid=$(cat "$pidfile")
+    if kill "$pid" 2>/dev/null; then
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        kill -9 "$pid" 2>/dev/null || true
+        echo "stopped $name"
+    fi
+    rm -f "$pidfile"
+done

@@ -1,0 +1,240 @@
+//! The HTTP contracts: bad input is a 4xx problem+json that names the problem and writes nothing;
+//! Idempotency-Key makes a retried POST safe.
+
+use e2e::Stack;
+use futures::future::join_all;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+async fn assert_problem(response: reqwest::Response, status: StatusCode, detail_contains: &str) {
+    assert_eq!(response.status(), status);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json",
+        "content type of a {status} answer"
+    );
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["status"], status.as_u16());
+    let detail = body["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains(detail_contains),
+        "detail {detail:?} should mention {detail_contains:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_a_problem_naming_the_problem_and_write_nothing() {
+    let stack = Stack::start("bad_requests").await;
+    let orders = format!("{}/orders", stack.order_url);
+    let customer = uuid::Uuid::new_v4().to_string();
+    let post_raw = |body: &'static str, content_type: &'static str| {
+        stack
+            .http
+            .post(&orders)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let post = |body: Value| stack.http.post(&orders).json(&body).send();
+
+    assert_problem(
+        post_raw("{\"customer_id\": ", "application/json")
+            .await
+            .unwrap(),
+        StatusCode::BAD_REQUEST,
+        "malformed JSON",
+    )
+    .await;
+    assert_problem(
+        post_raw("customer_id=1", "application/x-www-form-urlencoded")
+            .await
+            .unwrap(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "application/json",
+    )
+    .await;
+    let cases = [
+        (
+            json!({"customer_id": customer, "items": [{"sku": "A", "quantity": 1}], "coupon": "X"}),
+            "unknown field `coupon`",
+        ),
+        (
+            json!({"customer_id": customer, "items": [{"sku": "A", "quantity": 1, "price": 5}]}),
+            "unknown field `price`",
+        ),
+        (json!({"customer_id": customer}), "missing field `items`"),
+        (
+            json!({"customer_id": customer, "items": [{"sku": "A", "quantity": "two"}]}),
+            "invalid type",
+        ),
+    ];
+    for (body, detail) in cases {
+        assert_problem(
+            post(body).await.unwrap(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            detail,
+        )
+        .await;
+    }
+    let cases = [
+        (
+            json!({"customer_id": customer, "items": []}),
+            "items must not be empty",
+        ),
+        (
+            json!({"customer_id": customer, "items": [{"sku": "A", "quantity": 0}]}),
+            "items[0].quantity",
+        ),
+        (
+            json!({"customer_id": customer, "items": [{"sku": "A", "quantity": 1}, {"sku": "B", "quantity": -3}]}),
+            "items[1].quantity",
+        ),
+        (
+            json!({"customer_id": customer, "items": [{"sku": "", "quantity": 1}]}),
+            "items[0].sku",
+        ),
+        (
+            json!({"customer_id": "bob", "items": [{"sku": "A", "quantity": 1}]}),
+            "customer_id \"bob\" is not a UUID",
+        ),
+    ];
+    for (body, detail) in cases {
+        assert_problem(
+            post(body).await.unwrap(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            detail,
+        )
+        .await;
+    }
+    let unknown = uuid::Uuid::new_v4();
+    assert_problem(
+        stack
+            .http
+            .get(format!("{orders}/{unknown}"))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::NOT_FOUND,
+        &format!("no order {unknown}"),
+    )
+    .await;
+    assert_problem(
+        stack.http.get(format!("{orders}/42")).send().await.unwrap(),
+        StatusCode::BAD_REQUEST,
+        "not a UUID",
+    )
+    .await;
+    assert_problem(
+        stack
+            .http
+            .get(format!("{orders}?status=SHIPPED"))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::BAD_REQUEST,
+        "unknown order status \"SHIPPED\"",
+    )
+    .await;
+    assert_problem(
+        stack
+            .http
+            .get(format!("{orders}?limit=0"))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::BAD_REQUEST,
+        "limit must be between 1 and 500",
+    )
+    .await;
+    assert_problem(
+        stack
+            .http
+            .put(format!("{}/products/A", stack.inventory_url))
+            .json(&json!({"name": "a", "price_cents": 10, "available": -1}))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "available must not be negative",
+    )
+    .await;
+    assert_problem(
+        stack
+            .http
+            .put(format!("{}/products/bad%20sku", stack.inventory_url))
+            .json(&json!({"name": "a", "price_cents": 10, "available": 1}))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::BAD_REQUEST,
+        "only letters, digits",
+    )
+    .await;
+
+    // Nothing was written anywhere.
+    let orders_db = stack.orders_pool().await;
+    for table in ["orders", "order_status_view", "outbox", "idempotency_keys"] {
+        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&orders_db)
+            .await
+            .unwrap();
+        assert_eq!(n, 0, "{table} must be empty");
+    }
+    let inventory_db = stack.inventory_pool().await;
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM products")
+        .fetch_one(&inventory_db)
+        .await
+        .unwrap();
+    assert_eq!(n, 0);
+    let listed = stack.get_json(&orders).await;
+    assert_eq!(listed, json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_idempotency_key_and_body_gets_the_same_order_and_another_body_gets_422() {
+    let stack = Stack::start("idempotency").await;
+    stack.put_product("A", 100, 100).await;
+    let orders = format!("{}/orders", stack.order_url);
+    let body = json!({"customer_id": uuid::Uuid::new_v4(), "items": [{"sku": "A", "quantity": 2}]});
+    let send = |key: &'static str, body: Value| {
+        stack
+            .http
+            .post(&orders)
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send()
+    };
+
+    // Ten concurrent retries of one request: one order, ten identical answers.
+    let responses = join_all((0..10).map(|_| send("key-1", body.clone()))).await;
+    let mut answers = Vec::new();
+    for r in responses {
+        let r = r.unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        let location = r.headers()["location"].to_str().unwrap().to_owned();
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(
+            location,
+            format!("/orders/{}", body["order_id"].as_str().unwrap())
+        );
+        answers.push(body);
+    }
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "{answers:?}");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+        .fetch_one(&stack.orders_pool().await)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+
+    let other =
+        json!({"customer_id": uuid::Uuid::new_v4(), "items": [{"sku": "A", "quantity": 3}]});
+    let r = send("key-1", other).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+
+    // A new key is a new order.
+    let r = send("key-2", body.clone()).await.unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let listed = stack.get_json(&format!("{orders}?limit=10")).await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(2));
+}

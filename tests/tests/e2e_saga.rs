@@ -1,0 +1,234 @@
+//! The saga end to end: orders placed over HTTP are confirmed or rejected by the inventory through
+//! Kafka, with stock conserved and one terminal event per order.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use e2e::kafka::{self, Record};
+use e2e::{Stack, eventually};
+use futures::future::join_all;
+use schemas::Event;
+use uuid::Uuid;
+
+const SAGA_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Records of `topic` once every one of `ids` has `per_order` events matching `pick`.
+async fn wait_for_events(
+    stack: &Stack,
+    topic: &str,
+    ids: &[Uuid],
+    pick: fn(&Event) -> bool,
+) -> Vec<(Record, Event)> {
+    eventually(SAGA_TIMEOUT, || async {
+        let records = kafka::read_topic(&stack.broker.bootstrap, topic).await?;
+        let decoded: Vec<(Record, Event)> = records
+            .into_iter()
+            .map(|r| {
+                let e = r.event()?;
+                Ok((r, e))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let seen = decoded
+            .iter()
+            .filter(|(_, e)| pick(e) && ids.contains(&e.order_id()))
+            .count();
+        Ok((seen >= ids.len()).then_some(decoded))
+    })
+    .await
+    .expect("events on the topic")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_concurrent_orders_against_limited_stock_confirm_exactly_what_stock_allows() {
+    let stack = Stack::start("fifty_concurrent_orders").await;
+    // Each order wants 2 x A and 1 x B: A allows 15 orders, B would allow 20.
+    stack.put_product("A", 250, 30).await;
+    stack.put_product("B", 100, 20).await;
+
+    let ids: Vec<Uuid> = join_all((0..50).map(|_| stack.place_order(&[("A", 2), ("B", 1)]))).await;
+    let statuses = stack
+        .wait_for_statuses(&ids, &["CONFIRMED", "REJECTED"], SAGA_TIMEOUT)
+        .await;
+
+    let confirmed: Vec<Uuid> = ids
+        .iter()
+        .copied()
+        .filter(|id| statuses[id] == "CONFIRMED")
+        .collect();
+    assert_eq!(confirmed.len(), 15, "A's stock allows exactly 15 orders");
+    for id in &ids {
+        let order = stack.order(*id).await;
+        if statuses[id] == "CONFIRMED" {
+            assert_eq!(order["total_cents"], 2 * 250 + 100, "{order}");
+        } else {
+            let reason = order["reason"].as_str().unwrap_or_default();
+            assert!(reason.contains("insufficient stock for sku A"), "{order}");
+        }
+        let history: Vec<&str> = order["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["status"].as_str().unwrap())
+            .collect();
+        assert_eq!(history, ["PENDING", statuses[id].as_str()]);
+    }
+
+    // Confirmed orders' stock ends sold (OrderConfirmed reached the inventory); nothing is lost.
+    eventually(SAGA_TIMEOUT, || async {
+        let a = stack.product("A").await;
+        Ok((a["sold"] == 30).then_some(()))
+    })
+    .await
+    .expect("A sold out");
+    stack.assert_stock_conserved(&[("A", 30), ("B", 20)]).await;
+    let b = stack.product("B").await;
+    assert_eq!(
+        (
+            b["available"].as_i64(),
+            b["reserved"].as_i64(),
+            b["sold"].as_i64()
+        ),
+        (Some(5), Some(0), Some(15))
+    );
+
+    // Exactly one terminal event per order on orders.v1, keyed and headed as the contract says.
+    let events = wait_for_events(&stack, schemas::ORDERS_TOPIC, &ids, |e| {
+        matches!(e, Event::OrderConfirmed(_) | Event::OrderRejected(_))
+    })
+    .await;
+    let mut terminal: HashMap<Uuid, Vec<&str>> = HashMap::new();
+    for (record, event) in &events {
+        let order_id = event.order_id();
+        assert_eq!(record.key.as_deref(), Some(order_id.to_string().as_str()));
+        assert_eq!(
+            record.header("correlation-id"),
+            Some(order_id.to_string().as_str())
+        );
+        assert_eq!(record.header("event-type"), Some(event.event_type()));
+        assert_eq!(
+            record.header("content-type"),
+            Some(schemas::AVRO_CONTENT_TYPE)
+        );
+        assert!(
+            record
+                .header("message-id")
+                .is_some_and(|m| m.parse::<Uuid>().is_ok())
+        );
+        assert!(record.header("traceparent").is_some());
+        match event {
+            Event::OrderPlaced(_) => assert!(record.header("causation-id").is_none()),
+            _ => assert!(record.header("causation-id").is_some()),
+        }
+        if matches!(event, Event::OrderConfirmed(_) | Event::OrderRejected(_)) {
+            terminal
+                .entry(order_id)
+                .or_default()
+                .push(event.event_type());
+        }
+    }
+    for id in &ids {
+        let expected = if statuses[id] == "CONFIRMED" {
+            "OrderConfirmed"
+        } else {
+            "OrderRejected"
+        };
+        assert_eq!(terminal[id], [expected], "terminal events of {id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_for_an_unknown_sku_is_rejected_naming_the_sku() {
+    let stack = Stack::start("unknown_sku").await;
+    stack.put_product("A", 100, 5).await;
+    let id = stack.place_order(&[("A", 1), ("NOPE-1", 2)]).await;
+    stack
+        .wait_for_statuses(&[id], &["REJECTED"], SAGA_TIMEOUT)
+        .await;
+    let order = stack.order(id).await;
+    assert_eq!(order["reason"], "unknown sku NOPE-1");
+    // Nothing was reserved for the known line either: all or none.
+    stack.assert_stock_conserved(&[("A", 5)]).await;
+    assert_eq!(stack.product("A").await["available"], 5);
+    let reservations = stack
+        .get_json(&format!(
+            "{}/reservations?order_id={id}",
+            stack.inventory_url
+        ))
+        .await;
+    assert_eq!(reservations.as_array().map(Vec::len), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redelivered_event_with_the_same_message_id_has_no_second_effect() {
+    let stack = Stack::start("redelivery").await;
+    stack.put_product("A", 100, 10).await;
+    let id = stack.place_order(&[("A", 3)]).await;
+    stack
+        .wait_for_statuses(&[id], &["CONFIRMED"], SAGA_TIMEOUT)
+        .await;
+    let placed = wait_for_events(&stack, schemas::ORDERS_TOPIC, &[id], |e| {
+        matches!(e, Event::OrderPlaced(_))
+    })
+    .await
+    .into_iter()
+    .find(|(_, e)| matches!(e, Event::OrderPlaced(p) if p.order_id == id))
+    .map(|(r, _)| r)
+    .unwrap();
+
+    // The same record again: same key, same headers (so the same message-id), same bytes.
+    let headers: Vec<(&str, &str)> = placed
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    kafka::produce(
+        &stack.broker.bootstrap,
+        schemas::ORDERS_TOPIC,
+        placed.key.as_deref(),
+        &headers,
+        &placed.payload,
+    )
+    .await
+    .unwrap();
+
+    let duplicates = eventually(SAGA_TIMEOUT, || async {
+        let n = stack
+            .metric(
+                &stack.inventory_url,
+                "consumer_messages_duplicate_total",
+                &[("event_type", "OrderPlaced")],
+            )
+            .await;
+        Ok((n >= 1.0).then_some(n))
+    })
+    .await
+    .expect("the duplicate is counted");
+    assert_eq!(duplicates, 1.0);
+
+    // No second reservation, no second StockReserved, stock moved once.
+    let reservations = stack
+        .get_json(&format!(
+            "{}/reservations?order_id={id}",
+            stack.inventory_url
+        ))
+        .await;
+    assert_eq!(reservations.as_array().map(Vec::len), Some(1));
+    let a = stack.product("A").await;
+    assert_eq!(
+        (
+            a["available"].as_i64(),
+            a["reserved"].as_i64(),
+            a["sold"].as_i64()
+        ),
+        (Some(7), Some(0), Some(3)),
+        "{a}"
+    );
+    let inventory_events = kafka::read_topic(&stack.broker.bootstrap, schemas::INVENTORY_TOPIC)
+        .await
+        .unwrap();
+    let reserved = inventory_events
+        .iter()
+        .filter(|r| matches!(r.event(), Ok(Event::StockReserved(s)) if s.order_id == id))
+        .count();
+    assert_eq!(reserved, 1);
+}
