@@ -97,18 +97,18 @@ async fn place_order(
         tracestate: None,
     };
     let mut tx = state.pool.begin().await?;
-    if let Some(key) = &key {
-        if let Some(earlier) = store::claim_idempotency_key(&mut tx, key).await? {
-            tx.rollback().await?;
-            if earlier.request != normalized {
-                return Err(Problem::unprocessable(format!(
-                    "Idempotency-Key {key:?} was already used with a different request body"
-                )));
-            }
-            let view: OrderView =
-                serde_json::from_value(earlier.response).map_err(Problem::internal)?;
-            return Ok(created(view));
+    if let Some(key) = &key
+        && let Some(earlier) = store::claim_idempotency_key(&mut tx, key).await?
+    {
+        tx.rollback().await?;
+        if earlier.request != normalized {
+            return Err(Problem::unprocessable(format!(
+                "Idempotency-Key {key:?} was already used with a different request body"
+            )));
         }
+        let view: OrderView =
+            serde_json::from_value(earlier.response).map_err(Problem::internal)?;
+        return Ok(created(view));
     }
     let view = store::insert_order(&mut tx, &order, &cause).await?;
     if let Some(key) = &key {
