@@ -9,7 +9,7 @@ pub mod store;
 use std::net::SocketAddr;
 
 use clap::Parser;
-use messaging::service::{ServiceConfig, ServiceSpec};
+use messaging::service::{CommonSettings, ServiceConfig, ServiceSpec};
 use messaging::shutdown::Shutdown;
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -28,19 +28,8 @@ pub struct Settings {
         default_value = "postgres://postgres@127.0.0.1:5432/inventory"
     )]
     pub database_url: String,
-    /// Kafka bootstrap servers.
-    #[arg(
-        long,
-        env = "KAFKA_BOOTSTRAP_SERVERS",
-        default_value = "127.0.0.1:9092"
-    )]
-    pub kafka_bootstrap_servers: String,
-    /// Partitions of the topics this service creates when they are missing.
-    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 3)]
-    pub topic_partitions: i32,
-    /// Most database connections the service holds.
-    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 10)]
-    pub db_max_connections: u32,
+    #[command(flatten)]
+    pub common: CommonSettings,
 }
 
 /// Runs the service until `shutdown` fires.
@@ -56,9 +45,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     let config = ServiceConfig {
         listen_addr: settings.listen_addr,
         database_url: settings.database_url,
-        kafka_bootstrap_servers: settings.kafka_bootstrap_servers,
-        topic_partitions: settings.topic_partitions,
-        db_max_connections: settings.db_max_connections,
+        common: settings.common,
     };
     messaging::service::run(spec, config, shutdown).await
 }

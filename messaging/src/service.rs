@@ -24,14 +24,31 @@ pub struct ServiceSpec<H, R> {
     pub routes: R,
 }
 
+/// Settings every service has with the same defaults; each service's own settings struct
+/// flattens this in next to its address and database.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonSettings {
+    /// Kafka bootstrap servers.
+    #[arg(
+        long,
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub kafka_bootstrap_servers: String,
+    /// Partitions of the topics this service creates when they are missing.
+    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 3)]
+    pub topic_partitions: i32,
+    /// Most database connections the service holds.
+    #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 10)]
+    pub db_max_connections: u32,
+}
+
 /// Where a service runs.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
     pub listen_addr: SocketAddr,
     pub database_url: String,
-    pub kafka_bootstrap_servers: String,
-    pub topic_partitions: i32,
-    pub db_max_connections: u32,
+    pub common: CommonSettings,
 }
 
 /// Runs the service until `shutdown` fires.
@@ -53,7 +70,7 @@ where
     tracing::info!(database = %config.database_url, "connecting to the database and migrating");
     let pool = crate::db::connect_and_migrate(
         &config.database_url,
-        config.db_max_connections,
+        config.common.db_max_connections,
         spec.migrations,
     )
     .await?;
@@ -71,12 +88,12 @@ where
     topics.push(&dlq);
     tracing::info!(?topics, "making sure the topics exist");
     tokio::select! {
-        _ = kafka::ensure_topics_with_retry(&config.kafka_bootstrap_servers, &topics, config.topic_partitions) => {}
+        _ = kafka::ensure_topics_with_retry(&config.common.kafka_bootstrap_servers, &topics, config.common.topic_partitions) => {}
         _ = shutdown.wait() => {}
     }
     let consumer = tokio::spawn(consumer::run(
         ConsumerSettings {
-            bootstrap_servers: config.kafka_bootstrap_servers.clone(),
+            bootstrap_servers: config.common.kafka_bootstrap_servers.clone(),
             group: spec.group.to_owned(),
             topics: vec![spec.subscribe.to_owned()],
         },

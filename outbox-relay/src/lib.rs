@@ -142,9 +142,13 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         )));
     }
     readiness.set_ready();
-    for task in tasks {
-        task.await.context("relay task")?;
-    }
+    // The first fatal error ends the process (the others' rows stay in their outboxes).
+    futures::future::try_join_all(
+        tasks
+            .into_iter()
+            .map(|task| async move { task.await.context("relay task")? }),
+    )
+    .await?;
     server.await.context("metrics server")??;
     tracing::info!("outbox-relay stopped");
     Ok(())

@@ -9,7 +9,7 @@ use futures::future::join_all;
 use messaging::shutdown::Shutdown;
 use metrics::{counter, gauge, histogram};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, FromRow, PgConnection, PgPool};
 use uuid::Uuid;
@@ -46,23 +46,31 @@ struct Row {
     created_at: DateTime<Utc>,
 }
 
-/// Tails `source` until shutdown, reconnecting with backoff whenever the database fails.
-pub async fn tail(source: Source, producer: FutureProducer, options: Options, shutdown: Shutdown) {
+/// Tails `source` until shutdown, reconnecting with backoff whenever the database fails. Returns an
+/// error only when the Kafka producer failed fatally.
+pub async fn tail(
+    source: Source,
+    producer: FutureProducer,
+    options: Options,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let mut failures: u32 = 0;
     while !shutdown.is_fired() {
         match tail_connected(&source, &producer, &options, &shutdown).await {
-            Ok(()) => return,
+            Ok(()) => return Ok(()),
+            Err(e) if producer.client().fatal_error().is_some() => return Err(e),
             Err(e) => {
                 failures += 1;
                 let delay = messaging::consumer::backoff(failures);
                 tracing::warn!(source = %source.name, error = %format!("{e:#}"), ?delay,
                     "outbox source unavailable; retrying");
                 if shutdown.sleep(delay).await.is_err() {
-                    return;
+                    return Ok(());
                 }
             }
         }
     }
+    Ok(())
 }
 
 async fn tail_connected(
@@ -106,7 +114,12 @@ async fn tail_connected(
             continue;
         }
         histogram!("relay_batch_size", "source" => source.name.clone()).record(rows.len() as f64);
-        let published = publish(source, producer, &rows).await;
+        let published = tokio::select! {
+            published = publish(source, producer, &rows) => published,
+            // During a broker outage deliveries wait indefinitely; on shutdown leave the rows in
+            // the outbox for the next run (they may then be published twice, never lost).
+            _ = shutdown.wait() => return Ok(()),
+        };
         if !published.acked.is_empty() {
             sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
                 .bind(&published.acked)
@@ -114,8 +127,15 @@ async fn tail_connected(
                 .await
                 .with_context(|| format!("deleting published rows of source {}", source.name))?;
         }
-        if published.failed > 0 && shutdown.sleep(Duration::from_secs(1)).await.is_err() {
-            return Ok(());
+        if published.failed > 0 {
+            if let Some((code, reason)) = producer.client().fatal_error() {
+                // An idempotent producer that hit a fatal error cannot send again; exit so the
+                // supervisor restarts the relay with a fresh producer. The rows are still there.
+                anyhow::bail!("Kafka producer failed fatally ({code:?}): {reason}");
+            }
+            if shutdown.sleep(Duration::from_secs(1)).await.is_err() {
+                return Ok(());
+            }
         }
     }
 }

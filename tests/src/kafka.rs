@@ -36,6 +36,8 @@ pub async fn wait_for_broker(bootstrap: &str, timeout: Duration) -> anyhow::Resu
 pub struct Record {
     pub partition: i32,
     pub offset: i64,
+    /// The record's timestamp in Unix milliseconds (CreateTime: when the producer sent it).
+    pub timestamp: Option<i64>,
     pub key: Option<String>,
     pub headers: HashMap<String, String>,
     pub payload: Vec<u8>,
@@ -128,6 +130,7 @@ fn read_topic_blocking(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Recor
         records.push(Record {
             partition: m.partition(),
             offset: m.offset(),
+            timestamp: m.timestamp().to_millis(),
             key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
             headers,
             payload: m.payload().unwrap_or_default().to_vec(),
