@@ -18,6 +18,14 @@ as_root() {
         die "need root to run: $*"; fi
 }
 
+# curl, used to wait for readiness and to seed products.
+ensure_curl() {
+    command -v curl >/dev/null && return
+    say "installing curl from Debian's packages"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq curl >/dev/null
+}
+
 # Postgres on 127.0.0.1:5432 with trust auth for user postgres. Installed from Debian's packages
 # when no server answers and none is installed.
 ensure_postgres() {

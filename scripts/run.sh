@@ -11,6 +11,7 @@ mkdir -p "$RUN_DIR/logs" "$RUN_DIR/pids"
 BROKER=127.0.0.1:9092
 PG_URL="postgres://postgres@$PG_HOST:$PG_PORT"
 
+ensure_curl
 ensure_postgres
 ensure_tansu
 say "building the services"

@@ -127,6 +127,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         _ = shutdown.wait() => {}
     }
     let producer = relay::producer(&settings.kafka_bootstrap_servers)?;
+    relay::warm_up(&producer, &shutdown).await;
     let options = relay::Options {
         batch_size: settings.batch_size,
         idle_poll: Duration::from_millis(settings.idle_poll_ms),

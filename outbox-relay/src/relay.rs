@@ -31,6 +31,33 @@ pub fn producer(bootstrap_servers: &str) -> anyhow::Result<FutureProducer> {
         .context("creating Kafka producer")
 }
 
+/// Waits until the producer knows the event topics' leaders, so the first rows after start are
+/// not held back by connection and metadata set-up (about a second on the local broker).
+pub async fn warm_up(producer: &FutureProducer, shutdown: &Shutdown) {
+    for topic in messaging::kafka::EVENT_TOPICS {
+        loop {
+            let client = producer.clone();
+            let found = tokio::task::spawn_blocking(move || {
+                client
+                    .client()
+                    .fetch_metadata(Some(topic), Duration::from_secs(5))
+                    .map(|m| m.topics().iter().any(|t| !t.partitions().is_empty()))
+            })
+            .await;
+            match found {
+                Ok(Ok(true)) => break,
+                other => {
+                    tracing::info!(topic, result = ?other.map(|r| r.map_err(|e| e.to_string())),
+                    "waiting for the broker to know the topic")
+                }
+            }
+            if shutdown.sleep(Duration::from_millis(200)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 #[derive(Debug, FromRow)]
 struct Row {
     id: i64,
@@ -114,6 +141,8 @@ async fn tail_connected(
             continue;
         }
         histogram!("relay_batch_size", "source" => source.name.clone()).record(rows.len() as f64);
+        tracing::debug!(source = %source.name, rows = rows.len(),
+            oldest_waited_ms = (Utc::now() - rows[0].created_at).num_milliseconds(), "rows found");
         let published = tokio::select! {
             published = publish(source, producer, &rows) => published,
             // During a broker outage deliveries wait indefinitely; on shutdown leave the rows in
@@ -216,7 +245,10 @@ async fn publish(source: &Source, producer: &FutureProducer, rows: &[Row]) -> Pu
         .into_iter()
         .map(|(row, topic, delivery)| ((row, topic), delivery))
         .unzip();
+    let sent_at = Instant::now();
     let reports = join_all(futures).await;
+    histogram!("relay_send_to_ack_seconds", "source" => source.name.clone())
+        .record(sent_at.elapsed().as_secs_f64());
     let mut acked = Vec::with_capacity(rows_sent.len());
     let now = Utc::now();
     for ((row, topic), report) in rows_sent.into_iter().zip(reports) {

@@ -51,8 +51,11 @@ async fn main() {
 
     eprintln!("placing {sequential} orders one at a time, 20 ms apart (idle relay)");
     let mut ids = Vec::new();
+    let mut post_latency = Vec::new();
     for _ in 0..sequential {
+        let t = Instant::now();
         ids.push(stack.place_order(&[("BENCH", 1)]).await);
+        post_latency.push(t.elapsed().as_secs_f64() * 1000.0);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stack
@@ -81,6 +84,30 @@ async fn main() {
         placed_to_confirmed.push((at(1) - at(0)) as f64);
     }
 
+    let relay_metrics = stack
+        .http
+        .get(format!("{}/metrics", stack.relay_metrics_url))
+        .send()
+        .await
+        .expect("relay metrics")
+        .text()
+        .await
+        .expect("relay metrics text");
+    let within = |name: &str, le: &str| {
+        let total = e2e::sum_metric(
+            &relay_metrics,
+            name,
+            &[("source", "orders"), ("le", "+Inf")],
+        );
+        let fast = e2e::sum_metric(&relay_metrics, name, &[("source", "orders"), ("le", le)]);
+        format!("{:.1}% of {total}", 100.0 * fast / total.max(1.0))
+    };
+    let relay_summary = format!(
+        "within 20 ms: commit→ack {}; send→ack {} (batches)",
+        within("relay_commit_to_ack_seconds_bucket", "0.02"),
+        within("relay_send_to_ack_seconds_bucket", "0.02"),
+    );
+
     eprintln!("placing {burst} orders, {concurrency} at a time");
     let started = Instant::now();
     let burst_ids: Vec<Uuid> = futures::stream::iter(0..burst)
@@ -99,6 +126,10 @@ async fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
+        "POST /orders (one by one)     {}",
+        percentiles(post_latency)
+    );
+    println!(
         "commit→produce (idle relay)   {}",
         percentiles(commit_to_produce)
     );
@@ -106,6 +137,7 @@ async fn main() {
         "placed→confirmed (one by one) {}",
         percentiles(placed_to_confirmed)
     );
+    println!("relay (orders source)         {relay_summary}");
     println!(
         "burst of {burst}: accepted over HTTP in {:.2} s ({:.0} orders/s at concurrency {concurrency}); all confirmed after {:.2} s ({:.0} sagas/s)",
         accepted.as_secs_f64(),
