@@ -67,3 +67,38 @@ ensure_tansu() {
         grep --line-buffered -E '^\s*(Compiling tansu|Installing|Installed|Finished|error|warning: build failed)' >&2 || true
     [ -x "$TANSU_BIN" ] || die "building Tansu failed; run the cargo install above by hand to see why"
 }
+
+# kcat for the local broker: Debian's kcat links librdkafka 2.0.2, which cannot parse Tansu's
+# ApiVersions reply, so it runs with the newer librdkafka that the rdkafka crate vendors, built once
+# as a shared library from that source (a few minutes) and cached in $CACHE_DIR. Against a real
+# Kafka broker, plain kcat works.
+KCAT_LIB_DIR=""
+ensure_kcat() {
+    if ! command -v kcat >/dev/null; then
+        say "installing kcat from Debian's packages"
+        as_root apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq kcat >/dev/null
+    fi
+    local src version
+    src=$(cargo metadata --format-version 1 --manifest-path "$(dirname "${BASH_SOURCE[0]}")/../Cargo.toml" 2>/dev/null |
+        python3 -c 'import json,sys,os; m=json.load(sys.stdin); print(next(os.path.dirname(p["manifest_path"]) for p in m["packages"] if p["name"]=="rdkafka-sys"))')
+    [ -d "$src/librdkafka" ] || die "cannot find the librdkafka source of the rdkafka-sys crate (run cargo fetch)"
+    version=$(basename "$src" | sed 's/.*+//')
+    KCAT_LIB_DIR="$CACHE_DIR/librdkafka-$version"
+    if [ -f "$KCAT_LIB_DIR/librdkafka.so.1" ]; then
+        return
+    fi
+    say "building librdkafka $version as a shared library for kcat (a few minutes, once; cached in $KCAT_LIB_DIR)"
+    local build
+    build=$(mktemp -d)
+    cp -r "$src/librdkafka" "$build/src"
+    (
+        cd "$build/src"
+        ./configure --disable-ssl --disable-sasl --disable-gssapi --disable-zstd --disable-curl \
+            --disable-lz4-ext >"$build/configure.log" 2>&1
+        make -C src -j"$(nproc)" librdkafka.so.1 >"$build/make.log" 2>&1
+    ) || die "building librdkafka failed; see $build/*.log"
+    mkdir -p "$KCAT_LIB_DIR"
+    cp "$build/src/src/librdkafka.so.1" "$KCAT_LIB_DIR/"
+    rm -rf "$build"
+}

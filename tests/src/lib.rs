@@ -7,6 +7,7 @@
 //! project's cached build, then `tansu` on PATH). Process logs go to `target/e2e-logs/<test>/`.
 
 pub mod kafka;
+pub mod proxy;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -23,6 +24,14 @@ use uuid::Uuid;
 pub fn postgres_url() -> String {
     std::env::var("E2E_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// `host:port` of [`postgres_url`].
+pub fn postgres_host_port() -> String {
+    let url = postgres_url();
+    let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    rest.split('/').next().unwrap_or(rest).to_owned()
 }
 
 /// `target/debug` or `target/release`: where the running test (in `deps/`) or benchmark was built.
@@ -175,6 +184,9 @@ pub struct StackOptions {
     /// Start the relay with the stack (otherwise call [`Stack::start_relay`]).
     pub relay: bool,
     pub relay_batch_size: u32,
+    /// Route inventory-service's (and the relay's) connections to the inventory database through
+    /// a [`proxy::Proxy`] the test can take down.
+    pub inventory_db_proxy: bool,
 }
 
 impl Default for StackOptions {
@@ -182,6 +194,7 @@ impl Default for StackOptions {
         StackOptions {
             relay: true,
             relay_batch_size: 500,
+            inventory_db_proxy: false,
         }
     }
 }
@@ -198,6 +211,8 @@ pub struct Stack {
     pub order_service: Proc,
     pub inventory_service: Proc,
     pub relay: Option<Proc>,
+    /// The inventory database's proxy, when [`StackOptions::inventory_db_proxy`] asked for one.
+    pub inventory_proxy: Option<proxy::Proxy>,
     pub http: reqwest::Client,
     options: StackOptions,
     log_dir: PathBuf,
@@ -218,12 +233,21 @@ impl Stack {
         let order_port = free_port();
         let inventory_port = free_port();
         let relay_port = free_port();
-        let service_args = |port: u16, db: &str| -> Vec<String> {
+        let inventory_proxy = if options.inventory_db_proxy {
+            Some(proxy::Proxy::start(postgres_host_port()).await)
+        } else {
+            None
+        };
+        let inventory_pg = match &inventory_proxy {
+            Some(p) => format!("postgres://postgres@127.0.0.1:{}", p.port),
+            None => postgres_url(),
+        };
+        let service_args = |port: u16, pg: &str, db: &str| -> Vec<String> {
             vec![
                 "--listen-addr".into(),
                 format!("127.0.0.1:{port}"),
                 "--database-url".into(),
-                format!("{}/{db}", postgres_url()),
+                format!("{pg}/{db}"),
                 "--kafka-bootstrap-servers".into(),
                 broker.bootstrap.clone(),
             ]
@@ -231,13 +255,13 @@ impl Stack {
         let order_service = Proc::spawn(
             "order-service",
             &binary("order-service"),
-            &service_args(order_port, &orders_db),
+            &service_args(order_port, &postgres_url(), &orders_db),
             &log_dir,
         );
         let inventory_service = Proc::spawn(
             "inventory-service",
             &binary("inventory-service"),
-            &service_args(inventory_port, &inventory_db),
+            &service_args(inventory_port, &inventory_pg, &inventory_db),
             &log_dir,
         );
         let mut stack = Stack {
@@ -250,6 +274,7 @@ impl Stack {
             order_service,
             inventory_service,
             relay: None,
+            inventory_proxy,
             http: reqwest::Client::new(),
             options: options.clone(),
             log_dir,
@@ -270,11 +295,15 @@ impl Stack {
             .and_then(|p| p.parse().ok())
             .expect("relay port");
         let pg = postgres_url();
+        let inventory_pg = match &self.inventory_proxy {
+            Some(p) => format!("postgres://postgres@127.0.0.1:{}", p.port),
+            None => pg.clone(),
+        };
         let args = vec![
             "--source".into(),
             format!("orders={pg}/{}", self.orders_db),
             "--source".into(),
-            format!("inventory={pg}/{}", self.inventory_db),
+            format!("inventory={inventory_pg}/{}", self.inventory_db),
             "--kafka-bootstrap-servers".into(),
             self.broker.bootstrap.clone(),
             "--metrics-addr".into(),
@@ -522,4 +551,27 @@ pub async fn connect(db: &str) -> anyhow::Result<PgConnection> {
     PgConnection::connect(&format!("{}/{db}", postgres_url()))
         .await
         .with_context(|| format!("connecting to {db}"))
+}
+
+/// Runs `kcat` (Debian's, with the newer librdkafka that `scripts/test.sh` builds and names in
+/// `KCAT_LIB_DIR`) with `args` against `bootstrap`; returns its stdout.
+pub fn kcat(bootstrap: &str, args: &[&str]) -> anyhow::Result<Vec<u8>> {
+    let lib_dir = std::env::var("KCAT_LIB_DIR").context(
+        "KCAT_LIB_DIR is not set: run the tests through scripts/test.sh, which builds kcat's librdkafka",
+    )?;
+    let output = Command::new("kcat")
+        .arg("-b")
+        .arg(bootstrap)
+        .args(args)
+        .env("LD_LIBRARY_PATH", lib_dir)
+        .stdin(Stdio::null())
+        .output()
+        .context("running kcat")?;
+    if !output.status.success() {
+        bail!(
+            "kcat {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(output.stdout)
 }

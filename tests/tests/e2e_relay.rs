@@ -21,6 +21,7 @@ async fn killing_the_relay_mid_publish_loses_no_row_and_applies_each_once() {
         StackOptions {
             relay: false,
             relay_batch_size: 50,
+            ..StackOptions::default()
         },
     )
     .await;
