@@ -109,7 +109,8 @@ async fn move_reservation(
     input: ReservationInput,
 ) -> Result<(), HandlerError> {
     let Some(reservation) = store::lock_reservation(conn, order_id).await? else {
-        return Err(HandlerError::Permanent(format!(
+        // Not yet: the retry topics give the reservation time to appear.
+        return Err(HandlerError::Retryable(format!(
             "no reservation for order {order_id} to {input:?}"
         )));
     };

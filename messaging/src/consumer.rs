@@ -4,60 +4,54 @@
 //! record's offset stored for the next commit to Kafka, so a crash at any point replays the record
 //! and the inbox turns the replay into a counted no-op.
 //!
-//! Failures are classified once, here: a transient one (database or broker unavailable, lost
-//! serialization race) is retried in place with exponential backoff and jitter for as long as it
-//! takes, so an outage delays the partition and never dead-letters; a permanent one (undecodable
-//! record, missing header, a handler that says the message can never apply) goes to the group's
-//! dead-letter topic with its reason, and the partition moves on. Records are applied one at a time
-//! in partition order, which keeps each order's events in order (key = order id).
+//! # Failures, classified here and nowhere else
+//! - **Transient** (database or broker unavailable, lost serialization race): retried in place
+//!   with exponential backoff and jitter for as long as it takes. The partition waits; the
+//!   message is never dead-lettered or skipped, so an outage only delays work.
+//! - **Retryable** (the handler says "not yet", e.g. the order it needs is not there): the message
+//!   is copied to the group's retry topic for its attempt (`<group>.retry.N`, delays 1 s, 10 s,
+//!   60 s by default) and the partition moves on; after the last attempt it is dead-lettered with
+//!   class `retryable`.
+//! - **Permanent** (undecodable bytes, missing headers, unknown event type, schema violation, a
+//!   domain rule that can never pass): straight to `<group>.dlq` with class `permanent`.
+//!
+//! # Per-order order during retries
+//! Keys are order ids. When a message goes to a retry topic its key is **parked** (see
+//! [`crate::parking`]): every later message of that key that the main consumer reads is stored in
+//! the parking table instead of being applied, while other keys keep flowing. The retry consumer
+//! (one per retry topic, waiting for each copy's `retry-not-before`) re-applies the head; once the
+//! head is applied or dead-lettered, the key's parked messages are applied in arrival order, each
+//! in one transaction with the removal of its parking row. If one of them says "not yet" in turn,
+//! it becomes the new head and the key stays parked. Applying a parked message and checking the
+//! parking of a new one lock the same row, so the two never interleave. This keeps a key's events
+//! in order through any number of retries, which the usual retry-topic frameworks do not.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use chrono::Utc;
 use metrics::{counter, histogram};
 use rand::Rng;
-use rdkafka::Message;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Headers};
-use schemas::Event;
+use rdkafka::producer::FutureProducer;
 use sqlx::{PgConnection, PgPool};
-use uuid::Uuid;
 
-use crate::dead_letter::{DeadLetters, Failure};
+use crate::dead_letter::{self, Failure};
+pub use crate::delivery::{Delivery, Envelope};
 use crate::shutdown::Shutdown;
-use crate::{inbox, kafka};
-
-/// A decoded record with the headers the saga relies on.
-#[derive(Debug, Clone)]
-pub struct Envelope {
-    pub message_id: Uuid,
-    pub event: Event,
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub correlation_id: Option<String>,
-    pub traceparent: Option<String>,
-    pub tracestate: Option<String>,
-}
-
-impl Envelope {
-    /// The cause to record on events emitted while handling this message.
-    pub fn cause(&self) -> crate::outbox::Cause {
-        crate::outbox::Cause {
-            causation_id: Some(self.message_id),
-            traceparent: Some(crate::trace_context::child_of(self.traceparent.as_deref())),
-            tracestate: self.tracestate.clone(),
-        }
-    }
-}
+use crate::{inbox, kafka, parking, retry};
 
 /// Why a handler could not apply a message.
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
-    /// Worth retrying as it is: the infrastructure is unavailable for now.
+    /// Worth retrying as it is, in place: the infrastructure is unavailable for now.
     #[error("transient failure: {0:#}")]
     Transient(anyhow::Error),
+    /// Not applicable yet: retry later through the retry topics.
+    #[error("not yet: {0}")]
+    Retryable(String),
     /// Will never succeed: the message goes to the dead-letter topic with this reason.
     #[error("{0}")]
     Permanent(String),
@@ -89,20 +83,19 @@ pub struct ConsumerSettings {
     pub bootstrap_servers: String,
     pub group: String,
     pub topics: Vec<String>,
+    /// The delay before each retry attempt; its length is the number of retries.
+    pub retry_delays: Vec<Duration>,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-/// Runs the consumer until `shutdown` fires. Returns an error only when the Kafka client itself
-/// cannot be created or subscribed.
-pub async fn run<H: Handler>(
-    settings: ConsumerSettings,
-    pool: PgPool,
-    handler: H,
-    shutdown: Shutdown,
-) -> anyhow::Result<()> {
-    let consumer: StreamConsumer = kafka::client_config(&settings.bootstrap_servers)
-        .set("group.id", &settings.group)
+fn stream_consumer(
+    bootstrap: &str,
+    group_id: &str,
+    topics: &[&str],
+) -> anyhow::Result<StreamConsumer> {
+    let consumer: StreamConsumer = kafka::client_config(bootstrap)
+        .set("group.id", group_id)
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "500")
         // Offsets are stored by hand, after the inbox transaction commits.
@@ -112,26 +105,70 @@ pub async fn run<H: Handler>(
         .set("heartbeat.interval.ms", "1000")
         // The broker answers a fetch when data arrives or this wait ends: bounds delivery latency.
         .set("fetch.wait.max.ms", "50")
-        // A transient outage is waited out inside one record; do not leave the group meanwhile.
+        // A transient outage or a retry delay is waited out inside one record; stay in the group.
         .set("max.poll.interval.ms", "86400000")
         .create()
         .context("creating Kafka consumer")?;
-    let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer
-        .subscribe(&topics)
-        .context("subscribing to topics")?;
-    let dead_letters = DeadLetters::new(&settings.bootstrap_servers, &settings.group)?;
-    tracing::info!(group = %settings.group, topics = ?settings.topics, "consumer started");
-    let worker = Worker {
+        .subscribe(topics)
+        .with_context(|| format!("subscribing to {topics:?}"))?;
+    Ok(consumer)
+}
+
+/// Runs the group's main consumer and one consumer per retry topic until `shutdown` fires.
+/// Returns an error only when a Kafka client cannot be created or subscribed.
+pub async fn run<H: Handler>(
+    settings: ConsumerSettings,
+    pool: PgPool,
+    handler: H,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let producer: FutureProducer = kafka::reliable_producer_config(&settings.bootstrap_servers)
+        .create()
+        .context("creating the retry and dead-letter producer")?;
+    let worker = Arc::new(Worker {
         group: settings.group.clone(),
         pool,
         handler,
-        dead_letters,
+        producer,
+        retry_delays: settings.retry_delays.clone(),
         shutdown: shutdown.clone(),
-    };
+    });
+    let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
+    let main = stream_consumer(&settings.bootstrap_servers, &settings.group, &topics)?;
+    let mut tasks = vec![tokio::spawn(consume(worker.clone(), main, Stage::Main))];
+    for attempt in 1..=settings.retry_delays.len() {
+        let topic = retry::retry_topic(&settings.group, attempt);
+        // Each retry topic has its own group id: its records wait a uniform delay, so one
+        // consumer per topic reads them in due order without holding up the others.
+        let consumer = stream_consumer(&settings.bootstrap_servers, &topic, &[topic.as_str()])?;
+        tasks.push(tokio::spawn(consume(
+            worker.clone(),
+            consumer,
+            Stage::Retry,
+        )));
+    }
+    tracing::info!(group = %settings.group, topics = ?settings.topics, retry_delays = ?settings.retry_delays,
+        "consumer started");
+    for task in tasks {
+        task.await.context("consumer task")?;
+    }
+    tracing::info!(group = %settings.group, "consumer stopped");
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// The subscribed topics: a parked key's messages are parked.
+    Main,
+    /// A retry topic: the message is its key's parking head.
+    Retry,
+}
+
+async fn consume<H: Handler>(worker: Arc<Worker<H>>, consumer: StreamConsumer, stage: Stage) {
     loop {
         let message = tokio::select! {
-            _ = shutdown.wait() => break,
+            _ = worker.shutdown.wait() => break,
             message = consumer.recv() => message,
         };
         let message = match message {
@@ -142,7 +179,8 @@ pub async fn run<H: Handler>(
                 continue;
             }
         };
-        match worker.process(&message).await {
+        let delivery = Delivery::from_message(&message);
+        match worker.process(&delivery, stage).await {
             Processed::Done => {
                 if let Err(e) = consumer.store_offset_from_message(&message) {
                     tracing::warn!(error = %e, "could not store offset; the record may be redelivered");
@@ -154,131 +192,372 @@ pub async fn run<H: Handler>(
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(error = %e, "final offset commit");
     }
-    tracing::info!(group = %settings.group, "consumer stopped");
-    Ok(())
 }
 
 enum Processed {
-    /// Applied, skipped as a duplicate, or dead-lettered: the offset may be stored.
+    /// Applied, skipped, parked, sent to a retry topic or dead-lettered: the offset may be stored.
     Done,
     /// Shutdown arrived before the record was done: its offset must not be stored.
     Interrupted,
 }
 
+/// What one attempt at a message came to.
+enum Outcome {
+    Applied,
+    Duplicate,
+    /// Stored behind its parked key.
+    Parked,
+    /// It is its parked key's head, redelivered from the main topic after a crash: send it on.
+    ResumeRetry,
+}
+
+/// What one step of draining a released key came to.
+enum Drain {
+    Continue,
+    /// The key is no longer parked.
+    Released,
+    /// A parked message said "not yet" and is now the key's head in the retry chain.
+    Reparked,
+}
+
+struct Interrupted;
+
 struct Worker<H> {
     group: String,
     pool: PgPool,
     handler: H,
-    dead_letters: DeadLetters,
+    producer: FutureProducer,
+    retry_delays: Vec<Duration>,
     shutdown: Shutdown,
 }
 
 impl<H: Handler> Worker<H> {
-    async fn process(&self, message: &BorrowedMessage<'_>) -> Processed {
-        let topic = message.topic().to_owned();
-        let envelope = match envelope_of(message) {
+    async fn process(&self, delivery: &Delivery, stage: Stage) -> Processed {
+        match self.process_inner(delivery, stage).await {
+            Ok(()) => Processed::Done,
+            Err(Interrupted) => Processed::Interrupted,
+        }
+    }
+
+    async fn process_inner(&self, delivery: &Delivery, stage: Stage) -> Result<(), Interrupted> {
+        let key = delivery.key_text();
+        let attempts = retry::attempts_so_far(delivery);
+        let envelope = match Envelope::decode(delivery) {
             Ok(envelope) => envelope,
             Err(reason) => {
-                tracing::warn!(%topic, partition = message.partition(), offset = message.offset(), %reason,
-                    "undecodable record; dead-lettering it");
-                return self
-                    .dead_letter(message, "unknown", Failure::permanent(reason, 1))
-                    .await;
+                tracing::warn!(topic = %delivery.topic, partition = delivery.partition, offset = delivery.offset,
+                    %reason, "undecodable record; dead-lettering it");
+                self.dead_letter(delivery, "unknown", "permanent", reason, attempts + 1)
+                    .await?;
+                if stage == Stage::Retry {
+                    self.resolve(&key).await?;
+                }
+                return Ok(());
             }
         };
         let event_type = envelope.event.event_type();
+        if stage == Stage::Retry
+            && let Some(due) = retry::not_before(delivery)
+        {
+            let wait = (due - Utc::now()).to_std().unwrap_or_default();
+            if self.shutdown.sleep(wait).await.is_err() {
+                return Err(Interrupted);
+            }
+        }
         let started = Instant::now();
-        let mut attempt: u32 = 0;
-        let first_failure = chrono::Utc::now();
+        let mut transient_attempt = 0;
         loop {
-            attempt += 1;
-            match self.apply_once(&envelope).await {
-                Ok(Applied::Applied) => {
-                    counter!("consumer_messages_processed_total", "group" => self.group.clone(),
-                        "topic" => topic.clone(), "event_type" => event_type)
-                    .increment(1);
+            match self.apply_once(&envelope, delivery, &key, stage).await {
+                Ok(Outcome::Applied) => {
+                    self.count("consumer_messages_processed_total", delivery, event_type);
                     histogram!("consumer_handler_duration_seconds", "group" => self.group.clone(),
-                        "topic" => topic.clone(), "event_type" => event_type)
+                        "topic" => envelope.topic.clone(), "event_type" => event_type)
                     .record(started.elapsed().as_secs_f64());
-                    tracing::debug!(message_id = %envelope.message_id, event_type, order_id = %envelope.event.order_id(), "applied");
-                    return Processed::Done;
+                    tracing::debug!(message_id = %envelope.message_id, event_type, %key, "applied");
+                    if stage == Stage::Retry {
+                        tracing::info!(message_id = %envelope.message_id, event_type, %key, attempt = attempts,
+                            "retried message applied; releasing its key");
+                        self.resolve(&key).await?;
+                    }
+                    return Ok(());
                 }
-                Ok(Applied::Duplicate) => {
-                    counter!("consumer_messages_duplicate_total", "group" => self.group.clone(),
-                        "topic" => topic.clone(), "event_type" => event_type)
-                    .increment(1);
+                Ok(Outcome::Duplicate) => {
+                    self.count("consumer_messages_duplicate_total", delivery, event_type);
                     tracing::info!(message_id = %envelope.message_id, event_type, "duplicate message skipped: already applied");
-                    return Processed::Done;
+                    if stage == Stage::Retry {
+                        self.resolve(&key).await?;
+                    }
+                    return Ok(());
+                }
+                Ok(Outcome::Parked) => {
+                    self.count("consumer_messages_parked_total", delivery, event_type);
+                    tracing::info!(message_id = %envelope.message_id, event_type, %key,
+                        "key is waiting for a retry; message parked behind it");
+                    return Ok(());
+                }
+                Ok(Outcome::ResumeRetry) => {
+                    let reason = "resumed after a restart".to_owned();
+                    return self
+                        .retry_or_dead_letter(delivery, &envelope, &key, stage, reason)
+                        .await;
+                }
+                Err(HandlerError::Retryable(reason)) => {
+                    return self
+                        .retry_or_dead_letter(delivery, &envelope, &key, stage, reason)
+                        .await;
                 }
                 Err(HandlerError::Permanent(reason)) => {
                     tracing::warn!(message_id = %envelope.message_id, event_type, %reason,
                         "message can never apply; dead-lettering it");
-                    let failure = Failure {
-                        class: "permanent",
-                        reason,
-                        attempts: attempt,
-                        first_failure_at: first_failure,
-                    };
-                    return self.dead_letter(message, event_type, failure).await;
+                    self.dead_letter(delivery, event_type, "permanent", reason, attempts + 1)
+                        .await?;
+                    if stage == Stage::Retry {
+                        self.resolve(&key).await?;
+                    }
+                    return Ok(());
                 }
                 Err(HandlerError::Transient(e)) => {
-                    counter!("consumer_transient_retries_total", "group" => self.group.clone(),
-                        "topic" => topic.clone(), "event_type" => event_type)
-                    .increment(1);
-                    let delay = backoff(attempt);
-                    tracing::warn!(message_id = %envelope.message_id, event_type, attempt, ?delay,
-                        error = %format!("{e:#}"), "transient failure; retrying the same message");
+                    transient_attempt += 1;
+                    self.transient_pause(delivery, event_type, transient_attempt, &e)
+                        .await?;
+                }
+            }
+        }
+    }
+
+    async fn apply_once(
+        &self,
+        envelope: &Envelope,
+        delivery: &Delivery,
+        key: &str,
+        stage: Stage,
+    ) -> Result<Outcome, HandlerError> {
+        let mut tx = self.pool.begin().await?;
+        if stage == Stage::Main
+            && let Some(head) = parking::lock(&mut tx, &self.group, key).await?
+        {
+            if head == envelope.message_id {
+                tx.rollback().await?;
+                return Ok(Outcome::ResumeRetry);
+            }
+            parking::park_message(&mut tx, &self.group, key, delivery).await?;
+            tx.commit().await?;
+            return Ok(Outcome::Parked);
+        }
+        if !inbox::claim(&mut tx, &self.group, envelope).await? {
+            tx.rollback().await?;
+            return Ok(Outcome::Duplicate);
+        }
+        self.handler.handle(&mut tx, envelope).await?;
+        tx.commit().await?;
+        Ok(Outcome::Applied)
+    }
+
+    /// Sends a "not yet" message to its next retry topic (parking its key), or dead-letters it
+    /// when its retries are used up.
+    async fn retry_or_dead_letter(
+        &self,
+        delivery: &Delivery,
+        envelope: &Envelope,
+        key: &str,
+        stage: Stage,
+        reason: String,
+    ) -> Result<(), Interrupted> {
+        let event_type = envelope.event.event_type();
+        let next = retry::attempts_so_far(delivery) + 1;
+        let Some(delay) = self.retry_delays.get(next - 1).copied() else {
+            tracing::warn!(message_id = %envelope.message_id, event_type, %reason, attempts = next,
+                "still not applicable after its last retry; dead-lettering it");
+            self.dead_letter(delivery, event_type, "retryable", reason, next)
+                .await?;
+            return self.resolve(key).await;
+        };
+        if stage == Stage::Main {
+            self.until_done(|| async {
+                let mut conn = self.pool.acquire().await?;
+                parking::park_key(&mut conn, &self.group, key, envelope.message_id, &reason)
+                    .await?;
+                Ok(())
+            })
+            .await?;
+        }
+        self.until_done(|| async {
+            retry::send(&self.producer, &self.group, delivery, next, delay, &reason)
+                .await
+                .map_err(HandlerError::Transient)
+        })
+        .await?;
+        counter!("consumer_messages_retried_total", "group" => self.group.clone(),
+            "topic" => envelope.topic.clone(), "event_type" => event_type, "attempt" => next.to_string())
+        .increment(1);
+        tracing::info!(message_id = %envelope.message_id, event_type, %key, attempt = next, ?delay, %reason,
+            "not applicable yet; sent to a retry topic, its key waits");
+        Ok(())
+    }
+
+    /// Applies the parked messages of `key`, oldest first, and releases the key.
+    async fn resolve(&self, key: &str) -> Result<(), Interrupted> {
+        let mut transient_attempt = 0;
+        loop {
+            match self.drain_one(key).await {
+                Ok(Drain::Continue) => transient_attempt = 0,
+                Ok(Drain::Released | Drain::Reparked) => return Ok(()),
+                Err(e) => {
+                    transient_attempt += 1;
+                    let delay = backoff(transient_attempt);
+                    tracing::warn!(%key, error = %e, ?delay, "could not apply parked messages yet; retrying");
                     if self.shutdown.sleep(delay).await.is_err() {
-                        return Processed::Interrupted;
+                        return Err(Interrupted);
                     }
                 }
             }
         }
     }
 
-    async fn apply_once(&self, envelope: &Envelope) -> Result<Applied, HandlerError> {
+    async fn drain_one(&self, key: &str) -> Result<Drain, HandlerError> {
         let mut tx = self.pool.begin().await?;
-        if !inbox::claim(&mut tx, &self.group, envelope).await? {
+        if parking::lock(&mut tx, &self.group, key).await?.is_none() {
             tx.rollback().await?;
-            return Ok(Applied::Duplicate);
+            return Ok(Drain::Released);
         }
-        self.handler.handle(&mut tx, envelope).await?;
-        tx.commit().await?;
-        Ok(Applied::Applied)
+        let Some((id, delivery)) = parking::first(&mut tx, &self.group, key).await? else {
+            parking::release_key(&mut tx, &self.group, key).await?;
+            tx.commit().await?;
+            tracing::info!(%key, "key released");
+            return Ok(Drain::Released);
+        };
+        let envelope = match Envelope::decode(&delivery) {
+            Ok(e) => e,
+            Err(reason) => {
+                self.dead_letter_now(&delivery, "unknown", "permanent", reason, 1)
+                    .await?;
+                parking::remove_message(&mut tx, id).await?;
+                tx.commit().await?;
+                return Ok(Drain::Continue);
+            }
+        };
+        let event_type = envelope.event.event_type();
+        if !inbox::claim(&mut tx, &self.group, &envelope).await? {
+            parking::remove_message(&mut tx, id).await?;
+            tx.commit().await?;
+            self.count("consumer_messages_duplicate_total", &delivery, event_type);
+            return Ok(Drain::Continue);
+        }
+        match self.handler.handle(&mut tx, &envelope).await {
+            Ok(()) => {
+                parking::remove_message(&mut tx, id).await?;
+                tx.commit().await?;
+                self.count("consumer_messages_processed_total", &delivery, event_type);
+                tracing::info!(message_id = %envelope.message_id, event_type, %key, "parked message applied");
+                Ok(Drain::Continue)
+            }
+            Err(HandlerError::Retryable(reason)) => {
+                tx.rollback().await?;
+                let mut tx = self.pool.begin().await?;
+                parking::lock(&mut tx, &self.group, key).await?;
+                parking::park_key(&mut tx, &self.group, key, envelope.message_id, &reason).await?;
+                parking::remove_message(&mut tx, id).await?;
+                let delay = self.retry_delays[0];
+                retry::send(&self.producer, &self.group, &delivery, 1, delay, &reason)
+                    .await
+                    .map_err(HandlerError::Transient)?;
+                tx.commit().await?;
+                tracing::info!(message_id = %envelope.message_id, event_type, %key, %reason,
+                    "parked message not applicable yet; it now heads the key in the retry chain");
+                Ok(Drain::Reparked)
+            }
+            Err(HandlerError::Permanent(reason)) => {
+                tx.rollback().await?;
+                self.dead_letter_now(&delivery, event_type, "permanent", reason, 1)
+                    .await?;
+                let mut conn = self.pool.acquire().await?;
+                parking::remove_message(&mut conn, id).await?;
+                Ok(Drain::Continue)
+            }
+            Err(e @ HandlerError::Transient(_)) => Err(e),
+        }
+    }
+
+    /// Runs `step` until it succeeds, pausing with backoff on transient failures.
+    async fn until_done<F, Fut>(&self, mut step: F) -> Result<(), Interrupted>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<(), HandlerError>>,
+    {
+        let mut attempt = 0;
+        loop {
+            match step().await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    attempt += 1;
+                    let delay = backoff(attempt);
+                    tracing::warn!(error = %e, ?delay, "retrying");
+                    if self.shutdown.sleep(delay).await.is_err() {
+                        return Err(Interrupted);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn transient_pause(
+        &self,
+        delivery: &Delivery,
+        event_type: &'static str,
+        attempt: u32,
+        error: &anyhow::Error,
+    ) -> Result<(), Interrupted> {
+        self.count("consumer_transient_retries_total", delivery, event_type);
+        let delay = backoff(attempt);
+        tracing::warn!(message_id = delivery.header("message-id").unwrap_or(""), event_type, attempt, ?delay,
+            error = %format!("{error:#}"), "transient failure; retrying the same message");
+        self.shutdown.sleep(delay).await.map_err(|_| Interrupted)
     }
 
     async fn dead_letter(
         &self,
-        message: &BorrowedMessage<'_>,
+        delivery: &Delivery,
         event_type: &str,
-        failure: Failure,
-    ) -> Processed {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.dead_letters.send(message, &failure).await {
-                Ok(()) => {
-                    counter!("consumer_messages_dead_lettered_total", "group" => self.group.clone(),
-                        "topic" => message.topic().to_owned(), "event_type" => event_type.to_owned(),
-                        "error_class" => failure.class)
-                    .increment(1);
-                    return Processed::Done;
-                }
-                Err(e) => {
-                    let delay = backoff(attempt);
-                    tracing::warn!(error = %format!("{e:#}"), ?delay, "could not write dead letter; retrying");
-                    if self.shutdown.sleep(delay).await.is_err() {
-                        return Processed::Interrupted;
-                    }
-                }
-            }
-        }
+        class: &'static str,
+        reason: String,
+        attempts: usize,
+    ) -> Result<(), Interrupted> {
+        let failure = Failure {
+            class,
+            reason,
+            attempts,
+            first_failure_at: retry::first_failure_at(delivery).unwrap_or_else(Utc::now),
+        };
+        self.until_done(|| async {
+            dead_letter::send(&self.producer, &self.group, delivery, &failure)
+                .await
+                .map_err(HandlerError::Transient)
+        })
+        .await?;
+        counter!("consumer_messages_dead_lettered_total", "group" => self.group.clone(),
+            "topic" => delivery.origin().0, "event_type" => event_type.to_owned(), "error_class" => class)
+        .increment(1);
+        Ok(())
     }
-}
 
-enum Applied {
-    Applied,
-    Duplicate,
+    /// [`Self::dead_letter`] for use inside a drain step: a failure to write is transient.
+    async fn dead_letter_now(
+        &self,
+        delivery: &Delivery,
+        event_type: &str,
+        class: &'static str,
+        reason: String,
+        attempts: usize,
+    ) -> Result<(), HandlerError> {
+        self.dead_letter(delivery, event_type, class, reason, attempts)
+            .await
+            .map_err(|Interrupted| HandlerError::Transient(anyhow::anyhow!("shutting down")))
+    }
+
+    fn count(&self, name: &'static str, delivery: &Delivery, event_type: &'static str) {
+        counter!(name, "group" => self.group.clone(), "topic" => delivery.origin().0, "event_type" => event_type)
+            .increment(1);
+    }
 }
 
 /// Exponential backoff from 100 ms, capped at [`MAX_BACKOFF`], with full jitter on the upper half.
@@ -288,40 +567,6 @@ pub fn backoff(attempt: u32) -> Duration {
         .min(MAX_BACKOFF);
     let half = base / 2;
     half + half.mul_f64(rand::rng().random::<f64>())
-}
-
-/// The value of header `name`, when present and UTF-8.
-pub fn header<'a>(message: &'a BorrowedMessage<'_>, name: &str) -> Option<&'a str> {
-    let headers = message.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .and_then(|v| std::str::from_utf8(v).ok())
-}
-
-fn envelope_of(message: &BorrowedMessage<'_>) -> Result<Envelope, String> {
-    let message_id = header(message, "message-id")
-        .ok_or_else(|| "the record has no message-id header".to_owned())?;
-    let message_id = Uuid::parse_str(message_id)
-        .map_err(|e| format!("the message-id header {message_id:?} is not a UUID: {e}"))?;
-    let payload = message.payload().unwrap_or_default();
-    let event = schemas::decode_with_content_type(
-        header(message, "content-type"),
-        header(message, "event-type"),
-        payload,
-    )
-    .map_err(|e| e.to_string())?;
-    Ok(Envelope {
-        message_id,
-        event,
-        topic: message.topic().to_owned(),
-        partition: message.partition(),
-        offset: message.offset(),
-        correlation_id: header(message, "correlation-id").map(str::to_owned),
-        traceparent: header(message, "traceparent").map(str::to_owned),
-        tracestate: header(message, "tracestate").map(str::to_owned),
-    })
 }
 
 #[cfg(test)]

@@ -7,13 +7,17 @@
 pub mod consumer;
 pub mod db;
 pub mod dead_letter;
+pub mod delivery;
 pub mod http;
 pub mod inbox;
 pub mod kafka;
 pub mod outbox;
+pub mod parking;
+pub mod retry;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod trace_context;
 
-pub use consumer::{Envelope, HandlerError};
+pub use consumer::HandlerError;
+pub use delivery::Envelope;

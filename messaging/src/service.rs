@@ -41,6 +41,18 @@ pub struct CommonSettings {
     /// Most database connections the service holds.
     #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 10)]
     pub db_max_connections: u32,
+    /// Delays before each retry of a message that is not applicable yet (`ms`, `s` or `m`); after
+    /// the last one it is dead-lettered. One retry topic per delay.
+    #[arg(long, env = "RETRY_DELAYS", default_value = "1s,10s,60s", value_parser = parse_retry_delays)]
+    pub retry_delays: RetryDelays,
+}
+
+/// The delays before each retry attempt.
+#[derive(Debug, Clone)]
+pub struct RetryDelays(pub Vec<std::time::Duration>);
+
+fn parse_retry_delays(text: &str) -> Result<RetryDelays, String> {
+    crate::retry::parse_delays(text).map(RetryDelays)
 }
 
 /// Where a service runs.
@@ -83,9 +95,12 @@ where
             .with_graceful_shutdown(async move { server_shutdown.wait().await })
             .await
     });
-    let dlq = kafka::dead_letter_topic(spec.group);
+    let mut own_topics = vec![kafka::dead_letter_topic(spec.group)];
+    own_topics.extend(
+        (1..=config.common.retry_delays.0.len()).map(|n| crate::retry::retry_topic(spec.group, n)),
+    );
     let mut topics: Vec<&str> = kafka::EVENT_TOPICS.to_vec();
-    topics.push(&dlq);
+    topics.extend(own_topics.iter().map(String::as_str));
     tracing::info!(?topics, "making sure the topics exist");
     tokio::select! {
         _ = kafka::ensure_topics_with_retry(&config.common.kafka_bootstrap_servers, &topics, config.common.topic_partitions) => {}
@@ -96,6 +111,7 @@ where
             bootstrap_servers: config.common.kafka_bootstrap_servers.clone(),
             group: spec.group.to_owned(),
             topics: vec![spec.subscribe.to_owned()],
+            retry_delays: config.common.retry_delays.0.clone(),
         },
         pool.clone(),
         spec.handler,

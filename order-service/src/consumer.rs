@@ -55,7 +55,8 @@ async fn apply(
     envelope: &Envelope,
 ) -> Result<(), HandlerError> {
     let Some(status) = store::lock_status(conn, order_id).await? else {
-        return Err(HandlerError::Permanent(format!(
+        // Not yet: the retry topics give it time; after the last retry it is dead-lettered.
+        return Err(HandlerError::Retryable(format!(
             "{} for unknown order {order_id}",
             envelope.event.event_type()
         )));

@@ -57,7 +57,16 @@ pub async fn insert_order(
     order: &NewOrder,
     cause: &Cause,
 ) -> sqlx::Result<OrderView> {
-    let order_id = Uuid::now_v7();
+    insert_order_with_id(conn, Uuid::now_v7(), order, cause).await
+}
+
+/// [`insert_order`] with the id chosen by the caller (tests and tools that need a known id).
+pub async fn insert_order_with_id(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    order: &NewOrder,
+    cause: &Cause,
+) -> sqlx::Result<OrderView> {
     // Millisecond precision, so the view and the event agree exactly.
     let now = DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).unwrap_or_default();
     let status = OrderStatus::Pending.as_str();

@@ -144,6 +144,7 @@ fn read_topic_blocking(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Recor
 pub async fn produce(
     bootstrap: &str,
     topic: &str,
+    partition: Option<i32>,
     key: Option<&str>,
     headers: &[(&str, &str)],
     payload: &[u8],
@@ -160,6 +161,9 @@ pub async fn produce(
         FutureRecord::to(topic).payload(payload).headers(owned);
     if let Some(k) = key {
         record = record.key(k);
+    }
+    if let Some(p) = partition {
+        record = record.partition(p);
     }
     producer
         .send(record, Duration::from_secs(10))

@@ -187,6 +187,8 @@ pub struct StackOptions {
     /// Route inventory-service's (and the relay's) connections to the inventory database through
     /// a [`proxy::Proxy`] the test can take down.
     pub inventory_db_proxy: bool,
+    /// `--retry-delays` of both services (their default when `None`).
+    pub retry_delays: Option<String>,
 }
 
 impl Default for StackOptions {
@@ -195,6 +197,7 @@ impl Default for StackOptions {
             relay: true,
             relay_batch_size: 500,
             inventory_db_proxy: false,
+            retry_delays: None,
         }
     }
 }
@@ -243,14 +246,20 @@ impl Stack {
             None => postgres_url(),
         };
         let service_args = |port: u16, pg: &str, db: &str| -> Vec<String> {
-            vec![
+            let mut args: Vec<String> = options
+                .retry_delays
+                .iter()
+                .flat_map(|d| ["--retry-delays".to_owned(), d.clone()])
+                .collect();
+            args.extend([
                 "--listen-addr".into(),
                 format!("127.0.0.1:{port}"),
                 "--database-url".into(),
                 format!("{pg}/{db}"),
                 "--kafka-bootstrap-servers".into(),
                 broker.bootstrap.clone(),
-            ]
+            ]);
+            args
         };
         let order_service = Proc::spawn(
             "order-service",

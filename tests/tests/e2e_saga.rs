@@ -184,6 +184,7 @@ async fn a_redelivered_event_with_the_same_message_id_has_no_second_effect() {
     kafka::produce(
         &stack.broker.bootstrap,
         schemas::ORDERS_TOPIC,
+        None,
         placed.key.as_deref(),
         &headers,
         &placed.payload,

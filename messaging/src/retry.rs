@@ -1,0 +1,140 @@
+//! Non-blocking retries for messages a handler says are "not yet" applicable: the message is copied
+//! to the group's retry topic of its attempt (`<group>.retry.1`, `.retry.2`, ...), each with its
+//! configured delay (default 1 s, 10 s, 60 s), and after the last one to the dead-letter topic.
+//! A retry copy carries where it came from and when it may run again in `retry-*` headers.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::delivery::Delivery;
+
+pub const ATTEMPT: &str = "retry-attempt";
+pub const NOT_BEFORE: &str = "retry-not-before";
+pub const ORIGINAL_TOPIC: &str = "retry-original-topic";
+pub const ORIGINAL_PARTITION: &str = "retry-original-partition";
+pub const ORIGINAL_OFFSET: &str = "retry-original-offset";
+pub const FIRST_FAILURE_AT: &str = "retry-first-failure-at";
+pub const REASON: &str = "retry-reason";
+
+/// The retry topic of attempt `attempt` (1-based) of consumer group `group`.
+pub fn retry_topic(group: &str, attempt: usize) -> String {
+    format!("{group}.retry.{attempt}")
+}
+
+/// Parses delays such as `1s,10s,60s` (units `ms`, `s`, `m`).
+pub fn parse_delays(text: &str) -> Result<Vec<Duration>, String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(parse_duration)
+        .collect::<Result<Vec<_>, _>>()
+        .and_then(|d| {
+            if d.is_empty() {
+                Err("at least one retry delay is needed".into())
+            } else {
+                Ok(d)
+            }
+        })
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| text.split_at(i))
+        .ok_or_else(|| format!("{text:?} needs a unit: ms, s or m"))?;
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a whole number and a unit"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{text:?}: unknown unit {unit:?}; use ms, s or m")),
+    }
+}
+
+/// How many times a delivery has been retried so far (0 for one from the main topic).
+pub fn attempts_so_far(delivery: &Delivery) -> usize {
+    delivery
+        .header(ATTEMPT)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(0)
+}
+
+/// When a retry copy may run (Unix milliseconds); `None` for a first delivery.
+pub fn not_before(delivery: &Delivery) -> Option<DateTime<Utc>> {
+    delivery
+        .header(NOT_BEFORE)
+        .and_then(|t| t.parse::<i64>().ok())
+        .and_then(DateTime::from_timestamp_millis)
+}
+
+pub fn first_failure_at(delivery: &Delivery) -> Option<DateTime<Utc>> {
+    delivery
+        .header(FIRST_FAILURE_AT)
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// Copies `delivery` to the retry topic of `attempt`, to run after `delay`; waits for the ack.
+pub async fn send(
+    producer: &FutureProducer,
+    group: &str,
+    delivery: &Delivery,
+    attempt: usize,
+    delay: Duration,
+    reason: &str,
+) -> anyhow::Result<()> {
+    let topic = retry_topic(group, attempt);
+    let (origin_topic, origin_partition, origin_offset) = delivery.origin();
+    let first = first_failure_at(delivery).unwrap_or_else(Utc::now);
+    let not_before = Utc::now() + delay;
+    let headers = delivery.headers_with(
+        &["retry-"],
+        &[
+            (ATTEMPT, attempt.to_string()),
+            (NOT_BEFORE, not_before.timestamp_millis().to_string()),
+            (ORIGINAL_TOPIC, origin_topic),
+            (ORIGINAL_PARTITION, origin_partition.to_string()),
+            (ORIGINAL_OFFSET, origin_offset.to_string()),
+            (FIRST_FAILURE_AT, first.to_rfc3339()),
+            (REASON, reason.to_owned()),
+        ],
+    );
+    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(headers);
+    if let Some(key) = &delivery.key {
+        record = record.key(key);
+    }
+    if let Some(payload) = &delivery.payload {
+        record = record.payload(payload);
+    }
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("producing to {topic}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_parse_with_units() {
+        assert_eq!(
+            parse_delays("1s, 10s,60s").unwrap(),
+            [1, 10, 60].map(Duration::from_secs)
+        );
+        assert_eq!(
+            parse_delays("250ms,2m").unwrap(),
+            [Duration::from_millis(250), Duration::from_secs(120)]
+        );
+        assert!(parse_delays("").is_err());
+        assert!(parse_delays("10").is_err());
+        assert!(parse_delays("1h").is_err());
+    }
+}
