@@ -1,0 +1,283 @@
+//! `saga`, the operators' tool for the saga's topics:
+//!
+//! - `saga tail TOPIC` prints a topic's records as JSON lines, decoding our Avro (and JSON) events;
+//! - `saga dlq list|show|redrive` reads a consumer group's dead-letter topic and sends selected
+//!   records back to their original topic with their ORIGINAL message id, so the group's inbox
+//!   still recognises anything that was applied in the meantime.
+//!
+//! Output goes to stdout as JSON; what the tool is doing goes to stderr.
+
+mod read;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+
+use read::Record;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "saga",
+    version,
+    about = "Decode the saga's topics; list, show and redrive dead letters"
+)]
+struct Cli {
+    /// Kafka bootstrap servers.
+    #[arg(
+        long,
+        short = 'b',
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092",
+        global = true
+    )]
+    bootstrap_servers: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a topic's records as JSON lines (from the beginning; `--follow` keeps reading).
+    Tail {
+        topic: String,
+        /// Keep reading new records until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Dead letters of a consumer group.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCommand {
+    /// One JSON line per dead letter: where it came from, what it is and why it failed.
+    List(Group),
+    /// Every dead letter with this message id, in full, with its event decoded.
+    Show {
+        #[command(flatten)]
+        group: Group,
+        message_id: String,
+    },
+    /// Send dead letters back to their original topic, keeping key, value and original headers
+    /// (so the message id, and the inbox's dedupe, are unchanged).
+    Redrive {
+        #[command(flatten)]
+        group: Group,
+        #[command(flatten)]
+        select: Selection,
+        /// Only print what would be redriven.
+        #[arg(long)]
+        dry_run: bool,
+        /// At most this many records per second.
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+    },
+}
+
+#[derive(Debug, Args)]
+struct Group {
+    /// The consumer group whose dead letters to read (`<group>.dlq`).
+    #[arg(long, short)]
+    group: String,
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct Selection {
+    /// Redrive the records with these message ids.
+    #[arg(long = "message-id", num_args = 1..)]
+    message_ids: Vec<String>,
+    /// Redrive the records of this event type.
+    #[arg(long)]
+    event_type: Option<String>,
+    /// Redrive every record.
+    #[arg(long)]
+    all: bool,
+}
+
+impl Selection {
+    fn matches(&self, record: &Record) -> bool {
+        if self.all {
+            return true;
+        }
+        if let Some(event_type) = &self.event_type {
+            return record.header("event-type") == Some(event_type.as_str());
+        }
+        record
+            .header("message-id")
+            .is_some_and(|id| self.message_ids.iter().any(|m| m == id))
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let bootstrap = cli.bootstrap_servers;
+    match cli.command {
+        Command::Tail { topic, follow } => {
+            read::each_record(&bootstrap, &topic, follow, |record| {
+                println!("{}", record_json(&record));
+            })
+        }
+        Command::Dlq(DlqCommand::List(group)) => {
+            for record in dead_letters(&bootstrap, &group.group).await? {
+                println!("{}", summary_json(&record));
+            }
+            Ok(())
+        }
+        Command::Dlq(DlqCommand::Show { group, message_id }) => {
+            let found: Vec<Record> = dead_letters(&bootstrap, &group.group)
+                .await?
+                .into_iter()
+                .filter(|r| r.header("message-id") == Some(message_id.as_str()))
+                .collect();
+            if found.is_empty() {
+                bail!(
+                    "no dead letter with message id {message_id} in {}.dlq",
+                    group.group
+                );
+            }
+            for record in found {
+                println!("{}", serde_json::to_string_pretty(&record_json(&record))?);
+            }
+            Ok(())
+        }
+        Command::Dlq(DlqCommand::Redrive {
+            group,
+            select,
+            dry_run,
+            rate,
+        }) => redrive(&bootstrap, &group.group, &select, dry_run, rate).await,
+    }
+}
+
+async fn dead_letters(bootstrap: &str, group: &str) -> anyhow::Result<Vec<Record>> {
+    let topic = messaging::kafka::dead_letter_topic(group);
+    let mut records = Vec::new();
+    read::each_record(bootstrap, &topic, false, |r| records.push(r))?;
+    Ok(records)
+}
+
+async fn redrive(
+    bootstrap: &str,
+    group: &str,
+    select: &Selection,
+    dry_run: bool,
+    rate: f64,
+) -> anyhow::Result<()> {
+    if rate <= 0.0 {
+        bail!("--rate must be positive");
+    }
+    let letters = dead_letters(bootstrap, group).await?;
+    let mut seen = HashSet::new();
+    // A message dead-lettered more than once is redriven once.
+    let selected: Vec<&Record> = letters
+        .iter()
+        .filter(|r| select.matches(r))
+        .filter(|r| seen.insert(r.header("message-id").unwrap_or_default().to_owned()))
+        .collect();
+    eprintln!(
+        "{} of {} dead letters in {group}.dlq selected{}",
+        selected.len(),
+        letters.len(),
+        if dry_run {
+            " (dry run: nothing is sent)"
+        } else {
+            ""
+        }
+    );
+    let producer: FutureProducer = messaging::kafka::reliable_producer_config(bootstrap)
+        .create()
+        .context("creating Kafka producer")?;
+    let pause = Duration::from_secs_f64(1.0 / rate);
+    for record in selected {
+        let Some(topic) = record.header("dlq-original-topic").map(str::to_owned) else {
+            eprintln!(
+                "skipping offset {}: no dlq-original-topic header",
+                record.offset
+            );
+            continue;
+        };
+        let line = json!({
+            "action": if dry_run { "would redrive" } else { "redriven" },
+            "message_id": record.header("message-id"),
+            "event_type": record.header("event-type"),
+            "to": topic,
+            "dlq_offset": record.offset,
+        });
+        if !dry_run {
+            let headers = record.headers_without("dlq-");
+            let mut out: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic)
+                .headers(headers)
+                .payload(&record.payload);
+            if let Some(key) = &record.key {
+                out = out.key(key);
+            }
+            producer
+                .send(out, Duration::from_secs(30))
+                .await
+                .map_err(|(e, _)| anyhow::anyhow!("producing to {topic}: {e}"))?;
+            tokio::time::sleep(pause).await;
+        }
+        println!("{line}");
+    }
+    Ok(())
+}
+
+fn summary_json(record: &Record) -> Value {
+    json!({
+        "dlq_offset": record.offset,
+        "message_id": record.header("message-id"),
+        "event_type": record.header("event-type"),
+        "key": record.key_text(),
+        "original_topic": record.header("dlq-original-topic"),
+        "original_partition": record.header("dlq-original-partition"),
+        "original_offset": record.header("dlq-original-offset"),
+        "error_class": record.header("dlq-error-class"),
+        "error_message": record.header("dlq-error-message"),
+        "attempts": record.header("dlq-attempts"),
+        "first_failure_at": record.header("dlq-first-failure-at"),
+        "last_failure_at": record.header("dlq-last-failure-at"),
+    })
+}
+
+fn record_json(record: &Record) -> Value {
+    let headers: serde_json::Map<String, Value> = record
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone().map_or(Value::Null, Value::String)))
+        .collect();
+    let mut out = json!({
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "timestamp": record.timestamp,
+        "key": record.key_text(),
+        "headers": headers,
+    });
+    match schemas::decode_with_content_type(
+        record.header("content-type"),
+        record.header("event-type"),
+        &record.payload,
+    ) {
+        Ok(event) => {
+            out["event_type"] = json!(event.event_type());
+            out["event"] =
+                serde_json::from_slice(&schemas::encode_json(&event)).unwrap_or(Value::Null);
+        }
+        Err(e) => {
+            out["decode_error"] = json!(e.to_string());
+            out["value_hex"] = json!(hex(&record.payload));
+        }
+    }
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
