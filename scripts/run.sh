@@ -70,6 +70,7 @@ The order saga is running.
   outbox-relay       http://127.0.0.1:8082/metrics
   Kafka broker       $BROKER (Tansu, in memory)   Postgres $PG_URL (databases orders, inventory)
   logs               $RUN_DIR/logs/
+  tools              target/debug/saga (topics as JSON, dead letters), scripts/kcat.sh
 
 Try:
   curl -s -X POST http://127.0.0.1:8080/orders -H 'content-type: application/json' \\
