@@ -2,11 +2,8 @@
 //! original key, value and headers, plus `dlq-*` headers that say where it came from and why it
 //! failed. A retry copy is dead-lettered under its original topic, partition and offset.
 
-use std::time::Duration;
-
-use anyhow::Context;
 use chrono::{DateTime, Utc};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 
 use crate::delivery::Delivery;
 use crate::kafka;
@@ -50,18 +47,7 @@ pub async fn send(
             ("dlq-last-failure-at", Utc::now().to_rfc3339()),
         ],
     );
-    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(headers);
-    if let Some(key) = &delivery.key {
-        record = record.key(key);
-    }
-    if let Some(payload) = &delivery.payload {
-        record = record.payload(payload);
-    }
-    producer
-        .send(record, Duration::from_secs(30))
-        .await
-        .map_err(|(e, _)| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("producing to {topic}"))?;
+    delivery.send_copy(producer, &topic, headers).await?;
     tracing::warn!(%topic, original_topic = %origin_topic, partition = origin_partition,
         offset = origin_offset, class = failure.class, reason = %failure.reason, "dead-lettered a record");
     Ok(())

@@ -2,8 +2,12 @@
 //! copied to a retry or dead-letter topic), with its headers, and its decoding into an
 //! [`Envelope`].
 
+use std::time::Duration;
+
+use anyhow::Context;
 use rdkafka::Message;
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use schemas::Event;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -70,6 +74,29 @@ impl Delivery {
             (Some(t), Some(p), Some(o)) => (t.to_owned(), p, o),
             _ => (self.topic.clone(), self.partition, self.offset),
         }
+    }
+
+    /// Produces a copy of this record (same key and value) with `headers` to `topic`, and waits
+    /// for the broker's acknowledgement.
+    pub async fn send_copy(
+        &self,
+        producer: &FutureProducer,
+        topic: &str,
+        headers: OwnedHeaders,
+    ) -> anyhow::Result<()> {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+        if let Some(key) = &self.key {
+            record = record.key(key);
+        }
+        if let Some(payload) = &self.payload {
+            record = record.payload(payload);
+        }
+        producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("producing to {topic}"))?;
+        Ok(())
     }
 
     /// The headers for a copy of this record, without the headers named in `drop` (by prefix),

@@ -5,9 +5,8 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use chrono::{DateTime, Utc};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 
 use crate::delivery::Delivery;
 
@@ -104,18 +103,7 @@ pub async fn send(
             (REASON, reason.to_owned()),
         ],
     );
-    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(headers);
-    if let Some(key) = &delivery.key {
-        record = record.key(key);
-    }
-    if let Some(payload) = &delivery.payload {
-        record = record.payload(payload);
-    }
-    producer
-        .send(record, Duration::from_secs(30))
-        .await
-        .map_err(|(e, _)| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("producing to {topic}"))?;
+    delivery.send_copy(producer, &topic, headers).await?;
     Ok(())
 }
 

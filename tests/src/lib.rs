@@ -477,6 +477,32 @@ impl Stack {
         }
     }
 
+    /// Creates order `id` (PENDING, one item of sku A) directly in the orders database without
+    /// publishing its OrderPlaced, so that only the test's own events touch it: a late arrival.
+    pub async fn create_order_quietly(&self, id: Uuid) {
+        use messaging::outbox::Cause;
+        use order_service::store::{self, Item, NewOrder};
+        let pool = self.orders_pool().await;
+        let mut tx = pool.begin().await.expect("begin");
+        let order = NewOrder {
+            customer_id: Uuid::new_v4(),
+            items: vec![Item {
+                sku: "A".into(),
+                quantity: 1,
+            }],
+        };
+        store::insert_order_with_id(&mut tx, id, &order, &Cause::default())
+            .await
+            .expect("insert order");
+        sqlx::query("DELETE FROM outbox WHERE aggregate_id = $1")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .expect("drop its OrderPlaced");
+        tx.commit().await.expect("commit");
+        pool.close().await;
+    }
+
     pub fn log_dir(&self) -> &Path {
         &self.log_dir
     }

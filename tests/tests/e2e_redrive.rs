@@ -4,8 +4,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use e2e::{Stack, StackOptions, binary, eventually, kafka};
-use messaging::outbox::Cause;
-use order_service::store::{self, Item, NewOrder};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -104,23 +102,7 @@ async fn a_dead_letter_redriven_after_its_cause_is_fixed_is_applied_once_even_if
     assert_eq!(on_topic().await, 1);
 
     // Fix the cause (the order now exists), then redrive: applied once.
-    let pool = stack.orders_pool().await;
-    let mut tx = pool.begin().await.unwrap();
-    let order = NewOrder {
-        customer_id: Uuid::new_v4(),
-        items: vec![Item {
-            sku: "A".into(),
-            quantity: 1,
-        }],
-    };
-    store::insert_order_with_id(&mut tx, order_id, &order, &Cause::default())
-        .await
-        .unwrap();
-    sqlx::query("DELETE FROM outbox")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    stack.create_order_quietly(order_id).await;
     let redriven = json_lines(&saga(
         &stack,
         &[

@@ -151,12 +151,17 @@ async fn a_row_that_commits_after_later_rows_were_published_is_still_published()
     stack
         .wait_for_statuses(&later, &["CONFIRMED"], TIMEOUT)
         .await;
-    let later_rows_left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE id > $1")
-        .bind(late_row)
-        .fetch_one(&orders_db)
-        .await
-        .unwrap();
-    assert_eq!(later_rows_left, 0, "later rows were published and removed");
+    // Every later row (OrderPlaced, then OrderConfirmed) is published and removed while the
+    // late one is still uncommitted.
+    eventually(TIMEOUT, || async {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE id > $1")
+            .bind(late_row)
+            .fetch_one(&orders_db)
+            .await?;
+        Ok((left == 0).then_some(()))
+    })
+    .await
+    .expect("later rows were published and removed");
 
     late.commit().await.unwrap();
     stack

@@ -5,8 +5,6 @@ use std::time::Duration;
 
 use e2e::kafka::{self, Record};
 use e2e::{Stack, StackOptions, eventually};
-use messaging::outbox::Cause;
-use order_service::store::{self, Item, NewOrder};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -59,29 +57,6 @@ fn reserved(order_id: Uuid) -> serde_json::Value {
            "total_cents": 100, "reserved_at": 1732252800000i64})
 }
 
-/// Creates order `id` directly in the orders database, as a late arrival, without publishing its
-/// OrderPlaced (so only the test's events touch it).
-async fn create_order_quietly(stack: &Stack, id: Uuid) {
-    let pool = stack.orders_pool().await;
-    let mut tx = pool.begin().await.unwrap();
-    let order = NewOrder {
-        customer_id: Uuid::new_v4(),
-        items: vec![Item {
-            sku: "A".into(),
-            quantity: 1,
-        }],
-    };
-    store::insert_order_with_id(&mut tx, id, &order, &Cause::default())
-        .await
-        .unwrap();
-    sqlx::query("DELETE FROM outbox WHERE aggregate_id = $1")
-        .bind(id.to_string())
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
-}
-
 async fn metric(stack: &Stack, name: &str, labels: &[(&str, &str)]) -> f64 {
     stack.metric(&stack.order_url, name, labels).await
 }
@@ -128,7 +103,7 @@ async fn a_not_yet_event_is_retried_and_applied_once_its_order_exists() {
     .await
     .expect("the event went to the first retry topic");
 
-    create_order_quietly(&stack, order_id).await;
+    stack.create_order_quietly(order_id).await;
     stack
         .wait_for_statuses(&[order_id], &["REJECTED"], TIMEOUT)
         .await;
@@ -220,10 +195,10 @@ async fn a_message_never_applicable_is_dead_lettered_after_its_retries_on_schedu
 
 #[tokio::test(flavor = "multi_thread")]
 async fn while_an_orders_event_waits_for_a_retry_its_next_event_waits_too_and_other_orders_flow() {
-    let stack = stack_with_delays("order_under_retry", "2s,2s,2s").await;
+    let stack = stack_with_delays("order_under_retry", "3s,3s,3s").await;
     let a = Uuid::new_v4();
     let b = Uuid::new_v4();
-    create_order_quietly(&stack, b).await;
+    stack.create_order_quietly(b).await;
     // All on one partition: A's first event is not applicable yet (A does not exist), A's second
     // event follows it, then B's event.
     produce_inventory_event(&stack, 2, "StockReservationRejected", rejected(a, "first")).await;
@@ -242,7 +217,7 @@ async fn while_an_orders_event_waits_for_a_retry_its_next_event_waits_too_and_ot
 
     // A appears; its events apply in order: REJECTED by the first, and the second (a
     // reservation for a rejected order) can never apply, so it is dead-lettered.
-    create_order_quietly(&stack, a).await;
+    stack.create_order_quietly(a).await;
     stack.wait_for_statuses(&[a], &["REJECTED"], TIMEOUT).await;
     let dlq = dead_letters(&stack, 1).await;
     assert_eq!(dlq.len(), 1);
