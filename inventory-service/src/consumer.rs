@@ -6,7 +6,8 @@ use messaging::consumer::Handler;
 use messaging::outbox;
 use messaging::{Envelope, HandlerError};
 use schemas::{
-    Event, OrderPlaced, ReservedLine, Shortage, StockReservationRejected, StockReserved,
+    Event, OrderCancelled, OrderPlaced, ReservedLine, Shortage, StockReleased,
+    StockReservationRejected, StockReserved,
 };
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -29,6 +30,7 @@ impl Handler for OrderEvents {
             Event::OrderConfirmed(e) => {
                 move_reservation(conn, e.order_id, ReservationInput::Commit).await
             }
+            Event::OrderCancelled(e) => release(conn, e, envelope).await,
             other => {
                 tracing::debug!(event_type = other.event_type(), order_id = %other.order_id(), "nothing for inventory to do");
                 Ok(())
@@ -49,6 +51,17 @@ async fn reserve(
     let order_id = placed.order_id;
     if store::lock_reservation(conn, order_id).await?.is_some() {
         tracing::info!(%order_id, "order already has a reservation; OrderPlaced ignored");
+        return Ok(());
+    }
+    if store::is_cancelled(conn, order_id).await? {
+        tracing::info!(%order_id, "order was cancelled before its OrderPlaced arrived; nothing reserved");
+        let event = Event::StockReservationRejected(StockReservationRejected {
+            order_id,
+            reason: "order was cancelled before stock was reserved".to_owned(),
+            shortages: Vec::new(),
+            rejected_at: now_millis(),
+        });
+        outbox::append(conn, &event, &envelope.cause()).await?;
         return Ok(());
     }
     let items: Vec<(String, i64)> = placed
@@ -99,6 +112,55 @@ async fn reserve(
             })
         }
     };
+    outbox::append(conn, &event, &envelope.cause()).await?;
+    Ok(())
+}
+
+/// OrderCancelled: releases the order's reservation if it holds one (RESERVED or COMMITTED: the
+/// stock goes back to available), and records the cancellation so that a later OrderPlaced
+/// reserves nothing. Either way it answers StockReleased, so the order can finish cancelling;
+/// `reservation_id` is the nil UUID when nothing was reserved.
+async fn release(
+    conn: &mut PgConnection,
+    cancelled: &OrderCancelled,
+    envelope: &Envelope,
+) -> Result<(), HandlerError> {
+    let order_id = cancelled.order_id;
+    let reason = format!("order cancelled ({})", cancelled.reason);
+    store::record_cancelled(conn, order_id, &reason).await?;
+    let reservation_id = match store::lock_reservation(conn, order_id).await? {
+        None => {
+            tracing::info!(%order_id, "order cancelled before anything was reserved");
+            Uuid::nil()
+        }
+        Some(reservation) => {
+            let status: domain::ReservationStatus = reservation
+                .status
+                .parse()
+                .map_err(HandlerError::Permanent)?;
+            match domain::decide(status, ReservationInput::Release)
+                .map_err(|e| HandlerError::Permanent(e.to_string()))?
+            {
+                ReservationDecision::Ignore(why) => {
+                    tracing::info!(%order_id, %status, why, "reservation unchanged");
+                }
+                ReservationDecision::Transition { to, stock } => {
+                    store::move_reservation(conn, &reservation, to, stock).await?;
+                    metrics::counter!("inventory_releases_total", "from" => status.as_str())
+                        .increment(1);
+                    tracing::info!(%order_id, reservation_id = %reservation.reservation_id, from = %status, %to,
+                        "reservation released: stock back to available");
+                }
+            }
+            reservation.reservation_id
+        }
+    };
+    let event = Event::StockReleased(StockReleased {
+        order_id,
+        reservation_id,
+        reason,
+        released_at: now_millis(),
+    });
     outbox::append(conn, &event, &envelope.cause()).await?;
     Ok(())
 }

@@ -224,3 +224,26 @@ pub async fn reservations(
     .fetch_all(db)
     .await
 }
+
+/// Records that `order_id` was cancelled (once).
+pub async fn record_cancelled(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    reason: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO cancelled_orders (order_id, reason) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(order_id)
+    .bind(reason)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+pub async fn is_cancelled(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM cancelled_orders WHERE order_id = $1)")
+        .bind(order_id)
+        .fetch_one(conn)
+        .await
+}

@@ -3,14 +3,14 @@
 //! consumer runtime's transaction (inbox claim + order change + outbox row).
 
 use messaging::consumer::Handler;
-use messaging::outbox;
 use messaging::{Envelope, HandlerError};
-use schemas::{Event, OrderCancelled, OrderConfirmed, OrderRejected};
+use schemas::Event;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::domain::{self, Decision, Emit, Input};
-use crate::store::{self, Change};
+use crate::domain::Input;
+use crate::store;
+use crate::transition::{self, Applied};
 
 pub const GROUP: &str = "order-service";
 
@@ -61,50 +61,12 @@ async fn apply(
             envelope.event.event_type()
         )));
     };
-    let decision =
-        domain::decide(status, &input).map_err(|e| HandlerError::Permanent(e.to_string()))?;
-    let (to, emit) = match decision {
-        Decision::Ignore(why) => {
+    match transition::apply(conn, order_id, status, &input, &envelope.cause()).await? {
+        Ok(Applied::Changed { .. }) => Ok(()),
+        Ok(Applied::Ignored(why)) => {
             tracing::info!(%order_id, %status, event_type = envelope.event.event_type(), why, "event ignored");
-            return Ok(());
+            Ok(())
         }
-        Decision::Transition { to, emit } => (to, emit),
-    };
-    let change = match &emit {
-        Some(Emit::OrderConfirmed { total_cents }) => Change {
-            total_cents: Some(*total_cents),
-            reason: None,
-        },
-        Some(Emit::OrderRejected { reason }) => Change {
-            total_cents: None,
-            reason: Some(reason.clone()),
-        },
-        _ => Change::default(),
-    };
-    let at = store::set_status(conn, order_id, to, &change).await?;
-    let at = at.timestamp_millis();
-    let event = match emit {
-        Some(Emit::OrderConfirmed { total_cents }) => Some(Event::OrderConfirmed(OrderConfirmed {
-            order_id,
-            total_cents,
-            confirmed_at: at,
-        })),
-        Some(Emit::OrderRejected { reason }) => Some(Event::OrderRejected(OrderRejected {
-            order_id,
-            reason,
-            rejected_at: at,
-        })),
-        Some(Emit::OrderCancelled { reason }) => Some(Event::OrderCancelled(OrderCancelled {
-            order_id,
-            reason,
-            cancelled_at: at,
-        })),
-        None => None,
-    };
-    if let Some(event) = event {
-        outbox::append(conn, &event, &envelope.cause()).await?;
+        Err(invalid) => Err(HandlerError::Permanent(invalid.to_string())),
     }
-    tracing::info!(%order_id, from = %status, to = %to, "order status changed");
-    metrics::counter!("orders_status_changes_total", "to" => to.as_str()).increment(1);
-    Ok(())
 }

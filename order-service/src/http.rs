@@ -12,8 +12,11 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::domain::OrderStatus;
+use schemas::CancelReason;
+
+use crate::domain::{Input, OrderStatus};
 use crate::store::{self, Item, NewOrder, OrderView};
+use crate::transition::{self, Applied};
 
 pub const MAX_ITEMS: usize = 100;
 pub const MAX_QUANTITY: i64 = 1_000_000;
@@ -28,6 +31,7 @@ pub fn routes(state: AppState) -> axum::Router {
     axum::Router::new()
         .route("/orders", post(place_order).get(list_orders))
         .route("/orders/{id}", get(get_order))
+        .route("/orders/{id}/cancel", post(cancel_order))
         .route("/openapi.json", get(openapi))
         .with_state(state)
 }
@@ -147,6 +151,41 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
 
 fn parse_order_id(id: &str) -> Result<Uuid, Problem> {
     Uuid::parse_str(id).map_err(|_| Problem::bad_request(format!("order id {id:?} is not a UUID")))
+}
+
+/// `POST /orders/{id}/cancel`: a PENDING or CONFIRMED order goes CANCELLING (202) and emits
+/// OrderCancelled; cancelling a CANCELLING or CANCELLED order again changes nothing (200); a
+/// REJECTED order cannot be cancelled (409).
+async fn cancel_order(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let order_id = parse_order_id(&id)?;
+    let cause = Cause {
+        causation_id: None,
+        traceparent: Some(messaging::trace_context::child_of(
+            headers.get("traceparent").and_then(|v| v.to_str().ok()),
+        )),
+        tracestate: None,
+    };
+    let mut tx = state.pool.begin().await?;
+    let Some(status) = store::lock_status(&mut tx, order_id).await? else {
+        return Err(Problem::not_found(format!("no order {order_id}")));
+    };
+    let input = Input::CancelRequested {
+        reason: CancelReason::CustomerRequest,
+    };
+    let code = match transition::apply(&mut tx, order_id, status, &input, &cause).await? {
+        Ok(Applied::Changed { .. }) => StatusCode::ACCEPTED,
+        Ok(Applied::Ignored(_)) => StatusCode::OK,
+        Err(invalid) => return Err(Problem::new(StatusCode::CONFLICT, invalid.to_string())),
+    };
+    tx.commit().await?;
+    let view = store::view(&state.pool, order_id)
+        .await?
+        .ok_or_else(|| Problem::not_found(format!("no order {order_id}")))?;
+    Ok((code, Json(view)).into_response())
 }
 
 async fn get_order(

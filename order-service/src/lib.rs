@@ -5,6 +5,7 @@ pub mod consumer;
 pub mod domain;
 pub mod http;
 pub mod store;
+pub mod transition;
 
 use std::net::SocketAddr;
 

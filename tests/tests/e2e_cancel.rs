@@ -1,0 +1,182 @@
+//! Cancellation by the customer and the compensating release of stock.
+
+use std::time::Duration;
+
+use e2e::{Stack, eventually, kafka};
+use reqwest::StatusCode;
+use schemas::Event;
+use serde_json::Value;
+use uuid::Uuid;
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+async fn cancel(stack: &Stack, id: Uuid) -> (StatusCode, Value) {
+    let r = stack
+        .http
+        .post(format!("{}/orders/{id}/cancel", stack.order_url))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    (status, r.json().await.unwrap())
+}
+
+fn history(order: &Value) -> Vec<&str> {
+    order["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["status"].as_str().unwrap())
+        .collect()
+}
+
+async fn events_of(stack: &Stack, topic: &str, id: Uuid) -> Vec<&'static str> {
+    kafka::read_topic(&stack.broker.bootstrap, topic)
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.event().ok())
+        .filter(|e| e.order_id() == id)
+        .map(|e| e.event_type())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_a_confirmed_order_returns_its_sold_stock_once_even_if_cancelled_twice() {
+    let stack = Stack::start("cancel_confirmed").await;
+    stack.put_product("A", 100, 10).await;
+    let id = stack.place_order(&[("A", 3)]).await;
+    stack
+        .wait_for_statuses(&[id], &["CONFIRMED"], TIMEOUT)
+        .await;
+    eventually(TIMEOUT, || async {
+        Ok((stack.product("A").await["sold"] == 3).then_some(()))
+    })
+    .await
+    .expect("stock sold");
+
+    let (status, body) = cancel(&stack, id).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(body["status"], "CANCELLING");
+    let (again, body) = cancel(&stack, id).await;
+    assert_eq!(again, StatusCode::OK, "a second cancel changes nothing");
+    assert!(["CANCELLING", "CANCELLED"].contains(&body["status"].as_str().unwrap()));
+
+    stack
+        .wait_for_statuses(&[id], &["CANCELLED"], TIMEOUT)
+        .await;
+    let order = stack.order(id).await;
+    assert_eq!(
+        history(&order),
+        ["PENDING", "CONFIRMED", "CANCELLING", "CANCELLED"]
+    );
+    let a = stack.product("A").await;
+    assert_eq!(
+        (
+            a["available"].as_i64(),
+            a["reserved"].as_i64(),
+            a["sold"].as_i64()
+        ),
+        (Some(10), Some(0), Some(0)),
+        "{a}"
+    );
+    let reservations = stack
+        .get_json(&format!(
+            "{}/reservations?order_id={id}",
+            stack.inventory_url
+        ))
+        .await;
+    assert_eq!(reservations[0]["status"], "RELEASED");
+    assert_eq!(
+        events_of(&stack, schemas::ORDERS_TOPIC, id).await,
+        ["OrderPlaced", "OrderConfirmed", "OrderCancelled"]
+    );
+    assert_eq!(
+        events_of(&stack, schemas::INVENTORY_TOPIC, id).await,
+        ["StockReserved", "StockReleased"]
+    );
+    let (after, _) = cancel(&stack, id).await;
+    assert_eq!(after, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rejected_order_cannot_be_cancelled_and_an_unknown_one_is_not_found() {
+    let stack = Stack::start("cancel_rejected").await;
+    let id = stack.place_order(&[("NOPE", 1)]).await;
+    stack.wait_for_statuses(&[id], &["REJECTED"], TIMEOUT).await;
+    let (status, body) = cancel(&stack, id).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(
+        body["detail"].as_str().unwrap().contains("REJECTED"),
+        "{body}"
+    );
+    assert_eq!(stack.order(id).await["status"], "REJECTED");
+    let (status, _) = cancel(&stack, Uuid::new_v4()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(
+        !events_of(&stack, schemas::ORDERS_TOPIC, id)
+            .await
+            .contains(&"OrderCancelled")
+    );
+}
+
+/// Produces `event` to its topic as Avro, as the relay would.
+async fn send(stack: &Stack, event: Event) {
+    let key = event.order_id().to_string();
+    let message_id = Uuid::new_v4().to_string();
+    kafka::produce(
+        &stack.broker.bootstrap,
+        event.topic(),
+        None,
+        Some(&key),
+        &[
+            ("message-id", &message_id),
+            ("event-type", event.event_type()),
+            ("content-type", schemas::AVRO_CONTENT_TYPE),
+            ("correlation-id", &key),
+        ],
+        &schemas::encode(&event),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_placed_after_inventory_saw_its_cancellation_reserves_nothing() {
+    let stack = Stack::start("cancel_before_placed").await;
+    stack.put_product("A", 100, 5).await;
+    // Inventory sees the cancellation of an order first (as when its OrderPlaced was delayed in
+    // a dead-letter topic), then the OrderPlaced.
+    let id = Uuid::new_v4();
+    send(
+        &stack,
+        Event::OrderCancelled(schemas::OrderCancelled {
+            order_id: id,
+            reason: schemas::CancelReason::CustomerRequest,
+            cancelled_at: 1,
+        }),
+    )
+    .await;
+    send(
+        &stack,
+        Event::OrderPlaced(schemas::OrderPlaced {
+            order_id: id,
+            customer_id: Uuid::new_v4(),
+            items: vec![schemas::OrderItem {
+                sku: "A".into(),
+                quantity: 2,
+            }],
+            placed_at: 2,
+        }),
+    )
+    .await;
+    let answered = eventually(TIMEOUT, || async {
+        let events = events_of(&stack, schemas::INVENTORY_TOPIC, id).await;
+        Ok((events.len() >= 2).then_some(events))
+    })
+    .await
+    .unwrap();
+    assert_eq!(answered, ["StockReleased", "StockReservationRejected"]);
+    assert_eq!(stack.product("A").await["available"], 5);
+    stack.assert_stock_conserved(&[("A", 5)]).await;
+}
