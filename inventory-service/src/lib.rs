@@ -41,6 +41,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         subscribe: schemas::ORDERS_TOPIC,
         handler: consumer::OrderEvents,
         routes: |pool| http::routes(http::AppState { pool }),
+        background: Vec::new(),
     };
     let config = ServiceConfig {
         listen_addr: settings.listen_addr,

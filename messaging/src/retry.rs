@@ -39,7 +39,8 @@ pub fn parse_delays(text: &str) -> Result<Vec<Duration>, String> {
         })
 }
 
-fn parse_duration(text: &str) -> Result<Duration, String> {
+/// Parses one duration such as `500ms`, `30s` or `2m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text
         .find(|c: char| !c.is_ascii_digit())
         .map(|i| text.split_at(i))

@@ -22,7 +22,16 @@ pub struct ServiceSpec<H, R> {
     pub handler: H,
     /// Builds the service's API routes from its database pool.
     pub routes: R,
+    /// Background work started once the database is ready (for example the saga deadline
+    /// check); each runs until shutdown.
+    pub background: Vec<Background>,
 }
+
+/// A background job: given the pool and the shutdown signal, the future to run.
+pub type Background = Box<
+    dyn FnOnce(PgPool, Shutdown) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send,
+>;
 
 /// Settings every service has with the same defaults; each service's own settings struct
 /// flattens this in next to its address and database.
@@ -106,6 +115,11 @@ where
         _ = kafka::ensure_topics_with_retry(&config.common.kafka_bootstrap_servers, &topics, config.common.topic_partitions) => {}
         _ = shutdown.wait() => {}
     }
+    let background: Vec<_> = spec
+        .background
+        .into_iter()
+        .map(|job| tokio::spawn(job(pool.clone(), shutdown.clone())))
+        .collect();
     let consumer = tokio::spawn(consumer::run(
         ConsumerSettings {
             bootstrap_servers: config.common.kafka_bootstrap_servers.clone(),
@@ -120,6 +134,9 @@ where
     readiness.set_ready();
     tracing::info!("{name} ready");
     consumer.await.context("consumer task")??;
+    for job in background {
+        job.await.context("background task")?;
+    }
     server.await.context("server task")??;
     pool.close().await;
     tracing::info!("{name} stopped");

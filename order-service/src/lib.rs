@@ -2,6 +2,7 @@
 //! one transaction) and reacts to inventory events to confirm or reject them.
 
 pub mod consumer;
+pub mod deadline;
 pub mod domain;
 pub mod http;
 pub mod store;
@@ -29,6 +30,9 @@ pub struct Settings {
         default_value = "postgres://postgres@127.0.0.1:5432/orders"
     )]
     pub database_url: String,
+    /// An order still PENDING this long after it was placed is cancelled (DEADLINE_EXCEEDED).
+    #[arg(long, env = "SAGA_DEADLINE", default_value = "30s", value_parser = messaging::retry::parse_duration)]
+    pub saga_deadline: std::time::Duration,
     #[command(flatten)]
     pub common: CommonSettings,
 }
@@ -42,6 +46,9 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         subscribe: schemas::INVENTORY_TOPIC,
         handler: consumer::InventoryEvents,
         routes: |pool| http::routes(http::AppState { pool }),
+        background: vec![Box::new(move |pool, shutdown| {
+            Box::pin(deadline::run(pool, settings.saga_deadline, shutdown))
+        })],
     };
     let config = ServiceConfig {
         listen_addr: settings.listen_addr,

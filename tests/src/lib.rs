@@ -189,6 +189,8 @@ pub struct StackOptions {
     pub inventory_db_proxy: bool,
     /// `--retry-delays` of both services (their default when `None`).
     pub retry_delays: Option<String>,
+    /// order-service's `--saga-deadline` (its default when `None`).
+    pub saga_deadline: Option<String>,
 }
 
 impl Default for StackOptions {
@@ -198,6 +200,7 @@ impl Default for StackOptions {
             relay_batch_size: 500,
             inventory_db_proxy: false,
             retry_delays: None,
+            saga_deadline: None,
         }
     }
 }
@@ -261,10 +264,14 @@ impl Stack {
             ]);
             args
         };
+        let mut order_args = service_args(order_port, &postgres_url(), &orders_db);
+        if let Some(deadline) = &options.saga_deadline {
+            order_args.extend(["--saga-deadline".to_owned(), deadline.clone()]);
+        }
         let order_service = Proc::spawn(
             "order-service",
             &binary("order-service"),
-            &service_args(order_port, &postgres_url(), &orders_db),
+            &order_args,
             &log_dir,
         );
         let inventory_service = Proc::spawn(

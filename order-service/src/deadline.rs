@@ -1,0 +1,72 @@
+//! The saga deadline: an order still PENDING after the deadline is cancelled with reason
+//! DEADLINE_EXCEEDED, exactly as a customer cancel would (OrderCancelled, then inventory releases
+//! whatever it reserved). The deadline is data, not a timer: a periodic query finds overdue
+//! orders by `created_at`, so it survives restarts. Overdue rows are taken `FOR UPDATE SKIP
+//! LOCKED` and re-decided by the state machine, so several order-service instances never cancel
+//! one order twice.
+
+use std::time::Duration;
+
+use messaging::outbox::Cause;
+use messaging::shutdown::Shutdown;
+use schemas::CancelReason;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::domain::{Input, OrderStatus};
+use crate::transition::{self, Applied};
+
+/// Most orders cancelled per check (one transaction).
+const BATCH: i64 = 100;
+
+/// Checks for overdue orders every `deadline / 10` (between 100 ms and 1 s) until shutdown.
+pub async fn run(pool: PgPool, deadline: Duration, shutdown: Shutdown) {
+    let every = (deadline / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
+    tracing::info!(?deadline, ?every, "saga deadline check started");
+    while shutdown.sleep(every).await.is_ok() {
+        loop {
+            match cancel_overdue(&pool, deadline).await {
+                Ok(n) if n as i64 == BATCH => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "saga deadline check failed; trying again later");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Cancels (DEADLINE_EXCEEDED) up to [`BATCH`] orders PENDING for longer than `deadline`;
+/// returns how many.
+pub async fn cancel_overdue(pool: &PgPool, deadline: Duration) -> sqlx::Result<usize> {
+    let mut tx = pool.begin().await?;
+    let overdue: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT order_id FROM orders WHERE status = $1 AND created_at < now() - make_interval(secs => $2) \
+         ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(OrderStatus::Pending.as_str())
+    .bind(deadline.as_secs_f64())
+    .bind(BATCH)
+    .fetch_all(&mut *tx)
+    .await?;
+    let input = Input::CancelRequested {
+        reason: CancelReason::DeadlineExceeded,
+    };
+    let mut cancelled = 0;
+    for order_id in &overdue {
+        let cause = Cause {
+            traceparent: Some(messaging::trace_context::new_root()),
+            ..Cause::default()
+        };
+        if let Ok(Applied::Changed { .. }) =
+            transition::apply(&mut tx, *order_id, OrderStatus::Pending, &input, &cause).await?
+        {
+            cancelled += 1;
+            metrics::counter!("saga_deadline_cancellations_total").increment(1);
+            tracing::info!(%order_id, ?deadline, "order still PENDING after the saga deadline; cancelling it");
+        }
+    }
+    tx.commit().await?;
+    Ok(cancelled)
+}
