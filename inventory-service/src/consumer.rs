@@ -2,7 +2,7 @@
 //! answers StockReserved or StockReservationRejected; OrderConfirmed sells the reserved stock.
 //! Each runs in the consumer runtime's transaction (inbox claim + stock change + outbox row).
 
-use messaging::consumer::Handler;
+use messaging::consumer::{AfterCommit, Handler};
 use messaging::outbox;
 use messaging::{Envelope, HandlerError};
 use schemas::{
@@ -24,7 +24,7 @@ impl Handler for OrderEvents {
         &self,
         conn: &mut PgConnection,
         envelope: &Envelope,
-    ) -> Result<(), HandlerError> {
+    ) -> Result<AfterCommit, HandlerError> {
         match &envelope.event {
             Event::OrderPlaced(placed) => reserve(conn, placed, envelope).await,
             Event::OrderConfirmed(e) => {
@@ -33,7 +33,7 @@ impl Handler for OrderEvents {
             Event::OrderCancelled(e) => release(conn, e, envelope).await,
             other => {
                 tracing::debug!(event_type = other.event_type(), order_id = %other.order_id(), "nothing for inventory to do");
-                Ok(())
+                Ok(AfterCommit::none())
             }
         }
     }
@@ -47,11 +47,11 @@ async fn reserve(
     conn: &mut PgConnection,
     placed: &OrderPlaced,
     envelope: &Envelope,
-) -> Result<(), HandlerError> {
+) -> Result<AfterCommit, HandlerError> {
     let order_id = placed.order_id;
     if store::lock_reservation(conn, order_id).await?.is_some() {
         tracing::info!(%order_id, "order already has a reservation; OrderPlaced ignored");
-        return Ok(());
+        return Ok(AfterCommit::none());
     }
     if store::is_cancelled(conn, order_id).await? {
         tracing::info!(%order_id, "order was cancelled before its OrderPlaced arrived; nothing reserved");
@@ -62,7 +62,7 @@ async fn reserve(
             rejected_at: now_millis(),
         });
         outbox::append(conn, &event, &envelope.cause()).await?;
-        return Ok(());
+        return Ok(AfterCommit::none());
     }
     let items: Vec<(String, i64)> = placed
         .items
@@ -73,13 +73,12 @@ async fn reserve(
     skus.sort();
     skus.dedup();
     let stock = store::lock_stock(conn, &skus).await?;
-    let event = match domain::reserve(&items, &stock) {
+    let (event, outcome) = match domain::reserve(&items, &stock) {
         ReserveDecision::Reserve { lines, total_cents } => {
             let reservation_id =
                 store::insert_reservation(conn, order_id, &lines, total_cents).await?;
             tracing::info!(%order_id, %reservation_id, total_cents, "stock reserved");
-            metrics::counter!("inventory_reservations_total", "outcome" => "reserved").increment(1);
-            Event::StockReserved(StockReserved {
+            let event = Event::StockReserved(StockReserved {
                 order_id,
                 reservation_id,
                 lines: lines
@@ -92,12 +91,12 @@ async fn reserve(
                     .collect(),
                 total_cents,
                 reserved_at: now_millis(),
-            })
+            });
+            (event, "reserved")
         }
         ReserveDecision::Reject { shortages, reason } => {
             tracing::info!(%order_id, %reason, "reservation rejected");
-            metrics::counter!("inventory_reservations_total", "outcome" => "rejected").increment(1);
-            Event::StockReservationRejected(StockReservationRejected {
+            let event = Event::StockReservationRejected(StockReservationRejected {
                 order_id,
                 reason,
                 shortages: shortages
@@ -109,11 +108,14 @@ async fn reserve(
                     })
                     .collect(),
                 rejected_at: now_millis(),
-            })
+            });
+            (event, "rejected")
         }
     };
     outbox::append(conn, &event, &envelope.cause()).await?;
-    Ok(())
+    Ok(AfterCommit::none().then(move || {
+        metrics::counter!("inventory_reservations_total", "outcome" => outcome).increment(1);
+    }))
 }
 
 /// OrderCancelled: releases the order's reservation if it holds one (RESERVED or COMMITTED: the
@@ -124,8 +126,9 @@ async fn release(
     conn: &mut PgConnection,
     cancelled: &OrderCancelled,
     envelope: &Envelope,
-) -> Result<(), HandlerError> {
+) -> Result<AfterCommit, HandlerError> {
     let order_id = cancelled.order_id;
+    let mut after_commit = AfterCommit::none();
     let reason = format!("order cancelled ({})", cancelled.reason);
     store::record_cancelled(conn, order_id, &reason).await?;
     let reservation_id = match store::lock_reservation(conn, order_id).await? {
@@ -146,8 +149,10 @@ async fn release(
                 }
                 ReservationDecision::Transition { to, stock } => {
                     store::move_reservation(conn, &reservation, to, stock).await?;
-                    metrics::counter!("inventory_releases_total", "from" => status.as_str())
-                        .increment(1);
+                    after_commit = after_commit.then(move || {
+                        metrics::counter!("inventory_releases_total", "from" => status.as_str())
+                            .increment(1);
+                    });
                     tracing::info!(%order_id, reservation_id = %reservation.reservation_id, from = %status, %to,
                         "reservation released: stock back to available");
                 }
@@ -162,14 +167,14 @@ async fn release(
         released_at: now_millis(),
     });
     outbox::append(conn, &event, &envelope.cause()).await?;
-    Ok(())
+    Ok(after_commit)
 }
 
 async fn move_reservation(
     conn: &mut PgConnection,
     order_id: Uuid,
     input: ReservationInput,
-) -> Result<(), HandlerError> {
+) -> Result<AfterCommit, HandlerError> {
     let Some(reservation) = store::lock_reservation(conn, order_id).await? else {
         // Not yet: the retry topics give the reservation time to appear.
         return Err(HandlerError::Retryable(format!(
@@ -189,5 +194,5 @@ async fn move_reservation(
             tracing::info!(%order_id, reservation_id = %reservation.reservation_id, from = %status, %to, "reservation moved");
         }
     }
-    Ok(())
+    Ok(AfterCommit::none())
 }

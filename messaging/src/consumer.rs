@@ -68,13 +68,40 @@ impl From<sqlx::Error> for HandlerError {
 }
 
 /// A service's reaction to the messages of its subscribed topics. `handle` runs inside the
-/// transaction that also holds the inbox claim; it must do all its writes through `conn`.
+/// transaction that also holds the inbox claim; it must do all its writes through `conn`. What it
+/// returns runs only once that transaction has committed.
 pub trait Handler: Send + Sync + 'static {
     fn handle(
         &self,
         conn: &mut PgConnection,
         envelope: &Envelope,
-    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+    ) -> impl Future<Output = Result<AfterCommit, HandlerError>> + Send;
+}
+
+/// What a handler leaves to do once its transaction has committed, such as counting what it
+/// changed: an attempt that rolls back (and is retried) must count nothing.
+#[derive(Default)]
+#[must_use = "run it after the transaction commits"]
+pub struct AfterCommit(Vec<Box<dyn FnOnce() + Send>>);
+
+impl AfterCommit {
+    /// Nothing to do.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Adds `action` to what runs after the commit.
+    pub fn then(mut self, action: impl FnOnce() + Send + 'static) -> Self {
+        self.0.push(Box::new(action));
+        self
+    }
+
+    /// Runs every action, in the order added. Call it after the commit succeeded.
+    pub fn run(self) {
+        for action in self.0 {
+            action();
+        }
+    }
 }
 
 /// Where and how a consumer group runs.
@@ -348,8 +375,9 @@ impl<H: Handler> Worker<H> {
             tx.rollback().await?;
             return Ok(Outcome::Duplicate);
         }
-        self.handler.handle(&mut tx, envelope).await?;
+        let after_commit = self.handler.handle(&mut tx, envelope).await?;
         tx.commit().await?;
+        after_commit.run();
         Ok(Outcome::Applied)
     }
 
@@ -444,9 +472,10 @@ impl<H: Handler> Worker<H> {
             return Ok(Drain::Continue);
         }
         match self.handler.handle(&mut tx, &envelope).await {
-            Ok(()) => {
+            Ok(after_commit) => {
                 parking::remove_message(&mut tx, id).await?;
                 tx.commit().await?;
+                after_commit.run();
                 self.count("consumer_messages_processed_total", &delivery, event_type);
                 tracing::info!(message_id = %envelope.message_id, event_type, %key, "parked message applied");
                 Ok(Drain::Continue)

@@ -2,7 +2,7 @@
 //! StockReservationRejected rejects it, StockReleased finishes a cancellation. Each runs in the
 //! consumer runtime's transaction (inbox claim + order change + outbox row).
 
-use messaging::consumer::Handler;
+use messaging::consumer::{AfterCommit, Handler};
 use messaging::{Envelope, HandlerError};
 use schemas::Event;
 use sqlx::PgConnection;
@@ -21,7 +21,7 @@ impl Handler for InventoryEvents {
         &self,
         conn: &mut PgConnection,
         envelope: &Envelope,
-    ) -> Result<(), HandlerError> {
+    ) -> Result<AfterCommit, HandlerError> {
         let (order_id, input) = match &envelope.event {
             Event::StockReserved(e) => (
                 e.order_id,
@@ -35,13 +35,18 @@ impl Handler for InventoryEvents {
                     reason: e.reason.clone(),
                 },
             ),
-            Event::StockReleased(e) => (e.order_id, Input::StockReleased),
+            Event::StockReleased(e) => (
+                e.order_id,
+                Input::StockReleased {
+                    released_stock: !e.reservation_id.is_nil(),
+                },
+            ),
             other => {
                 tracing::debug!(
                     event_type = other.event_type(),
                     "not for the order service; ignored"
                 );
-                return Ok(());
+                return Ok(AfterCommit::none());
             }
         };
         apply(conn, order_id, input, envelope).await
@@ -53,7 +58,7 @@ async fn apply(
     order_id: Uuid,
     input: Input,
     envelope: &Envelope,
-) -> Result<(), HandlerError> {
+) -> Result<AfterCommit, HandlerError> {
     let Some(status) = store::lock_status(conn, order_id).await? else {
         // Not yet: the retry topics give it time; after the last retry it is dead-lettered.
         return Err(HandlerError::Retryable(format!(
@@ -62,10 +67,10 @@ async fn apply(
         )));
     };
     match transition::apply(conn, order_id, status, &input, &envelope.cause()).await? {
-        Ok(Applied::Changed { .. }) => Ok(()),
+        Ok(Applied::Changed { saga, .. }) => Ok(AfterCommit::none().then(|| saga.record())),
         Ok(Applied::Ignored(why)) => {
             tracing::info!(%order_id, %status, event_type = envelope.event.event_type(), why, "event ignored");
-            Ok(())
+            Ok(AfterCommit::none())
         }
         Err(invalid) => Err(HandlerError::Permanent(invalid.to_string())),
     }

@@ -53,20 +53,23 @@ pub async fn cancel_overdue(pool: &PgPool, deadline: Duration) -> sqlx::Result<u
     let input = Input::CancelRequested {
         reason: CancelReason::DeadlineExceeded,
     };
-    let mut cancelled = 0;
+    let mut cancelled = Vec::new();
     for order_id in &overdue {
         let cause = Cause {
             traceparent: Some(messaging::trace_context::new_root()),
             ..Cause::default()
         };
-        if let Ok(Applied::Changed { .. }) =
+        if let Ok(Applied::Changed { saga, .. }) =
             transition::apply(&mut tx, *order_id, OrderStatus::Pending, &input, &cause).await?
         {
-            cancelled += 1;
-            metrics::counter!("saga_deadline_cancellations_total").increment(1);
-            tracing::info!(%order_id, ?deadline, "order still PENDING after the saga deadline; cancelling it");
+            cancelled.push((order_id, saga));
         }
     }
     tx.commit().await?;
-    Ok(cancelled)
+    let n = cancelled.len();
+    for (order_id, saga) in cancelled {
+        saga.record();
+        tracing::info!(%order_id, ?deadline, "order still PENDING after the saga deadline; cancelled it");
+    }
+    Ok(n)
 }

@@ -76,8 +76,9 @@ pub enum Input {
     StockRejected { reason: String },
     /// The customer or the saga deadline asked to cancel.
     CancelRequested { reason: CancelReason },
-    /// Inventory released the order's stock, or confirmed it held none (StockReleased).
-    StockReleased,
+    /// Inventory released the order's stock (`released_stock`: it had reserved or sold some), or
+    /// confirmed it held none (StockReleased).
+    StockReleased { released_stock: bool },
 }
 
 /// The event an order emits on a transition.
@@ -109,7 +110,7 @@ impl Input {
             Input::StockReserved { .. } => "StockReserved",
             Input::StockRejected { .. } => "StockReservationRejected",
             Input::CancelRequested { .. } => "a cancel request",
-            Input::StockReleased => "StockReleased",
+            Input::StockReleased { .. } => "StockReleased",
         }
     }
 }
@@ -134,7 +135,7 @@ pub fn decide(status: OrderStatus, input: &Input) -> Result<Decision, InvalidTra
         (Pending | Confirmed, Input::CancelRequested { reason }) => {
             to(Cancelling, Some(Emit::OrderCancelled { reason: *reason }))
         }
-        (Cancelling, Input::StockReleased) => to(Cancelled, None),
+        (Cancelling, Input::StockReleased { .. }) => to(Cancelled, None),
         (Confirmed, Input::StockReserved { .. }) => Ok(Decision::Ignore(
             "already confirmed by an earlier reservation",
         )),
@@ -147,7 +148,10 @@ pub fn decide(status: OrderStatus, input: &Input) -> Result<Decision, InvalidTra
         (Cancelling | Cancelled, Input::CancelRequested { .. }) => {
             Ok(Decision::Ignore("already being cancelled"))
         }
-        (Cancelled, Input::StockReleased) => Ok(Decision::Ignore("already cancelled")),
+        (Cancelled, Input::StockReleased { .. }) => Ok(Decision::Ignore("already cancelled")),
+        (Cancelled, Input::StockRejected { .. }) => Ok(Decision::Ignore(
+            "already cancelled; inventory reserved nothing (its OrderPlaced came after the cancellation)",
+        )),
         (status, input) => Err(InvalidTransition {
             status,
             input: input.name(),
@@ -169,7 +173,9 @@ mod tests {
             Input::CancelRequested {
                 reason: CancelReason::CustomerRequest,
             },
-            Input::StockReleased,
+            Input::StockReleased {
+                released_stock: true,
+            },
         ]
     }
 
@@ -181,7 +187,7 @@ mod tests {
             (Pending, 2) | (Confirmed, 2) => "CANCELLING+OrderCancelled",
             (Cancelling, 3) => "CANCELLED",
             (Confirmed, 0) | (Rejected, 1) | (Cancelling, 0) | (Cancelling, 1) => "ignore",
-            (Cancelling, 2) | (Cancelled, 2) | (Cancelled, 3) => "ignore",
+            (Cancelling, 2) | (Cancelled, 1) | (Cancelled, 2) | (Cancelled, 3) => "ignore",
             _ => "invalid",
         }
     }

@@ -119,7 +119,7 @@ async fn place_order(
         store::remember(&mut tx, key, &normalized, &view).await?;
     }
     tx.commit().await?;
-    metrics::counter!("orders_placed_total").increment(1);
+    metrics::counter!("saga_started_total").increment(1);
     tracing::info!(order_id = %view.order_id, customer_id = %view.customer_id, items = view.items.len(), "order placed");
     Ok(created(view))
 }
@@ -176,12 +176,16 @@ async fn cancel_order(
     let input = Input::CancelRequested {
         reason: CancelReason::CustomerRequest,
     };
-    let code = match transition::apply(&mut tx, order_id, status, &input, &cause).await? {
-        Ok(Applied::Changed { .. }) => StatusCode::ACCEPTED,
-        Ok(Applied::Ignored(_)) => StatusCode::OK,
+    let (code, saga) = match transition::apply(&mut tx, order_id, status, &input, &cause).await? {
+        Ok(Applied::Changed { saga, .. }) => (StatusCode::ACCEPTED, Some(saga)),
+        Ok(Applied::Ignored(_)) => (StatusCode::OK, None),
         Err(invalid) => return Err(Problem::new(StatusCode::CONFLICT, invalid.to_string())),
     };
     tx.commit().await?;
+    if let Some(saga) = saga {
+        saga.record();
+        tracing::info!(%order_id, from = %status, "cancelled by the customer");
+    }
     let view = store::view(&state.pool, order_id)
         .await?
         .ok_or_else(|| Problem::not_found(format!("no order {order_id}")))?;

@@ -145,25 +145,32 @@ pub struct Change {
     pub reason: Option<String>,
 }
 
+/// When a status change happened, and when its order was placed.
+#[derive(Debug, Clone, Copy)]
+pub struct Changed {
+    pub at: DateTime<Utc>,
+    pub placed_at: DateTime<Utc>,
+}
+
 /// Moves the order (locked by [`lock_status`]) to `status` in the write and read models, appending
-/// the status to the view's history. Returns the time of the change.
+/// the status to the view's history.
 pub async fn set_status(
     conn: &mut PgConnection,
     order_id: Uuid,
     status: OrderStatus,
     change: &Change,
-) -> sqlx::Result<DateTime<Utc>> {
+) -> sqlx::Result<Changed> {
     let now = DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).unwrap_or_default();
-    sqlx::query(
+    let placed_at: DateTime<Utc> = sqlx::query_scalar(
         "UPDATE orders SET status = $2, total_cents = COALESCE($3, total_cents), \
-         reason = COALESCE($4, reason), updated_at = $5 WHERE order_id = $1",
+         reason = COALESCE($4, reason), updated_at = $5 WHERE order_id = $1 RETURNING created_at",
     )
     .bind(order_id)
     .bind(status.as_str())
     .bind(change.total_cents)
     .bind(change.reason.as_deref())
     .bind(now)
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
     let entry = HistoryEntry {
         status: status.as_str().to_owned(),
@@ -181,7 +188,7 @@ pub async fn set_status(
     .bind(Json(vec![entry]))
     .execute(conn)
     .await?;
-    Ok(now)
+    Ok(Changed { at: now, placed_at })
 }
 
 const VIEW_COLUMNS: &str =

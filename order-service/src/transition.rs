@@ -2,8 +2,10 @@
 //! models and the event it emits, in the caller's transaction. Shared by the consumer (events
 //! from inventory) and the HTTP API (cancel).
 
+use std::time::Duration;
+
 use messaging::outbox::{self, Cause};
-use schemas::{Event, OrderCancelled, OrderConfirmed, OrderRejected};
+use schemas::{CancelReason, Event, OrderCancelled, OrderConfirmed, OrderRejected};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -11,9 +13,14 @@ use crate::domain::{self, Decision, Emit, Input, InvalidTransition, OrderStatus}
 use crate::store::{self, Change};
 
 /// What applying an input to an order came to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Applied {
-    Changed { from: OrderStatus, to: OrderStatus },
+    /// The order moved; `saga` is what to count once the transaction has committed.
+    Changed {
+        from: OrderStatus,
+        to: OrderStatus,
+        saga: SagaMetrics,
+    },
     Ignored(&'static str),
 }
 
@@ -46,9 +53,8 @@ pub async fn apply(
         },
         None => Change::default(),
     };
-    let at = store::set_status(conn, order_id, to, &change)
-        .await?
-        .timestamp_millis();
+    let changed = store::set_status(conn, order_id, to, &change).await?;
+    let at = changed.at.timestamp_millis();
     let event = emit.map(|emit| match emit {
         Emit::OrderConfirmed { total_cents } => Event::OrderConfirmed(OrderConfirmed {
             order_id,
@@ -70,6 +76,78 @@ pub async fn apply(
         outbox::append(conn, &event, cause).await?;
     }
     tracing::info!(%order_id, from = %status, %to, "order status changed");
-    metrics::counter!("orders_status_changes_total", "to" => to.as_str()).increment(1);
-    Ok(Ok(Applied::Changed { from: status, to }))
+    let saga = SagaMetrics::of(status, to, input, changed);
+    Ok(Ok(Applied::Changed {
+        from: status,
+        to,
+        saga,
+    }))
+}
+
+/// The metrics of one status change, recorded by [`SagaMetrics::record`] after the commit.
+///
+/// A saga completes when its order reaches CONFIRMED, REJECTED or CANCELLED (a confirmed order
+/// that is cancelled later completes again, as cancelled: the compensation is a second saga run);
+/// it fails when inventory rejects it (`stock_unavailable`) or its deadline passes
+/// (`deadline_exceeded`); a compensation is counted when a CANCELLING order whose stock inventory
+/// had reserved or sold gets it back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SagaMetrics {
+    to: OrderStatus,
+    outcome: Option<&'static str>,
+    failed: Option<&'static str>,
+    compensated: bool,
+    duration: Duration,
+}
+
+impl SagaMetrics {
+    fn of(from: OrderStatus, to: OrderStatus, input: &Input, changed: store::Changed) -> Self {
+        let outcome = match to {
+            OrderStatus::Confirmed => Some("confirmed"),
+            OrderStatus::Rejected => Some("rejected"),
+            OrderStatus::Cancelled => Some("cancelled"),
+            OrderStatus::Pending | OrderStatus::Cancelling => None,
+        };
+        let failed = match (to, input) {
+            (OrderStatus::Rejected, _) => Some("stock_unavailable"),
+            (
+                OrderStatus::Cancelling,
+                Input::CancelRequested {
+                    reason: CancelReason::DeadlineExceeded,
+                },
+            ) => Some("deadline_exceeded"),
+            _ => None,
+        };
+        let compensated = from == OrderStatus::Cancelling
+            && matches!(
+                input,
+                Input::StockReleased {
+                    released_stock: true
+                }
+            );
+        Self {
+            to,
+            outcome,
+            failed,
+            compensated,
+            duration: (changed.at - changed.placed_at)
+                .to_std()
+                .unwrap_or_default(),
+        }
+    }
+
+    pub fn record(self) {
+        metrics::counter!("orders_status_changes_total", "to" => self.to.as_str()).increment(1);
+        if let Some(reason) = self.failed {
+            metrics::counter!("saga_failed_total", "reason" => reason).increment(1);
+        }
+        if self.compensated {
+            metrics::counter!("saga_compensations_total").increment(1);
+        }
+        if let Some(outcome) = self.outcome {
+            metrics::counter!("saga_completed_total", "outcome" => outcome).increment(1);
+            metrics::histogram!("saga_duration_seconds", "outcome" => outcome)
+                .record(self.duration.as_secs_f64());
+        }
+    }
 }

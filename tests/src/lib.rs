@@ -216,6 +216,7 @@ pub struct Stack {
     pub relay_metrics_url: String,
     pub order_service: Proc,
     pub inventory_service: Proc,
+    inventory_args: Vec<String>,
     pub relay: Option<Proc>,
     /// The inventory database's proxy, when [`StackOptions::inventory_db_proxy`] asked for one.
     pub inventory_proxy: Option<proxy::Proxy>,
@@ -274,10 +275,11 @@ impl Stack {
             &order_args,
             &log_dir,
         );
+        let inventory_args = service_args(inventory_port, &inventory_pg, &inventory_db);
         let inventory_service = Proc::spawn(
             "inventory-service",
             &binary("inventory-service"),
-            &service_args(inventory_port, &inventory_pg, &inventory_db),
+            &inventory_args,
             &log_dir,
         );
         let mut stack = Stack {
@@ -289,6 +291,7 @@ impl Stack {
             relay_metrics_url: format!("http://127.0.0.1:{relay_port}"),
             order_service,
             inventory_service,
+            inventory_args,
             relay: None,
             inventory_proxy,
             http: reqwest::Client::new(),
@@ -301,6 +304,20 @@ impl Stack {
             stack.start_relay().await;
         }
         stack
+    }
+
+    /// `kill -9` inventory-service, wait `down`, start it again and wait until it is ready.
+    pub async fn restart_inventory(&mut self, down: Duration) {
+        self.inventory_service.kill9();
+        tokio::time::sleep(down).await;
+        self.inventory_service = Proc::spawn(
+            "inventory-service",
+            &binary("inventory-service"),
+            &self.inventory_args,
+            &self.log_dir,
+        );
+        let url = self.inventory_url.clone();
+        self.wait_ready(&url).await;
     }
 
     pub async fn start_relay(&mut self) {
@@ -435,19 +452,20 @@ impl Stack {
             .fetch_all(&pool)
             .await
             .expect("statuses");
-            let done: HashMap<Uuid, String> = rows
+            let (done, waiting): (Vec<_>, Vec<_>) = rows
                 .into_iter()
-                .filter(|(_, s)| statuses.contains(&s.as_str()))
-                .collect();
+                .partition(|(_, s)| statuses.contains(&s.as_str()));
+            let done: HashMap<Uuid, String> = done.into_iter().collect();
             if done.len() == ids.len() {
                 pool.close().await;
                 return done;
             }
             assert!(
                 Instant::now() < deadline,
-                "{} of {} orders reached {statuses:?} within {timeout:?}; logs in {}",
+                "{} of {} orders reached {statuses:?} within {timeout:?} (still waiting: {:?}); logs in {}",
                 done.len(),
                 ids.len(),
+                &waiting[..waiting.len().min(5)],
                 self.log_dir.display()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -180,3 +180,40 @@ async fn an_order_placed_after_inventory_saw_its_cancellation_reserves_nothing()
     assert_eq!(stack.product("A").await["available"], 5);
     stack.assert_stock_conserved(&[("A", 5)]).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reservation_that_arrives_after_the_order_went_cancelling_is_released() {
+    // No relay yet: the customer cancels while the OrderPlaced has not reached inventory.
+    let mut stack = e2e::Stack::start_with(
+        "reserved_after_cancelling",
+        e2e::StackOptions {
+            relay: false,
+            ..e2e::StackOptions::default()
+        },
+    )
+    .await;
+    stack.put_product("A", 100, 10).await;
+    let id = stack.place_order(&[("A", 2)]).await;
+    let (status, _) = cancel(&stack, id).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    // Inventory reserves (StockReserved reaches a CANCELLING order and is ignored), then
+    // releases on OrderCancelled; the order ends CANCELLED.
+    stack.start_relay().await;
+    stack
+        .wait_for_statuses(&[id], &["CANCELLED"], TIMEOUT)
+        .await;
+    assert_eq!(
+        events_of(&stack, schemas::INVENTORY_TOPIC, id).await,
+        ["StockReserved", "StockReleased"]
+    );
+    assert_eq!(
+        history(&stack.order(id).await),
+        ["PENDING", "CANCELLING", "CANCELLED"]
+    );
+    eventually(TIMEOUT, || async {
+        Ok((stack.product("A").await["available"] == 10).then_some(()))
+    })
+    .await
+    .expect("stock back");
+    stack.assert_stock_conserved(&[("A", 10)]).await;
+}
