@@ -41,7 +41,8 @@ wait_ready() {  # name, url
 if port_open 127.0.0.1 9092 && [ ! -f "$RUN_DIR/pids/broker.pid" ]; then
     say "a broker already listens on $BROKER; using it"
 else
-    start broker "$TANSU_BIN" broker --listener-url "tcp://$BROKER" --advertised-listener-url "tcp://$BROKER" \
+    # Tansu logs every request's spans at info; warn keeps its log readable.
+    RUST_LOG="${BROKER_LOG:-warn}" start broker "$TANSU_BIN" broker --listener-url "tcp://$BROKER" --advertised-listener-url "tcp://$BROKER" \
         --storage-engine memory://tansu/
     for _ in $(seq 1 60); do port_open 127.0.0.1 9092 && break; sleep 0.5; done
 fi

@@ -34,7 +34,10 @@ use anyhow::Context;
 use chrono::Utc;
 use metrics::{counter, histogram};
 use rand::Rng;
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::ClientContext;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::producer::FutureProducer;
 use sqlx::{PgConnection, PgPool};
 
@@ -116,12 +119,44 @@ pub struct ConsumerSettings {
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
+type GroupConsumer = StreamConsumer<GroupContext>;
+
+/// Logs what the group coordinator gives and takes, so an idle consumer says why.
+struct GroupContext {
+    group: String,
+    topics: Vec<String>,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let describe = |list: &rdkafka::TopicPartitionList| {
+            list.elements()
+                .iter()
+                .map(|e| format!("{}[{}]", e.topic(), e.partition()))
+                .collect::<Vec<_>>()
+        };
+        match rebalance {
+            Rebalance::Assign(list) => {
+                tracing::info!(group = %self.group, partitions = ?describe(list), "partitions assigned")
+            }
+            Rebalance::Revoke(list) => {
+                tracing::info!(group = %self.group, partitions = ?describe(list), "partitions revoked")
+            }
+            Rebalance::Error(e) => {
+                tracing::warn!(group = %self.group, error = %e, "group rebalance failed")
+            }
+        }
+    }
+}
+
 fn stream_consumer(
     bootstrap: &str,
     group_id: &str,
     topics: &[&str],
-) -> anyhow::Result<StreamConsumer> {
-    let consumer: StreamConsumer = kafka::client_config(bootstrap)
+) -> anyhow::Result<GroupConsumer> {
+    let consumer: GroupConsumer = kafka::client_config(bootstrap)
         .set("group.id", group_id)
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "500")
@@ -134,7 +169,10 @@ fn stream_consumer(
         .set("fetch.wait.max.ms", "50")
         // A transient outage or a retry delay is waited out inside one record; stay in the group.
         .set("max.poll.interval.ms", "86400000")
-        .create()
+        .create_with_context(GroupContext {
+            group: group_id.to_owned(),
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+        })
         .context("creating Kafka consumer")?;
     consumer
         .subscribe(topics)
@@ -175,8 +213,7 @@ pub async fn run<H: Handler>(
             Stage::Retry,
         )));
     }
-    tracing::info!(group = %settings.group, topics = ?settings.topics, retry_delays = ?settings.retry_delays,
-        "consumer started");
+    tracing::info!(group = %settings.group, topics = ?settings.topics, retry_delays = ?settings.retry_delays, "consumer started");
     for task in tasks {
         task.await.context("consumer task")?;
     }
@@ -192,10 +229,18 @@ enum Stage {
     Retry,
 }
 
-async fn consume<H: Handler>(worker: Arc<Worker<H>>, consumer: StreamConsumer, stage: Stage) {
+async fn consume<H: Handler>(worker: Arc<Worker<H>>, consumer: GroupConsumer, stage: Stage) {
+    let consumer = Arc::new(consumer);
+    let mut check = tokio::time::interval(ASSIGNMENT_CHECK_EVERY);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut unassigned_checks = 0;
     loop {
         let message = tokio::select! {
             _ = worker.shutdown.wait() => break,
+            _ = check.tick() => {
+                unassigned_checks = check_assignment(&consumer, unassigned_checks).await;
+                continue;
+            }
             message = consumer.recv() => message,
         };
         let message = match message {
@@ -219,6 +264,65 @@ async fn consume<H: Handler>(worker: Arc<Worker<H>>, consumer: StreamConsumer, s
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(error = %e, "final offset commit");
     }
+}
+
+const ASSIGNMENT_CHECK_EVERY: Duration = Duration::from_secs(5);
+/// Checks in a row without partitions before a lone member rejoins its group.
+const UNASSIGNED_CHECKS_BEFORE_REJOIN: u32 = 3;
+
+/// A watchdog for a broker bug. Tansu 0.6 (the local broker) can leave a group whose leader
+/// crashed (`kill -9`, no LeaveGroup) with its one live member assigned nothing, for good: the
+/// member heartbeats without error and reads nothing. A consumer that has had no partitions for
+/// [`UNASSIGNED_CHECKS_BEFORE_REJOIN`] checks in a row while the coordinator lists at most one
+/// member (itself) leaves the group and subscribes again; as the only member it then becomes the
+/// leader and takes every partition. On Apache Kafka a lone member always gets every partition,
+/// and with more members the check does nothing, so this never fires there. Returns the new count
+/// of checks without partitions.
+async fn check_assignment(consumer: &Arc<GroupConsumer>, unassigned_checks: u32) -> u32 {
+    let assigned = consumer.assignment().map_or(0, |a| a.count());
+    if assigned > 0 {
+        return 0;
+    }
+    let unassigned_checks = unassigned_checks + 1;
+    if unassigned_checks < UNASSIGNED_CHECKS_BEFORE_REJOIN {
+        return unassigned_checks;
+    }
+    let group = consumer.context().group.clone();
+    let describe = {
+        let consumer = consumer.clone();
+        let group = group.clone();
+        tokio::task::spawn_blocking(move || {
+            consumer
+                .fetch_group_list(Some(&group), Duration::from_secs(5))
+                .map(|list| list.groups().first().map_or(0, |g| g.members().len()))
+        })
+    };
+    let members = match describe.await {
+        Ok(Ok(members)) => members,
+        Ok(Err(e)) => {
+            tracing::debug!(%group, error = %e, "could not describe the group");
+            return unassigned_checks;
+        }
+        Err(_) => return unassigned_checks,
+    };
+    if members > 1 {
+        return unassigned_checks;
+    }
+    tracing::warn!(%group, members, checks = unassigned_checks, every = ?ASSIGNMENT_CHECK_EVERY,
+        "this consumer is its group's only member but has had no partitions for several checks \
+         (the broker lost the group's assignment); leaving and rejoining the group");
+    consumer.unsubscribe();
+    let topics: Vec<&str> = consumer
+        .context()
+        .topics
+        .iter()
+        .map(String::as_str)
+        .collect();
+    if let Err(e) = consumer.subscribe(&topics) {
+        tracing::warn!(%group, error = %e, "could not subscribe again; retrying at the next check");
+        return unassigned_checks;
+    }
+    0
 }
 
 enum Processed {

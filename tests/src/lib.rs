@@ -82,7 +82,20 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Starts one of the project's processes, logging at `E2E_RUST_LOG` (default `info`).
     pub fn spawn(name: &str, program: &Path, args: &[String], log_dir: &Path) -> Proc {
+        let log_level = std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into());
+        Self::spawn_logging(name, program, args, log_dir, &log_level)
+    }
+
+    /// Starts `program` with `RUST_LOG=log_level`, its output appended to `<log_dir>/<name>.log`.
+    pub fn spawn_logging(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log_dir: &Path,
+        log_level: &str,
+    ) -> Proc {
         std::fs::create_dir_all(log_dir).expect("log dir");
         let log = File::options()
             .create(true)
@@ -91,10 +104,7 @@ impl Proc {
             .expect("log file");
         let child = Command::new(program)
             .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", log_level)
             .env_remove("DATABASE_URL")
             .env_remove("RELAY_SOURCES")
             .stdin(Stdio::null())
@@ -167,7 +177,9 @@ impl Broker {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let proc = Proc::spawn("broker", &tansu_binary(), &args, log_dir);
+        // Tansu logs every request's spans at info: millions of lines per test, and CPU with them.
+        let log_level = std::env::var("E2E_BROKER_LOG").unwrap_or_else(|_| "warn".into());
+        let proc = Proc::spawn_logging("broker", &tansu_binary(), &args, log_dir, &log_level);
         let bootstrap = format!("127.0.0.1:{port}");
         kafka::wait_for_broker(&bootstrap, Duration::from_secs(30))
             .await

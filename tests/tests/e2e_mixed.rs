@@ -1,0 +1,154 @@
+//! A mixed run: 200 concurrent orders, random customer cancels, a short saga deadline and an
+//! inventory-service crash in the middle. Every order ends terminal, stock is conserved, every
+//! compensation is applied exactly once, and the saga metrics agree with the final statuses.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use e2e::{Stack, StackOptions, eventually, kafka};
+use futures::StreamExt;
+use schemas::Event;
+use uuid::Uuid;
+
+const ORDERS: usize = 200;
+const STOCK: i64 = 150;
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_orders_with_cancels_deadlines_and_a_crash_all_end_terminal_and_consistent() {
+    let mut stack = Stack::start_with(
+        "mixed",
+        StackOptions {
+            saga_deadline: Some("1500ms".into()),
+            ..StackOptions::default()
+        },
+    )
+    .await;
+    stack.put_product("A", 100, STOCK).await;
+
+    // A fixed pseudo-random plan: a quarter cancelled at once, a quarter a little later.
+    let ids: Vec<Uuid> = futures::stream::iter(0..ORDERS)
+        .map(|i| {
+            let stack = &stack;
+            async move {
+                let id = stack.place_order(&[("A", 1)]).await;
+                let cancel_after = match (i * 7919) % 4 {
+                    0 => Some(Duration::ZERO),
+                    1 => Some(Duration::from_millis(300 + (i as u64 * 37) % 700)),
+                    _ => None,
+                };
+                if let Some(wait) = cancel_after {
+                    tokio::time::sleep(wait).await;
+                    let r = stack
+                        .http
+                        .post(format!("{}/orders/{id}/cancel", stack.order_url))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert!(
+                        [200, 202, 409].contains(&r.status().as_u16()),
+                        "cancel: {}",
+                        r.status()
+                    );
+                }
+                id
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    stack.restart_inventory(Duration::from_secs(1)).await;
+
+    let statuses = stack
+        .wait_for_statuses(&ids, &["CONFIRMED", "REJECTED", "CANCELLED"], TIMEOUT)
+        .await;
+    let count = |s: &str| statuses.values().filter(|v| *v == s).count();
+    let (confirmed, rejected, cancelled) =
+        (count("CONFIRMED"), count("REJECTED"), count("CANCELLED"));
+    println!("final: {confirmed} confirmed, {rejected} rejected, {cancelled} cancelled");
+    assert_eq!(confirmed + rejected + cancelled, ORDERS);
+
+    // Stock: conserved, nothing left reserved, sold = confirmed orders (one unit each).
+    eventually(TIMEOUT, || async {
+        let a = stack.product("A").await;
+        Ok((a["reserved"] == 0 && a["sold"] == confirmed as i64).then_some(()))
+    })
+    .await
+    .expect("stock settles");
+    stack.assert_stock_conserved(&[("A", STOCK)]).await;
+
+    // Every compensation exactly once: one StockReleased (distinct message) per cancelled order,
+    // none for the others; cancelled orders hold no stock.
+    let records = kafka::read_topic(&stack.broker.bootstrap, schemas::INVENTORY_TOPIC)
+        .await
+        .unwrap();
+    let mut released: HashMap<Uuid, HashSet<String>> = HashMap::new();
+    let mut compensations = HashSet::new();
+    for r in &records {
+        if let Ok(Event::StockReleased(e)) = r.event() {
+            let message_id = r.header("message-id").unwrap().to_owned();
+            if !e.reservation_id.is_nil() {
+                compensations.insert(message_id.clone());
+            }
+            released.entry(e.order_id).or_default().insert(message_id);
+        }
+    }
+    for (id, status) in &statuses {
+        let n = released.get(id).map_or(0, HashSet::len);
+        let expected = usize::from(status == "CANCELLED");
+        assert_eq!(n, expected, "StockReleased for {id} ({status})");
+    }
+    let inventory = stack.inventory_pool().await;
+    let held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM reservations WHERE order_id = ANY($1) AND status <> 'RELEASED'",
+    )
+    .bind(
+        ids.iter()
+            .filter(|id| statuses[*id] == "CANCELLED")
+            .copied()
+            .collect::<Vec<_>>(),
+    )
+    .fetch_one(&inventory)
+    .await
+    .unwrap();
+    assert_eq!(held, 0, "a cancelled order still holds stock");
+
+    // The saga metrics agree with the final statuses.
+    let orders_db = stack.orders_pool().await;
+    let confirmed_then_cancelled: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM order_status_view WHERE status = 'CANCELLED' \
+         AND history @> '[{\"status\": \"CONFIRMED\"}]'",
+    )
+    .fetch_one(&orders_db)
+    .await
+    .unwrap();
+    let metric = |name: &'static str, labels: &'static [(&'static str, &'static str)]| {
+        let stack = &stack;
+        async move { stack.metric(&stack.order_url, name, labels).await as i64 }
+    };
+    assert_eq!(metric("saga_started_total", &[]).await, ORDERS as i64);
+    assert_eq!(
+        metric("saga_completed_total", &[("outcome", "rejected")]).await,
+        rejected as i64
+    );
+    assert_eq!(
+        metric("saga_completed_total", &[("outcome", "cancelled")]).await,
+        cancelled as i64
+    );
+    assert_eq!(
+        metric("saga_completed_total", &[("outcome", "confirmed")]).await,
+        confirmed as i64 + confirmed_then_cancelled
+    );
+    assert_eq!(
+        metric("saga_compensations_total", &[]).await,
+        compensations.len() as i64
+    );
+    assert_eq!(
+        metric("saga_duration_seconds_count", &[]).await,
+        (confirmed + rejected + cancelled) as i64 + confirmed_then_cancelled
+    );
+    assert_eq!(
+        metric("saga_failed_total", &[("reason", "stock_unavailable")]).await,
+        rejected as i64
+    );
+}
