@@ -319,9 +319,21 @@ impl Stack {
     }
 
     /// `kill -9` inventory-service, wait `down`, start it again and wait until it is ready.
+    /// `kill -9` of the inventory service, down for `down`, then started again and ready.
     pub async fn restart_inventory(&mut self, down: Duration) {
-        self.inventory_service.kill9();
+        self.kill_inventory();
         tokio::time::sleep(down).await;
+        self.start_inventory().await;
+    }
+
+    /// `kill -9` of the inventory service: no graceful shutdown, no leaving the consumer group.
+    pub fn kill_inventory(&mut self) {
+        self.inventory_service.kill9();
+    }
+
+    /// Starts the inventory service again (after [`Stack::kill_inventory`]) and waits until it
+    /// is ready.
+    pub async fn start_inventory(&mut self) {
         self.inventory_service = Proc::spawn(
             "inventory-service",
             &binary("inventory-service"),

@@ -217,3 +217,54 @@ async fn a_reservation_that_arrives_after_the_order_went_cancelling_is_released(
     .expect("stock back");
     stack.assert_stock_conserved(&[("A", 10)]).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancels_made_while_inventory_is_down_are_applied_after_it_restarts() {
+    let mut stack = Stack::start("cancel_inventory_down").await;
+    stack.put_product("A", 100, 10).await;
+    let confirmed = stack.place_order(&[("A", 2)]).await;
+    stack
+        .wait_for_statuses(&[confirmed], &["CONFIRMED"], TIMEOUT)
+        .await;
+    eventually(TIMEOUT, || async {
+        Ok((stack.product("A").await["sold"] == 2).then_some(()))
+    })
+    .await
+    .expect("stock sold");
+
+    // Inventory crashes (no graceful shutdown, it does not leave its consumer group). Meanwhile
+    // four orders arrive and three orders are cancelled: the confirmed one and two of the new ones.
+    stack.kill_inventory();
+    let mut placed = Vec::new();
+    for _ in 0..4 {
+        placed.push(stack.place_order(&[("A", 1)]).await);
+    }
+    for id in [confirmed, placed[0], placed[1]] {
+        assert_eq!(cancel(&stack, id).await.0, StatusCode::ACCEPTED);
+    }
+    stack.start_inventory().await;
+
+    let cancelled = [confirmed, placed[0], placed[1]];
+    stack
+        .wait_for_statuses(&cancelled, &["CANCELLED"], TIMEOUT)
+        .await;
+    stack
+        .wait_for_statuses(&placed[2..], &["CONFIRMED"], TIMEOUT)
+        .await;
+    eventually(TIMEOUT, || async {
+        let a = stack.product("A").await;
+        Ok((a["sold"] == 2 && a["reserved"] == 0).then_some(()))
+    })
+    .await
+    .expect("stock settles: the two new confirmed orders sold, the cancelled one returned");
+    assert_eq!(stack.product("A").await["available"], 8);
+    stack.assert_stock_conserved(&[("A", 10)]).await;
+    for id in cancelled {
+        let released = events_of(&stack, schemas::INVENTORY_TOPIC, id)
+            .await
+            .into_iter()
+            .filter(|e| *e == "StockReleased")
+            .count();
+        assert_eq!(released, 1, "StockReleased for {id}");
+    }
+}

@@ -11,8 +11,40 @@ use schemas::Event;
 use uuid::Uuid;
 
 const ORDERS: usize = 200;
-const STOCK: i64 = 150;
+const STOCK: i64 = 40;
 const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Places orders `range` (one unit of A each), 32 at a time, following a fixed pseudo-random
+/// plan: a quarter cancelled at once, a quarter 0.3-1 s later, the rest left to the saga.
+async fn place(stack: &Stack, range: std::ops::Range<usize>) -> Vec<Uuid> {
+    futures::stream::iter(range)
+        .map(|i| async move {
+            let id = stack.place_order(&[("A", 1)]).await;
+            let cancel_after = match (i * 7919) % 4 {
+                0 => Some(Duration::ZERO),
+                1 => Some(Duration::from_millis(300 + (i as u64 * 37) % 700)),
+                _ => None,
+            };
+            if let Some(wait) = cancel_after {
+                tokio::time::sleep(wait).await;
+                let r = stack
+                    .http
+                    .post(format!("{}/orders/{id}/cancel", stack.order_url))
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(
+                    [200, 202, 409].contains(&r.status().as_u16()),
+                    "cancel: {}",
+                    r.status()
+                );
+            }
+            id
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_hundred_orders_with_cancels_deadlines_and_a_crash_all_end_terminal_and_consistent() {
@@ -26,38 +58,13 @@ async fn two_hundred_orders_with_cancels_deadlines_and_a_crash_all_end_terminal_
     .await;
     stack.put_product("A", 100, STOCK).await;
 
-    // A fixed pseudo-random plan: a quarter cancelled at once, a quarter a little later.
-    let ids: Vec<Uuid> = futures::stream::iter(0..ORDERS)
-        .map(|i| {
-            let stack = &stack;
-            async move {
-                let id = stack.place_order(&[("A", 1)]).await;
-                let cancel_after = match (i * 7919) % 4 {
-                    0 => Some(Duration::ZERO),
-                    1 => Some(Duration::from_millis(300 + (i as u64 * 37) % 700)),
-                    _ => None,
-                };
-                if let Some(wait) = cancel_after {
-                    tokio::time::sleep(wait).await;
-                    let r = stack
-                        .http
-                        .post(format!("{}/orders/{id}/cancel", stack.order_url))
-                        .send()
-                        .await
-                        .unwrap();
-                    assert!(
-                        [200, 202, 409].contains(&r.status().as_u16()),
-                        "cancel: {}",
-                        r.status()
-                    );
-                }
-                id
-            }
-        })
-        .buffer_unordered(32)
-        .collect()
-        .await;
-    stack.restart_inventory(Duration::from_secs(1)).await;
+    // Half the orders, then inventory-service crashes; the other half (and their cancels) arrive
+    // while it is down, long enough for the 1.5 s deadline to cancel those left PENDING.
+    let mut ids = place(&stack, 0..ORDERS / 2).await;
+    stack.kill_inventory();
+    ids.extend(place(&stack, ORDERS / 2..ORDERS).await);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stack.start_inventory().await;
 
     let statuses = stack
         .wait_for_statuses(&ids, &["CONFIRMED", "REJECTED", "CANCELLED"], TIMEOUT)
@@ -67,6 +74,11 @@ async fn two_hundred_orders_with_cancels_deadlines_and_a_crash_all_end_terminal_
         (count("CONFIRMED"), count("REJECTED"), count("CANCELLED"));
     println!("final: {confirmed} confirmed, {rejected} rejected, {cancelled} cancelled");
     assert_eq!(confirmed + rejected + cancelled, ORDERS);
+    // The run is only worth its name if every outcome happened (more orders than stock).
+    assert!(
+        confirmed > 0 && rejected > 0 && cancelled > 0,
+        "not a mixed run"
+    );
 
     // Stock: conserved, nothing left reserved, sold = confirmed orders (one unit each).
     eventually(TIMEOUT, || async {
@@ -150,5 +162,23 @@ async fn two_hundred_orders_with_cancels_deadlines_and_a_crash_all_end_terminal_
     assert_eq!(
         metric("saga_failed_total", &[("reason", "stock_unavailable")]).await,
         rejected as i64
+    );
+    let deadline_cancelled: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM orders WHERE reason LIKE '%DEADLINE_EXCEEDED%'")
+            .fetch_one(&orders_db)
+            .await
+            .unwrap();
+    println!(
+        "{deadline_cancelled} cancelled by the deadline, {confirmed_then_cancelled} after confirmation"
+    );
+    assert!(deadline_cancelled > 0, "the deadline never fired");
+    assert_eq!(
+        metric("saga_failed_total", &[("reason", "deadline_exceeded")]).await,
+        deadline_cancelled
+    );
+    // Every saga here ends well within the top bucket (5 minutes).
+    assert_eq!(
+        metric("saga_duration_seconds_bucket", &[("le", "300")]).await,
+        metric("saga_duration_seconds_count", &[]).await
     );
 }
