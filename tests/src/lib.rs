@@ -448,6 +448,18 @@ impl Stack {
             .expect("order_id")
     }
 
+    /// `POST /orders/{id}/cancel`: the status code and the body.
+    pub async fn cancel(&self, id: Uuid) -> (reqwest::StatusCode, Value) {
+        let r = self
+            .http
+            .post(format!("{}/orders/{id}/cancel", self.order_url))
+            .send()
+            .await
+            .expect("POST /orders/{id}/cancel");
+        let status = r.status();
+        (status, r.json().await.expect("cancel answer json"))
+    }
+
     pub async fn order(&self, id: Uuid) -> Value {
         self.get_json(&format!("{}/orders/{id}", self.order_url))
             .await

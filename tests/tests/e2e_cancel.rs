@@ -10,17 +10,6 @@ use uuid::Uuid;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-async fn cancel(stack: &Stack, id: Uuid) -> (StatusCode, Value) {
-    let r = stack
-        .http
-        .post(format!("{}/orders/{id}/cancel", stack.order_url))
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    (status, r.json().await.unwrap())
-}
-
 fn history(order: &Value) -> Vec<&str> {
     order["history"]
         .as_array()
@@ -55,10 +44,10 @@ async fn cancelling_a_confirmed_order_returns_its_sold_stock_once_even_if_cancel
     .await
     .expect("stock sold");
 
-    let (status, body) = cancel(&stack, id).await;
+    let (status, body) = stack.cancel(id).await;
     assert_eq!(status, StatusCode::ACCEPTED);
     assert_eq!(body["status"], "CANCELLING");
-    let (again, body) = cancel(&stack, id).await;
+    let (again, body) = stack.cancel(id).await;
     assert_eq!(again, StatusCode::OK, "a second cancel changes nothing");
     assert!(["CANCELLING", "CANCELLED"].contains(&body["status"].as_str().unwrap()));
 
@@ -95,7 +84,7 @@ async fn cancelling_a_confirmed_order_returns_its_sold_stock_once_even_if_cancel
         events_of(&stack, schemas::INVENTORY_TOPIC, id).await,
         ["StockReserved", "StockReleased"]
     );
-    let (after, _) = cancel(&stack, id).await;
+    let (after, _) = stack.cancel(id).await;
     assert_eq!(after, StatusCode::OK);
 }
 
@@ -104,14 +93,14 @@ async fn a_rejected_order_cannot_be_cancelled_and_an_unknown_one_is_not_found() 
     let stack = Stack::start("cancel_rejected").await;
     let id = stack.place_order(&[("NOPE", 1)]).await;
     stack.wait_for_statuses(&[id], &["REJECTED"], TIMEOUT).await;
-    let (status, body) = cancel(&stack, id).await;
+    let (status, body) = stack.cancel(id).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert!(
         body["detail"].as_str().unwrap().contains("REJECTED"),
         "{body}"
     );
     assert_eq!(stack.order(id).await["status"], "REJECTED");
-    let (status, _) = cancel(&stack, Uuid::new_v4()).await;
+    let (status, _) = stack.cancel(Uuid::new_v4()).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert!(
         !events_of(&stack, schemas::ORDERS_TOPIC, id)
@@ -194,7 +183,7 @@ async fn a_reservation_that_arrives_after_the_order_went_cancelling_is_released(
     .await;
     stack.put_product("A", 100, 10).await;
     let id = stack.place_order(&[("A", 2)]).await;
-    let (status, _) = cancel(&stack, id).await;
+    let (status, _) = stack.cancel(id).await;
     assert_eq!(status, StatusCode::ACCEPTED);
     // Inventory reserves (StockReserved reaches a CANCELLING order and is ignored), then
     // releases on OrderCancelled; the order ends CANCELLED.
@@ -240,7 +229,7 @@ async fn cancels_made_while_inventory_is_down_are_applied_after_it_restarts() {
         placed.push(stack.place_order(&[("A", 1)]).await);
     }
     for id in [confirmed, placed[0], placed[1]] {
-        assert_eq!(cancel(&stack, id).await.0, StatusCode::ACCEPTED);
+        assert_eq!(stack.cancel(id).await.0, StatusCode::ACCEPTED);
     }
     stack.start_inventory().await;
 

@@ -27,16 +27,10 @@ async fn place(stack: &Stack, range: std::ops::Range<usize>) -> Vec<Uuid> {
             };
             if let Some(wait) = cancel_after {
                 tokio::time::sleep(wait).await;
-                let r = stack
-                    .http
-                    .post(format!("{}/orders/{id}/cancel", stack.order_url))
-                    .send()
-                    .await
-                    .unwrap();
+                let (status, body) = stack.cancel(id).await;
                 assert!(
-                    [200, 202, 409].contains(&r.status().as_u16()),
-                    "cancel: {}",
-                    r.status()
+                    [200, 202, 409].contains(&status.as_u16()),
+                    "cancel: {status} {body}"
                 );
             }
             id
