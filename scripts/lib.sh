@@ -73,6 +73,13 @@ ensure_tansu() {
 # as a shared library from that source (a few minutes) and cached in $CACHE_DIR. Against a real
 # Kafka broker, plain kcat works.
 KCAT_LIB_DIR=""
+ensure_promtool() {  # promtool, from Debian's prometheus package (the tests lint /metrics with it)
+    command -v promtool >/dev/null && return
+    say "installing promtool (Debian's prometheus package)"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+}
+
 ensure_kcat() {
     if ! command -v kcat >/dev/null; then
         say "installing kcat from Debian's packages"

@@ -42,6 +42,16 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         handler: consumer::OrderEvents,
         routes: |pool| http::routes(http::AppState { pool }),
         background: Vec::new(),
+        zero_counters: &[
+            (
+                "inventory_reservations_total",
+                &[&[("outcome", "reserved")], &[("outcome", "rejected")]],
+            ),
+            (
+                "inventory_releases_total",
+                &[&[("from", "RESERVED")], &[("from", "COMMITTED")]],
+            ),
+        ],
     };
     let config = ServiceConfig {
         listen_addr: settings.listen_addr,

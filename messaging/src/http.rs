@@ -1,13 +1,15 @@
-//! HTTP pieces both services share: RFC 9457 problem responses, a JSON body extractor whose
-//! rejections are problems too, and the operational routes (`/healthz`, `/readyz`, `/metrics`).
+//! HTTP pieces every process shares: RFC 9457 problem responses, a JSON body extractor whose
+//! rejections are problems too, the operational routes (`/healthz`, `/readyz`, `/metrics`) and
+//! the request metrics middleware.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, MatchedPath, Request};
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -168,4 +170,24 @@ pub fn ops_routes(readiness: Readiness, metrics: PrometheusHandle) -> axum::Rout
             }),
         )
         .fallback(|| async { Problem::not_found("no such route") })
+}
+
+/// Counts and times every request: `http_requests_total{method, route, status}` and
+/// `http_request_duration_seconds{method, route}`. `route` is the route's pattern
+/// (`/orders/{id}`), never the raw path, so ids do not become label values; requests that match
+/// no route are `route="unmatched"`. Add it with `Router::layer(from_fn(track_requests))`.
+pub async fn track_requests(request: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let method = request.method().as_str().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("http_request_duration_seconds", "method" => method, "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
 }

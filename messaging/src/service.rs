@@ -25,7 +25,16 @@ pub struct ServiceSpec<H, R> {
     /// Background work started once the database is ready (for example the saga deadline
     /// check); each runs until shutdown.
     pub background: Vec<Background>,
+    /// Counters the service sets to 0 at start (once the metrics recorder is installed), so that
+    /// rates and alerts over rare events have a series to read before the first one happens.
+    pub zero_counters: &'static [ZeroCounter],
 }
+
+/// A counter name and the label sets to export at 0.
+pub type ZeroCounter = (
+    &'static str,
+    &'static [&'static [(&'static str, &'static str)]],
+);
 
 /// A background job: given the pool and the shutdown signal, the future to run.
 pub type Background = Box<
@@ -84,6 +93,15 @@ where
 {
     let name = spec.name;
     let metrics = crate::telemetry::init_metrics()?;
+    for (name, label_sets) in spec.zero_counters {
+        for labels in *label_sets {
+            let labels: Vec<metrics::Label> = labels
+                .iter()
+                .map(|(k, v)| metrics::Label::new(*k, *v))
+                .collect();
+            metrics::counter!(*name, labels).absolute(0);
+        }
+    }
     let readiness = Readiness::default();
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
@@ -95,8 +113,9 @@ where
         spec.migrations,
     )
     .await?;
-    let app =
-        (spec.routes)(pool.clone()).merge(crate::http::ops_routes(readiness.clone(), metrics));
+    let app = (spec.routes)(pool.clone())
+        .merge(crate::http::ops_routes(readiness.clone(), metrics))
+        .layer(axum::middleware::from_fn(crate::http::track_requests));
     tracing::info!("{name} listening on http://{}", listener.local_addr()?);
     let server_shutdown = shutdown.clone();
     let server = tokio::spawn(async move {

@@ -30,7 +30,13 @@ pub const SAGA_BUCKETS: [f64; 14] = [
     0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0,
 ];
 
-/// Installs the global Prometheus recorder: `saga_duration_seconds` gets [`SAGA_BUCKETS`], every
+/// Rows per relay batch.
+pub const BATCH_SIZE_BUCKETS: [f64; 11] = [
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0,
+];
+
+/// Installs the global Prometheus recorder: `relay_batch_size` gets [`BATCH_SIZE_BUCKETS`],
+/// `saga_duration_seconds` gets [`SAGA_BUCKETS`], every
 /// other `*_seconds` histogram [`LATENCY_BUCKETS`] (a full-name matcher wins over a suffix).
 pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
@@ -38,7 +44,125 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
             Matcher::Full("saga_duration_seconds".to_owned()),
             &SAGA_BUCKETS,
         )?
+        .set_buckets_for_metric(
+            Matcher::Full("relay_batch_size".to_owned()),
+            &BATCH_SIZE_BUCKETS,
+        )?
         .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &LATENCY_BUCKETS)?
         .install_recorder()?;
+    describe_metrics();
     Ok(handle)
+}
+
+/// The help text of every metric any process here exports (a process shows only those it has
+/// recorded). The README's tables and the dashboards use these names.
+fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    // HTTP
+    describe_counter!(
+        "http_requests_total",
+        "HTTP requests answered, by method, route pattern and status code"
+    );
+    describe_histogram!(
+        "http_request_duration_seconds",
+        Unit::Seconds,
+        "Time to answer an HTTP request, by method and route pattern"
+    );
+    // Consumers
+    describe_counter!(
+        "consumer_messages_processed_total",
+        "Messages applied (inbox claimed, effect committed), by group, topic and event type"
+    );
+    describe_counter!(
+        "consumer_messages_duplicate_total",
+        "Messages skipped because the inbox had their message id already, by group, topic and event type"
+    );
+    describe_counter!(
+        "consumer_messages_parked_total",
+        "Messages stored behind an earlier message of their key that waits in a retry topic"
+    );
+    describe_counter!(
+        "consumer_messages_retried_total",
+        "Messages sent to a retry topic because they were not applicable yet, by attempt"
+    );
+    describe_counter!(
+        "consumer_messages_dead_lettered_total",
+        "Messages sent to the group's dead-letter topic, by error class"
+    );
+    describe_counter!(
+        "consumer_transient_retries_total",
+        "In-place retries after a transient failure (database or broker unavailable)"
+    );
+    describe_histogram!(
+        "consumer_handler_duration_seconds",
+        Unit::Seconds,
+        "Time to apply one message: inbox claim, effect and commit"
+    );
+    describe_gauge!(
+        "consumer_lag_messages",
+        "Messages between the partition's high watermark and the group's committed offset, per assigned partition (librdkafka statistics, every 5 s)"
+    );
+    // Relay
+    describe_counter!(
+        "relay_rows_published_total",
+        "Outbox rows acknowledged by the broker and deleted, by source and topic"
+    );
+    describe_counter!(
+        "relay_publish_errors_total",
+        "Outbox rows the broker did not acknowledge (left in the outbox, retried), by source"
+    );
+    describe_gauge!(
+        "relay_outbox_pending_rows",
+        "Rows waiting in the source's outbox table"
+    );
+    describe_gauge!(
+        "relay_outbox_oldest_pending_age_seconds",
+        "Age of the oldest row waiting in the source's outbox table (0 when empty)"
+    );
+    describe_histogram!(
+        "relay_commit_to_ack_seconds",
+        Unit::Seconds,
+        "Time from an outbox row's commit to the broker's acknowledgement, by source"
+    );
+    describe_histogram!(
+        "relay_send_to_ack_seconds",
+        Unit::Seconds,
+        "Time from sending a batch to the broker's acknowledgement of all of it, by source"
+    );
+    describe_histogram!("relay_batch_size", "Rows per relay batch, by source");
+    // Saga (order-service)
+    describe_counter!(
+        "saga_started_total",
+        "Sagas started: orders accepted by POST /orders"
+    );
+    describe_counter!(
+        "saga_completed_total",
+        "Orders reaching a terminal status, by outcome (confirmed, rejected, cancelled)"
+    );
+    describe_counter!(
+        "saga_failed_total",
+        "Sagas that failed, by reason (stock_unavailable, deadline_exceeded)"
+    );
+    describe_counter!(
+        "saga_compensations_total",
+        "Cancellations that gave back reserved or sold stock"
+    );
+    describe_histogram!(
+        "saga_duration_seconds",
+        Unit::Seconds,
+        "Time from an order being placed to a terminal status, by outcome"
+    );
+    describe_counter!(
+        "orders_status_changes_total",
+        "Order status changes, by new status"
+    );
+    // Inventory
+    describe_counter!(
+        "inventory_reservations_total",
+        "OrderPlaced answers, by outcome (reserved, rejected)"
+    );
+    describe_counter!(
+        "inventory_releases_total",
+        "Reservations released by a cancellation, by the status they were in (RESERVED, COMMITTED)"
+    );
 }

@@ -49,6 +49,25 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         background: vec![Box::new(move |pool, shutdown| {
             Box::pin(deadline::run(pool, settings.saga_deadline, shutdown))
         })],
+        zero_counters: &[
+            ("saga_started_total", &[&[]]),
+            (
+                "saga_completed_total",
+                &[
+                    &[("outcome", "confirmed")],
+                    &[("outcome", "rejected")],
+                    &[("outcome", "cancelled")],
+                ],
+            ),
+            (
+                "saga_failed_total",
+                &[
+                    &[("reason", "stock_unavailable")],
+                    &[("reason", "deadline_exceeded")],
+                ],
+            ),
+            ("saga_compensations_total", &[&[]]),
+        ],
     };
     let config = ServiceConfig {
         listen_addr: settings.listen_addr,

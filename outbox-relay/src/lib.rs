@@ -135,6 +135,12 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for source in settings.sources {
         tracing::info!(source = %source.name, "tailing outbox");
+        // Errors are rare: export the series at 0 from the start so that rates and alerts on
+        // them have something to read.
+        for reason in ["unknown_aggregate", "enqueue", "delivery"] {
+            metrics::counter!("relay_publish_errors_total", "source" => source.name.clone(), "reason" => reason)
+                .absolute(0);
+        }
         tasks.push(tokio::spawn(relay::tail(
             source,
             producer.clone(),

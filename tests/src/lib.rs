@@ -511,16 +511,19 @@ impl Stack {
     /// The value of a Prometheus sample of `base_url/metrics` whose name is `name` and whose labels
     /// include every pair in `labels`, summed over the matches (0 when none).
     pub async fn metric(&self, base_url: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let text = self
-            .http
+        sum_metric(&self.metrics_text(base_url).await, name, labels)
+    }
+
+    /// The Prometheus text of `<base_url>/metrics`.
+    pub async fn metrics_text(&self, base_url: &str) -> String {
+        self.http
             .get(format!("{base_url}/metrics"))
             .send()
             .await
             .expect("GET /metrics")
             .text()
             .await
-            .expect("metrics text");
-        sum_metric(&text, name, labels)
+            .expect("metrics text")
     }
 
     /// Checks stock conservation per sku: stock ever put = available + reserved + sold, none

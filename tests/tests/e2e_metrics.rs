@@ -1,0 +1,131 @@
+//! Every process's `/metrics` is valid Prometheus text (`promtool check metrics`, from Debian's
+//! prometheus package) and has the metrics the README and the dashboards rely on.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use e2e::{Stack, eventually};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `promtool check metrics` on `text`; returns what it reported (empty when all is well).
+fn promtool_problems(text: &str) -> String {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; scripts/test.sh installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() && report.trim().is_empty() {
+        String::new()
+    } else {
+        format!("exit {}: {report}", out.status)
+    }
+}
+
+fn names(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_metrics_endpoint_passes_promtool_and_has_the_documented_metrics() {
+    let stack = Stack::start("metrics").await;
+    stack.put_product("A", 100, 2).await;
+    // A confirmed saga, a rejected one and a cancelled one, so every saga series exists.
+    let confirmed = stack.place_order(&[("A", 1)]).await;
+    let rejected = stack.place_order(&[("A", 5)]).await;
+    stack
+        .wait_for_statuses(&[confirmed, rejected], &["CONFIRMED", "REJECTED"], TIMEOUT)
+        .await;
+    stack.cancel(confirmed).await;
+    stack
+        .wait_for_statuses(&[confirmed], &["CANCELLED"], TIMEOUT)
+        .await;
+    // Lag gauges come from librdkafka's statistics, every 5 s.
+    eventually(TIMEOUT, || async {
+        let text = stack.metrics_text(&stack.inventory_url).await;
+        Ok(text.contains("consumer_lag_messages").then_some(()))
+    })
+    .await
+    .expect("consumer lag exported");
+
+    let expected: [(&str, &str, &[&str]); 3] = [
+        (
+            "order-service",
+            &stack.order_url,
+            &[
+                "saga_started_total",
+                "saga_completed_total",
+                "saga_failed_total",
+                "saga_compensations_total",
+                "saga_duration_seconds",
+                "http_requests_total",
+                "http_request_duration_seconds",
+                "consumer_messages_processed_total",
+                "consumer_handler_duration_seconds",
+                "consumer_lag_messages",
+            ],
+        ),
+        (
+            "inventory-service",
+            &stack.inventory_url,
+            &[
+                "http_requests_total",
+                "http_request_duration_seconds",
+                "consumer_messages_processed_total",
+                "consumer_handler_duration_seconds",
+                "consumer_lag_messages",
+                "inventory_reservations_total",
+                "inventory_releases_total",
+            ],
+        ),
+        (
+            "outbox-relay",
+            &stack.relay_metrics_url,
+            &[
+                "relay_rows_published_total",
+                "relay_publish_errors_total",
+                "relay_outbox_pending_rows",
+                "relay_outbox_oldest_pending_age_seconds",
+                "relay_commit_to_ack_seconds",
+                "relay_send_to_ack_seconds",
+                "relay_batch_size",
+            ],
+        ),
+    ];
+    // Rare events are exported at 0 from the start, so rates and alerts over them have a series.
+    let order_text = stack.metrics_text(&stack.order_url).await;
+    assert!(
+        order_text.contains("saga_failed_total{reason=\"deadline_exceeded\"} 0"),
+        "{order_text}"
+    );
+    for (process, url, wanted) in expected {
+        let text = stack.metrics_text(url).await;
+        let problems = promtool_problems(&text);
+        assert!(problems.is_empty(), "{process} /metrics: {problems}");
+        let present = names(&text);
+        for name in wanted {
+            assert!(
+                present.contains(name),
+                "{process} does not export {name}; it exports {present:?}"
+            );
+        }
+    }
+}
