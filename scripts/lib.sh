@@ -80,6 +80,13 @@ ensure_promtool() {  # promtool, from Debian's prometheus package (the tests lin
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 }
 
+ensure_docker_compose() {  # Debian's docker-compose: the tests validate docker-compose.yml with it
+    command -v docker-compose >/dev/null && return
+    say "installing docker-compose (Debian's package; only to validate docker-compose.yml)"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends docker-compose >/dev/null
+}
+
 ensure_kcat() {
     if ! command -v kcat >/dev/null; then
         say "installing kcat from Debian's packages"

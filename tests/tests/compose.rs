@@ -1,0 +1,185 @@
+//! The Compose stack agrees with the code. No Docker engine runs here, so this checks what can be
+//! checked without one: `docker-compose config` (Debian's docker-compose) accepts the file; every
+//! environment variable it sets on a process is one that process reads (from the binary's own
+//! `--help`); every port agrees across the process's address, the published port, the
+//! healthcheck and Prometheus's target; every topic the code uses is created; the databases the
+//! services use are the ones Postgres creates.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_yaml::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The compose file as `docker-compose config` normalises it.
+fn compose() -> Value {
+    let out = Command::new("docker-compose")
+        .arg("-f")
+        .arg(root().join("docker-compose.yml"))
+        .arg("config")
+        .output()
+        .expect("docker-compose (Debian's package; scripts/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "docker-compose config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_yaml::from_slice(&out.stdout).expect("compose config yaml")
+}
+
+/// The variables a binary reads, from the `[env: NAME=…]` of its `--help`, plus the logging
+/// ones every process reads (`RUST_LOG`, `LOG_FORMAT`).
+fn variables_read_by(binary: &str) -> (BTreeSet<String>, String) {
+    let out = Command::new(e2e::binary(binary))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut names: BTreeSet<String> = help
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split(['=', ']']).next())
+        .map(str::to_owned)
+        .collect();
+    names.extend(["RUST_LOG".to_owned(), "LOG_FORMAT".to_owned()]);
+    (names, help)
+}
+
+fn env<'a>(service: &'a Value, name: &str) -> Option<&'a str> {
+    service["environment"][name].as_str()
+}
+
+fn port_of(addr: &str) -> u16 {
+    addr.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_compose_file_agrees_with_the_binaries_ports_and_topics() {
+    let compose = compose();
+    let services = &compose["services"];
+    let prometheus =
+        std::fs::read_to_string(root().join("deploy/prometheus/prometheus.yml")).unwrap();
+
+    for (service, address_variable) in [
+        ("order-service", "LISTEN_ADDR"),
+        ("inventory-service", "LISTEN_ADDR"),
+        ("outbox-relay", "METRICS_ADDR"),
+    ] {
+        let spec = &services[service];
+        assert_eq!(
+            spec["build"]["args"]["BIN"].as_str(),
+            Some(service),
+            "{service} builds another binary"
+        );
+        let (read, help) = variables_read_by(service);
+        let set: Vec<&str> = spec["environment"]
+            .as_mapping()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str().unwrap())
+            .collect();
+        for name in &set {
+            assert!(
+                read.contains(*name),
+                "compose sets {name} on {service}, which reads only {read:?}"
+            );
+        }
+        assert!(
+            help.contains(&format!("[env: {address_variable}")),
+            "{service} has no {address_variable}"
+        );
+        let port = port_of(env(spec, address_variable).expect("address set"));
+        let published: Vec<u64> = spec["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["target"].as_u64())
+            .collect();
+        assert_eq!(published, [u64::from(port)], "{service}: published ports");
+        let health = serde_yaml::to_string(&spec["healthcheck"]["test"]).unwrap();
+        assert!(
+            health.contains(&format!("/dev/tcp/127.0.0.1/{port}")),
+            "{service}: healthcheck does not probe port {port}: {health}"
+        );
+        assert!(
+            prometheus.contains(&format!("\"{service}:{port}\"")),
+            "deploy/prometheus/prometheus.yml does not scrape {service}:{port}"
+        );
+        // Everything talks to the in-network Kafka listener the broker advertises.
+        let advertised = env(&services["kafka"], "KAFKA_ADVERTISED_LISTENERS").unwrap();
+        let bootstrap = env(spec, "KAFKA_BOOTSTRAP_SERVERS").expect("bootstrap set");
+        assert!(
+            advertised.contains(&format!("PLAINTEXT://{bootstrap}")),
+            "{service} uses {bootstrap}; the broker advertises {advertised}"
+        );
+    }
+
+    // Databases: the ones the services and the relay use are the ones Postgres creates.
+    let init = std::fs::read_to_string(root().join("deploy/postgres/init.sql")).unwrap();
+    let mut urls = vec![
+        env(&services["order-service"], "DATABASE_URL")
+            .unwrap()
+            .to_owned(),
+        env(&services["inventory-service"], "DATABASE_URL")
+            .unwrap()
+            .to_owned(),
+    ];
+    urls.extend(
+        env(&services["outbox-relay"], "RELAY_SOURCES")
+            .unwrap()
+            .split(',')
+            .map(|s| s.split_once('=').unwrap().1.to_owned()),
+    );
+    for url in urls {
+        let db = url.rsplit('/').next().unwrap();
+        assert!(
+            init.contains(&format!("CREATE DATABASE {db};")),
+            "{url}: deploy/postgres/init.sql does not create {db}"
+        );
+    }
+
+    // Topics: the event topics and each group's dead-letter and retry topics (as many retry
+    // topics as the default --retry-delays has delays).
+    let (_, help) = variables_read_by("order-service");
+    let delays = help
+        .split("--retry-delays")
+        .nth(1)
+        .and_then(|rest| rest.split("[default: ").nth(1))
+        .and_then(|rest| rest.split(']').next())
+        .expect("default retry delays in --help");
+    let retries = delays.split(',').count();
+    let command = serde_yaml::to_string(&services["topics"]["command"]).unwrap();
+    let mut topics = vec![
+        schemas::ORDERS_TOPIC.to_owned(),
+        schemas::INVENTORY_TOPIC.to_owned(),
+    ];
+    for group in [order_service::consumer::GROUP, "inventory-service"] {
+        topics.push(messaging::kafka::dead_letter_topic(group));
+        topics.extend((1..=retries).map(|n| messaging::retry::retry_topic(group, n)));
+    }
+    for topic in topics {
+        assert!(
+            command
+                .split_whitespace()
+                .any(|w| w.trim_matches([';', '\\']) == topic),
+            "the topics service does not create {topic}"
+        );
+    }
+
+    // Every service with a healthcheck is waited for by what depends on it.
+    for (name, spec) in services.as_mapping().unwrap() {
+        if let Some(deps) = spec["depends_on"].as_mapping() {
+            for (dep, how) in deps {
+                let condition = how["condition"].as_str().unwrap_or("");
+                assert!(
+                    condition == "service_healthy" || condition == "service_completed_successfully",
+                    "{name:?} depends on {dep:?} without waiting for it ({condition})"
+                );
+            }
+        }
+    }
+}
