@@ -2,7 +2,10 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    messaging::telemetry::init_logging();
+    let telemetry = messaging::telemetry::init("inventory-service");
     let settings = inventory_service::Settings::parse();
-    inventory_service::run(settings, messaging::shutdown::Shutdown::on_signals()).await
+    let result =
+        inventory_service::run(settings, messaging::shutdown::Shutdown::on_signals()).await;
+    telemetry.shutdown();
+    result
 }

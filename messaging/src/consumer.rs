@@ -40,6 +40,7 @@ use rdkafka::consumer::{
 };
 use rdkafka::producer::FutureProducer;
 use sqlx::{PgConnection, PgPool};
+use tracing::Instrument as _;
 
 use crate::dead_letter::{self, Failure};
 pub use crate::delivery::{Delivery, Envelope};
@@ -271,7 +272,8 @@ async fn consume<H: Handler>(worker: Arc<Worker<H>>, consumer: GroupConsumer, st
             }
         };
         let delivery = Delivery::from_message(&message);
-        match worker.process(&delivery, stage).await {
+        let span = process_span(&worker.group, &delivery);
+        match worker.process(&delivery, stage).instrument(span).await {
             Processed::Done => {
                 if let Err(e) = consumer.store_offset_from_message(&message) {
                     tracing::warn!(error = %e, "could not store offset; the record may be redelivered");
@@ -283,6 +285,32 @@ async fn consume<H: Handler>(worker: Arc<Worker<H>>, consumer: GroupConsumer, st
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(error = %e, "final offset commit");
     }
+}
+
+/// The OpenTelemetry consumer span of one record (`process orders.v1`), a child of the span
+/// that sent it (the record's `traceparent`); what the handler writes continues this trace. Its
+/// fields follow the OpenTelemetry messaging conventions; `order_id` (the key) and `trace_id`
+/// go on every log line written while the record is handled.
+fn process_span(group: &str, delivery: &Delivery) -> tracing::Span {
+    let (original_topic, _, _) = delivery.origin();
+    let key = String::from_utf8_lossy(delivery.key.as_deref().unwrap_or_default());
+    let span = tracing::info_span!("process",
+        otel.name = %format!("process {}", delivery.topic),
+        otel.kind = "consumer",
+        messaging.system = "kafka",
+        messaging.operation.type = "process",
+        messaging.destination.name = %delivery.topic,
+        messaging.destination.partition.id = delivery.partition,
+        messaging.kafka.offset = delivery.offset,
+        messaging.kafka.message.key = %key,
+        messaging.consumer.group.name = %group,
+        messaging.message.id = delivery.header("message-id").unwrap_or(""),
+        messaging.kafka.original_topic = %original_topic,
+        order_id = %key,
+        trace_id = tracing::field::Empty,
+    );
+    crate::trace_context::continue_from(&span, delivery.header("traceparent"));
+    span
 }
 
 const ASSIGNMENT_CHECK_EVERY: Duration = Duration::from_secs(5);

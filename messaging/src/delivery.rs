@@ -167,7 +167,8 @@ impl Envelope {
     pub fn cause(&self) -> crate::outbox::Cause {
         crate::outbox::Cause {
             causation_id: Some(self.message_id),
-            traceparent: Some(crate::trace_context::child_of(self.traceparent.as_deref())),
+            // The consumer's `process` span, a child of the record's traceparent.
+            traceparent: Some(crate::trace_context::current()),
             tracestate: self.tracestate.clone(),
         }
     }

@@ -15,6 +15,7 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tracing::Instrument as _;
 
 /// An RFC 9457 problem: served as `application/problem+json`.
 #[derive(Debug, Clone, Serialize)]
@@ -172,7 +173,8 @@ pub fn ops_routes(readiness: Readiness, metrics: PrometheusHandle) -> axum::Rout
         .fallback(|| async { Problem::not_found("no such route") })
 }
 
-/// Counts and times every request: `http_requests_total{method, route, status}` and
+/// Traces, counts and times every request: an OpenTelemetry server span (`GET /orders/{id}`),
+/// and `http_requests_total{method, route, status}` and
 /// `http_request_duration_seconds{method, route}`. `route` is the route's pattern
 /// (`/orders/{id}`), never the raw path, so ids do not become label values; requests that match
 /// no route are `route="unmatched"`. Add it with `Router::layer(from_fn(track_requests))`.
@@ -183,7 +185,24 @@ pub async fn track_requests(request: Request, next: Next) -> Response {
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let response = next.run(request).await;
+    // The server span of the request, continuing the caller's trace when it sent a traceparent.
+    let span = tracing::info_span!("http request",
+        otel.name = %format!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    crate::trace_context::continue_from(
+        &span,
+        request
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok()),
+    );
+    let response = next.run(request).instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
     let status = response.status().as_u16().to_string();
     metrics::counter!("http_requests_total", "method" => method.clone(), "route" => route.clone(), "status" => status)
         .increment(1);

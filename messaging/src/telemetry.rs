@@ -1,21 +1,121 @@
-//! Logs and metrics set-up for every binary: human-readable logs by default, JSON lines with
-//! `LOG_FORMAT=json`, level from `RUST_LOG` (default `info`); a Prometheus recorder for `metrics`.
+//! Logs, traces and metrics set-up for every binary.
+//!
+//! - Logs: human-readable by default, JSON lines with `LOG_FORMAT=json`, level from `RUST_LOG`
+//!   (default `info`). A line written inside a span carries the span's fields, among them
+//!   `trace_id` and, for message handling, `order_id`.
+//! - Traces: every span is an OpenTelemetry span (W3C trace context). They are exported with
+//!   OTLP over HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`)
+//!   is set, as `OTEL_SERVICE_NAME` (default: the binary's name); `OTEL_EXPORTER_OTLP_PROTOCOL`
+//!   picks `http/protobuf` (default) or `http/json`. Unset, nothing is exported, but trace ids
+//!   are still real and still travel with the events.
+//! - Metrics: a Prometheus recorder.
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
-/// Installs the global log subscriber. Safe to call more than once (later calls do nothing).
-pub fn init_logging() {
+/// The environment variables [`init`] (and the OpenTelemetry SDK under it) reads, besides each
+/// binary's own settings.
+pub const ENV_VARS: &[&str] = &[
+    "RUST_LOG",
+    "LOG_FORMAT",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_SERVICE_NAME",
+    "OTEL_BSP_SCHEDULE_DELAY",
+];
+
+/// The tracing set-up; [`Telemetry::shutdown`] flushes the spans not exported yet.
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+    exporting: bool,
+}
+
+impl Telemetry {
+    /// Exports what is left (when exporting) and stops the exporter.
+    pub fn shutdown(self) {
+        if self.exporting
+            && let Err(e) = self.provider.shutdown()
+        {
+            eprintln!("flushing traces at shutdown: {e}");
+        }
+    }
+}
+
+/// Installs logging and tracing for the process `service`. Call once, first thing in `main`.
+pub fn init(service: &'static str) -> Telemetry {
+    let exporting = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var(v).is_ok_and(|v| !v.is_empty()));
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    let resource = if std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.is_empty()) {
+        opentelemetry_sdk::Resource::builder().build()
+    } else {
+        opentelemetry_sdk::Resource::builder()
+            .with_service_name(service)
+            .build()
+    };
+    let mut builder = SdkTracerProvider::builder().with_resource(resource);
+    let mut export_error = None;
+    if exporting {
+        // The HTTP client the exporter uses is a blocking one, which must not be built on an
+        // async runtime's thread.
+        let exporter = std::thread::spawn(|| {
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .build()
+        })
+        .join()
+        .expect("building the OTLP exporter");
+        match exporter {
+            Ok(exporter) => builder = builder.with_batch_exporter(exporter),
+            Err(e) => export_error = Some(e.to_string()),
+        }
+    }
+    let provider = builder.build();
+    let tracer = provider.tracer(service);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
+    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
     let _ = if json {
-        builder.json().flatten_event(true).try_init()
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_target(false),
+            )
+            .try_init()
     } else {
-        builder.try_init()
+        registry
+            .with(tracing_subscriber::fmt::layer().with_target(false))
+            .try_init()
     };
+    match (&export_error, exporting) {
+        (Some(e), _) => {
+            tracing::warn!(error = %e, "could not set up the OTLP trace exporter; traces are not exported")
+        }
+        (None, true) => tracing::info!("exporting traces with OTLP"),
+        (None, false) => {
+            tracing::debug!("OTEL_EXPORTER_OTLP_ENDPOINT is not set; traces are not exported")
+        }
+    }
+    Telemetry {
+        provider,
+        exporting: exporting && export_error.is_none(),
+    }
 }
 
 /// Latency buckets in seconds, from 1 ms to 30 s.

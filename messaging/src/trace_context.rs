@@ -1,20 +1,56 @@
 //! W3C trace context (`traceparent`) values carried from the HTTP request through the outbox row to
-//! the Kafka record and on to the events a consumer emits, so one order keeps one trace id.
+//! the Kafka record and on to the events a consumer emits, so one order is one trace.
+//!
+//! The values come from the OpenTelemetry span in which the outbox row is written (the HTTP
+//! request's, a consumer's `process` span, the relay's `send` span), so each hop's span is the
+//! parent of the next; see [`crate::telemetry`].
 
+use std::collections::HashMap;
+
+use opentelemetry::trace::TraceContextExt as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use uuid::Uuid;
+
+/// The `traceparent` of `span`: its trace id and span id. A new root when the span has no
+/// OpenTelemetry context (tracing not installed, as in unit tests).
+pub fn of(span: &tracing::Span) -> String {
+    let context = span.context();
+    let otel = context.span();
+    let sc = otel.span_context();
+    if sc.is_valid() {
+        format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags().to_u8()
+        )
+    } else {
+        new_root()
+    }
+}
+
+/// The `traceparent` of the current span (see [`of`]).
+pub fn current() -> String {
+    of(&tracing::Span::current())
+}
+
+/// Makes `span` a child of the remote span `traceparent` (when present and well formed) and
+/// records its trace id in the span's `trace_id` field (so that log lines carry it).
+pub fn continue_from(span: &tracing::Span, traceparent: Option<&str>) {
+    if let Some(traceparent) = traceparent.filter(|t| trace_id(t).is_some()) {
+        let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
+        let _ = span.set_parent(parent);
+    }
+    let own = of(span);
+    if let Some(trace) = trace_id(&own) {
+        span.record("trace_id", trace);
+    }
+}
 
 /// A `traceparent` that starts a new trace (version 00, sampled).
 pub fn new_root() -> String {
     format!("00-{}-{}-01", Uuid::new_v4().simple(), span_id())
-}
-
-/// A `traceparent` in the same trace as `parent` with a new span id; a new root when `parent` is
-/// absent or malformed.
-pub fn child_of(parent: Option<&str>) -> String {
-    match parent.and_then(trace_id) {
-        Some(trace) => format!("00-{trace}-{}-01", span_id()),
-        None => new_root(),
-    }
 }
 
 /// The 32-hex-digit trace id of a well-formed `traceparent`.
@@ -37,16 +73,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_child_keeps_the_trace_id_and_gets_a_new_span() {
-        let root = new_root();
-        let child = child_of(Some(&root));
-        assert_eq!(trace_id(&root), trace_id(&child));
-        assert_ne!(root, child);
+    fn a_span_without_opentelemetry_gets_a_new_well_formed_root() {
+        let a = of(&tracing::Span::none());
+        let b = of(&tracing::Span::none());
+        assert!(trace_id(&a).is_some(), "{a}");
+        assert_ne!(trace_id(&a), trace_id(&b));
     }
 
     #[test]
-    fn a_malformed_parent_starts_a_new_trace() {
-        let child = child_of(Some("garbage"));
-        assert!(trace_id(&child).is_some());
+    fn only_well_formed_traceparents_have_a_trace_id() {
+        let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        assert_eq!(trace_id(good), Some("0af7651916cd43dd8448eb211c80319c"));
+        for bad in [
+            "garbage",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319x-b7ad6b7169203331-01",
+        ] {
+            assert_eq!(trace_id(bad), None, "{bad}");
+        }
     }
 }

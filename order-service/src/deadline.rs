@@ -55,8 +55,12 @@ pub async fn cancel_overdue(pool: &PgPool, deadline: Duration) -> sqlx::Result<u
     };
     let mut cancelled = Vec::new();
     for order_id in &overdue {
+        // Each deadline cancellation starts a trace of its own; the order's events follow it.
+        let span = tracing::info_span!("saga deadline", otel.name = "cancel overdue order",
+            order_id = %order_id, trace_id = tracing::field::Empty);
+        messaging::trace_context::continue_from(&span, None);
         let cause = Cause {
-            traceparent: Some(messaging::trace_context::new_root()),
+            traceparent: Some(messaging::trace_context::of(&span)),
             ..Cause::default()
         };
         if let Ok(Applied::Changed { saga, .. }) =

@@ -95,9 +95,7 @@ async fn place_order(
     let normalized = serde_json::to_value(&request).map_err(Problem::internal)?;
     let cause = Cause {
         causation_id: None,
-        traceparent: Some(messaging::trace_context::child_of(
-            headers.get("traceparent").and_then(|v| v.to_str().ok()),
-        )),
+        traceparent: Some(messaging::trace_context::current()),
         tracestate: None,
     };
     let mut tx = state.pool.begin().await?;
@@ -158,15 +156,12 @@ fn parse_order_id(id: &str) -> Result<Uuid, Problem> {
 /// REJECTED order cannot be cancelled (409).
 async fn cancel_order(
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, Problem> {
     let order_id = parse_order_id(&id)?;
     let cause = Cause {
         causation_id: None,
-        traceparent: Some(messaging::trace_context::child_of(
-            headers.get("traceparent").and_then(|v| v.to_str().ok()),
-        )),
+        traceparent: Some(messaging::trace_context::current()),
         tracestate: None,
     };
     let mut tx = state.pool.begin().await?;

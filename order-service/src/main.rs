@@ -2,7 +2,9 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    messaging::telemetry::init_logging();
+    let telemetry = messaging::telemetry::init("order-service");
     let settings = order_service::Settings::parse();
-    order_service::run(settings, messaging::shutdown::Shutdown::on_signals()).await
+    let result = order_service::run(settings, messaging::shutdown::Shutdown::on_signals()).await;
+    telemetry.shutdown();
+    result
 }

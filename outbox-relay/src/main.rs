@@ -2,7 +2,9 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    messaging::telemetry::init_logging();
+    let telemetry = messaging::telemetry::init("outbox-relay");
     let settings = outbox_relay::Settings::parse();
-    outbox_relay::run(settings, messaging::shutdown::Shutdown::on_signals()).await
+    let result = outbox_relay::run(settings, messaging::shutdown::Shutdown::on_signals()).await;
+    telemetry.shutdown();
+    result
 }

@@ -226,12 +226,13 @@ async fn publish(source: &Source, producer: &FutureProducer, rows: &[Row]) -> Pu
             failed += 1;
             continue;
         };
+        let span = send_span(source, row, topic);
         let record = FutureRecord::to(topic)
             .key(row.aggregate_id.as_str())
             .payload(row.payload.as_slice())
-            .headers(headers(row));
+            .headers(headers(row, &messaging::trace_context::of(&span)));
         match producer.send_result(record) {
-            Ok(delivery) => deliveries.push((row, topic, delivery)),
+            Ok(delivery) => deliveries.push((row, topic, (delivery, span))),
             Err((e, _)) => {
                 tracing::warn!(source = %source.name, id = row.id, error = %e, "could not enqueue; will retry");
                 counter!("relay_publish_errors_total", "source" => source.name.clone(), "reason" => "enqueue").increment(1);
@@ -243,7 +244,7 @@ async fn publish(source: &Source, producer: &FutureProducer, rows: &[Row]) -> Pu
     }
     let (rows_sent, futures): (Vec<_>, Vec<_>) = deliveries
         .into_iter()
-        .map(|(row, topic, delivery)| ((row, topic), delivery))
+        .map(|(row, topic, (delivery, span))| ((row, topic, span), delivery))
         .unzip();
     let sent_at = Instant::now();
     let reports = join_all(futures).await;
@@ -251,7 +252,21 @@ async fn publish(source: &Source, producer: &FutureProducer, rows: &[Row]) -> Pu
         .record(sent_at.elapsed().as_secs_f64());
     let mut acked = Vec::with_capacity(rows_sent.len());
     let now = Utc::now();
-    for ((row, topic), report) in rows_sent.into_iter().zip(reports) {
+    for ((row, topic, span), report) in rows_sent.into_iter().zip(reports) {
+        match &report {
+            Ok(Ok(delivery)) => {
+                span.record("messaging.destination.partition.id", delivery.partition);
+                span.record("messaging.kafka.offset", delivery.offset);
+            }
+            Ok(Err((e, _))) => {
+                span.record("error.type", e.to_string());
+            }
+            Err(_) => {
+                span.record("error.type", "canceled");
+            }
+        }
+        // The send span ends here, at the acknowledgement.
+        drop(span);
         match report {
             Ok(Ok(_)) => {
                 acked.push(row.id);
@@ -277,7 +292,34 @@ async fn publish(source: &Source, producer: &FutureProducer, rows: &[Row]) -> Pu
     Published { acked, failed }
 }
 
-fn headers(row: &Row) -> OwnedHeaders {
+/// The OpenTelemetry producer span of one row (`send orders.v1`), a child of the span that wrote
+/// the row (its stored `traceparent`), from the send to the broker's acknowledgement. It records
+/// how long the row waited in the outbox (`messaging.outbox.wait_ms`, commit to send); the record
+/// carries this span as its `traceparent`, so the consumer's span is its child.
+fn send_span(source: &Source, row: &Row, topic: &str) -> tracing::Span {
+    let waited = (Utc::now() - row.created_at).num_milliseconds().max(0);
+    let span = tracing::info_span!("send",
+        otel.name = %format!("send {topic}"),
+        otel.kind = "producer",
+        messaging.system = "kafka",
+        messaging.operation.type = "send",
+        messaging.destination.name = %topic,
+        messaging.destination.partition.id = tracing::field::Empty,
+        messaging.kafka.offset = tracing::field::Empty,
+        messaging.kafka.message.key = %row.aggregate_id,
+        messaging.message.id = %row.message_id,
+        messaging.outbox.wait_ms = waited,
+        outbox.source = %source.name,
+        order_id = %row.aggregate_id,
+        trace_id = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+    );
+    messaging::trace_context::continue_from(&span, row.traceparent.as_deref());
+    span
+}
+
+/// The record's headers: the row's, with `traceparent` set to the relay's send span.
+fn headers(row: &Row, traceparent: &str) -> OwnedHeaders {
     let message_id = row.message_id.to_string();
     let causation_id = row.causation_id.map(|c| c.to_string());
     let mut pairs: Vec<(&str, &str)> = vec![
@@ -289,9 +331,7 @@ fn headers(row: &Row) -> OwnedHeaders {
     if let Some(c) = &causation_id {
         pairs.push(("causation-id", c));
     }
-    if let Some(t) = &row.traceparent {
-        pairs.push(("traceparent", t));
-    }
+    pairs.push(("traceparent", traceparent));
     if let Some(t) = &row.tracestate {
         pairs.push(("tracestate", t));
     }

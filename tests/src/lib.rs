@@ -84,8 +84,19 @@ pub struct Proc {
 impl Proc {
     /// Starts one of the project's processes, logging at `E2E_RUST_LOG` (default `info`).
     pub fn spawn(name: &str, program: &Path, args: &[String], log_dir: &Path) -> Proc {
+        Self::spawn_env(name, program, args, log_dir, &[])
+    }
+
+    /// [`Proc::spawn`] with extra environment variables.
+    pub fn spawn_env(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log_dir: &Path,
+        env: &[(String, String)],
+    ) -> Proc {
         let log_level = std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into());
-        Self::spawn_logging(name, program, args, log_dir, &log_level)
+        Self::spawn_logging(name, program, args, log_dir, &log_level, env)
     }
 
     /// Starts `program` with `RUST_LOG=log_level`, its output appended to `<log_dir>/<name>.log`.
@@ -95,6 +106,7 @@ impl Proc {
         args: &[String],
         log_dir: &Path,
         log_level: &str,
+        env: &[(String, String)],
     ) -> Proc {
         std::fs::create_dir_all(log_dir).expect("log dir");
         let log = File::options()
@@ -107,6 +119,10 @@ impl Proc {
             .env("RUST_LOG", log_level)
             .env_remove("DATABASE_URL")
             .env_remove("RELAY_SOURCES")
+            .env_remove("LOG_FORMAT")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
@@ -179,7 +195,7 @@ impl Broker {
         .collect();
         // Tansu logs every request's spans at info: millions of lines per test, and CPU with them.
         let log_level = std::env::var("E2E_BROKER_LOG").unwrap_or_else(|_| "warn".into());
-        let proc = Proc::spawn_logging("broker", &tansu_binary(), &args, log_dir, &log_level);
+        let proc = Proc::spawn_logging("broker", &tansu_binary(), &args, log_dir, &log_level, &[]);
         let bootstrap = format!("127.0.0.1:{port}");
         kafka::wait_for_broker(&bootstrap, Duration::from_secs(30))
             .await
@@ -203,6 +219,8 @@ pub struct StackOptions {
     pub retry_delays: Option<String>,
     /// order-service's `--saga-deadline` (its default when `None`).
     pub saga_deadline: Option<String>,
+    /// Extra environment variables for the services and the relay (for example OTLP export).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for StackOptions {
@@ -213,6 +231,7 @@ impl Default for StackOptions {
             inventory_db_proxy: false,
             retry_delays: None,
             saga_deadline: None,
+            env: Vec::new(),
         }
     }
 }
@@ -281,18 +300,20 @@ impl Stack {
         if let Some(deadline) = &options.saga_deadline {
             order_args.extend(["--saga-deadline".to_owned(), deadline.clone()]);
         }
-        let order_service = Proc::spawn(
+        let order_service = Proc::spawn_env(
             "order-service",
             &binary("order-service"),
             &order_args,
             &log_dir,
+            &options.env,
         );
         let inventory_args = service_args(inventory_port, &inventory_pg, &inventory_db);
-        let inventory_service = Proc::spawn(
+        let inventory_service = Proc::spawn_env(
             "inventory-service",
             &binary("inventory-service"),
             &inventory_args,
             &log_dir,
+            &options.env,
         );
         let mut stack = Stack {
             broker,
@@ -334,11 +355,12 @@ impl Stack {
     /// Starts the inventory service again (after [`Stack::kill_inventory`]) and waits until it
     /// is ready.
     pub async fn start_inventory(&mut self) {
-        self.inventory_service = Proc::spawn(
+        self.inventory_service = Proc::spawn_env(
             "inventory-service",
             &binary("inventory-service"),
             &self.inventory_args,
             &self.log_dir,
+            &self.options.env,
         );
         let url = self.inventory_url.clone();
         self.wait_ready(&url).await;
@@ -368,11 +390,12 @@ impl Stack {
             "--batch-size".into(),
             self.options.relay_batch_size.to_string(),
         ];
-        self.relay = Some(Proc::spawn(
+        self.relay = Some(Proc::spawn_env(
             "outbox-relay",
             &binary("outbox-relay"),
             &args,
             &self.log_dir,
+            &self.options.env,
         ));
         let url = self.relay_metrics_url.clone();
         self.wait_ready(&url).await;

@@ -31,8 +31,8 @@ fn compose() -> Value {
     serde_yaml::from_slice(&out.stdout).expect("compose config yaml")
 }
 
-/// The variables a binary reads, from the `[env: NAME=…]` of its `--help`, plus the logging
-/// ones every process reads (`RUST_LOG`, `LOG_FORMAT`).
+/// The variables a binary reads, from the `[env: NAME=…]` of its `--help`, plus the logging and
+/// tracing ones every process reads (`messaging::telemetry::ENV_VARS`).
 fn variables_read_by(binary: &str) -> (BTreeSet<String>, String) {
     let out = Command::new(e2e::binary(binary))
         .arg("--help")
@@ -45,7 +45,7 @@ fn variables_read_by(binary: &str) -> (BTreeSet<String>, String) {
         .filter_map(|rest| rest.split(['=', ']']).next())
         .map(str::to_owned)
         .collect();
-    names.extend(["RUST_LOG".to_owned(), "LOG_FORMAT".to_owned()]);
+    names.extend(messaging::telemetry::ENV_VARS.iter().map(|v| v.to_string()));
     (names, help)
 }
 

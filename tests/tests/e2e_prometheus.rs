@@ -162,6 +162,7 @@ async fn every_dashboard_and_alert_query_returns_series_from_a_real_run() {
         ],
         stack.log_dir(),
         "info",
+        &[],
     );
     let api = format!("http://127.0.0.1:{port}");
 
