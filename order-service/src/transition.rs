@@ -15,7 +15,7 @@ use crate::store::{self, Change};
 /// What applying an input to an order came to.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Applied {
-    /// The order moved; `saga` is what to count once the transaction has committed.
+    /// The order moved; `saga` is what to log and count once the transaction has committed.
     Changed {
         from: OrderStatus,
         to: OrderStatus,
@@ -75,8 +75,7 @@ pub async fn apply(
     if let Some(event) = event {
         outbox::append(conn, &event, cause).await?;
     }
-    tracing::info!(%order_id, from = %status, %to, "order status changed");
-    let saga = SagaMetrics::of(status, to, input, changed);
+    let saga = SagaMetrics::of(order_id, status, to, input, changed);
     Ok(Ok(Applied::Changed {
         from: status,
         to,
@@ -84,7 +83,8 @@ pub async fn apply(
     }))
 }
 
-/// The metrics of one status change, recorded by [`SagaMetrics::record`] after the commit.
+/// The log line and the metrics of one status change, both written by [`SagaMetrics::record`]
+/// after the commit, so that neither tells of a change that was rolled back.
 ///
 /// A saga completes when its order reaches CONFIRMED, REJECTED or CANCELLED (a confirmed order
 /// that is cancelled later completes again, as cancelled: the compensation is a second saga run);
@@ -93,6 +93,8 @@ pub async fn apply(
 /// had reserved or sold gets it back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SagaMetrics {
+    order_id: Uuid,
+    from: OrderStatus,
     to: OrderStatus,
     outcome: Option<&'static str>,
     failed: Option<&'static str>,
@@ -101,7 +103,13 @@ pub struct SagaMetrics {
 }
 
 impl SagaMetrics {
-    fn of(from: OrderStatus, to: OrderStatus, input: &Input, changed: store::Changed) -> Self {
+    fn of(
+        order_id: Uuid,
+        from: OrderStatus,
+        to: OrderStatus,
+        input: &Input,
+        changed: store::Changed,
+    ) -> Self {
         let outcome = match to {
             OrderStatus::Confirmed => Some("confirmed"),
             OrderStatus::Rejected => Some("rejected"),
@@ -126,6 +134,8 @@ impl SagaMetrics {
                 }
             );
         Self {
+            order_id,
+            from,
             to,
             outcome,
             failed,
@@ -137,6 +147,7 @@ impl SagaMetrics {
     }
 
     pub fn record(self) {
+        tracing::info!(order_id = %self.order_id, from = %self.from, to = %self.to, "order status changed");
         metrics::counter!("orders_status_changes_total", "to" => self.to.as_str()).increment(1);
         if let Some(reason) = self.failed {
             metrics::counter!("saga_failed_total", "reason" => reason).increment(1);
