@@ -72,6 +72,8 @@ The order saga is running.
   Kafka broker       $BROKER (Tansu, in memory)   Postgres $PG_URL (databases orders, inventory)
   logs               $RUN_DIR/logs/
   tools              target/debug/saga (topics as JSON, dead letters), scripts/kcat.sh
+  traces             exported when OTEL_EXPORTER_OTLP_ENDPOINT is set (e.g. http://localhost:4318, a Jaeger)
+  dashboards         deploy/grafana (Prometheus config and alerts in deploy/prometheus); docker compose up --wait runs them all
 
 Try:
   curl -s -X POST http://127.0.0.1:8080/orders -H 'content-type: application/json' \\

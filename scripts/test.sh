@@ -1,11 +1,41 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit, codec and end-to-end tests (real binaries, real Postgres, real
-# Tansu broker; each end-to-end test starts its own broker and creates its own databases).
-# Installs what is missing first (Postgres, Tansu, kcat, promtool, docker-compose). Extra arguments go to the test runner.
+# Tansu broker; each end-to-end test starts its own broker and creates its own databases), then the
+# end-to-end suite again against a running stack (scripts/run.sh's, started here if none runs), the
+# way it runs against Docker Compose.
+# Installs what is missing first (Postgres, Tansu, kcat, promtool, docker-compose). Extra arguments
+# go to the test runner.
+#
+# With E2E_STACK=compose (after `docker compose up --wait`) or E2E_STACK=local (after
+# scripts/run.sh), runs only the end-to-end suite, against that stack, one test at a time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
+have_nextest() { cargo nextest --version >/dev/null 2>&1; }
+
+# The end-to-end suite against the running stack named by $E2E_STACK. One test at a time: a
+# shared stack's counters are read as increases, which only a test running alone can own.
+e2e_against_stack() {
+    say "running the end-to-end suite against the running stack E2E_STACK=$E2E_STACK, one test at a time (tests that must stop or reconfigure processes are skipped)"
+    if have_nextest; then
+        cargo nextest run -p e2e --no-fail-fast --test-threads 1 "$@"
+    else
+        cargo test -p e2e --no-fail-fast "$@" -- --test-threads 1
+    fi
+}
+
+if [ -n "${E2E_STACK:-}" ]; then
+    say "building the binaries"
+    cargo build --workspace --bins
+    ensure_kcat
+    export KCAT_LIB_DIR
+    ensure_promtool
+    e2e_against_stack "$@"
+    exit
+fi
+
+ensure_curl
 ensure_postgres
 ensure_tansu
 say "building the binaries"
@@ -14,10 +44,23 @@ ensure_kcat
 export KCAT_LIB_DIR
 ensure_promtool
 ensure_docker_compose
-if cargo nextest --version >/dev/null 2>&1; then
+status=0
+if have_nextest; then
     say "running the tests with cargo-nextest"
-    cargo nextest run --workspace --no-fail-fast "$@"
+    cargo nextest run --workspace --no-fail-fast "$@" || status=$?
 else
     say "running the tests with cargo test"
-    cargo test --workspace --no-fail-fast "$@"
+    cargo test --workspace --no-fail-fast "$@" || status=$?
 fi
+
+# The same end-to-end tests against a stack they did not start, as against Compose.
+if curl -fsS http://127.0.0.1:8080/readyz >/dev/null 2>&1; then
+    say "a stack already runs on 127.0.0.1:8080; testing against it"
+else
+    say "starting the local stack (scripts/run.sh) to run the end-to-end suite against it"
+    trap 'say "stopping the local stack"; scripts/stop.sh >&2' EXIT
+    scripts/run.sh >/dev/null
+fi
+export E2E_STACK=local
+e2e_against_stack "$@" || status=$?
+exit "$status"

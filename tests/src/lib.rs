@@ -5,6 +5,13 @@
 //! The binaries must be built first (`cargo build --bins`; the test script does it). Settings:
 //! `E2E_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432`), `TANSU_BIN` (default: the
 //! project's cached build, then `tansu` on PATH). Process logs go to `target/e2e-logs/<test>/`.
+//!
+//! With `E2E_STACK` set the same tests run against a stack that is already running instead (see
+//! [`external_stack`]): `compose` (`docker compose up --wait`) or `local` (`scripts/run.sh`).
+//! There every test uses its own skus (prefixed, see [`Stack::sku`]) and its own order ids, reads
+//! counters as increases since it started (so run the tests one at a time: `--test-threads 1`),
+//! and tests that must stop processes, restart them or start them with other settings are skipped
+//! ([`needs_own_stack`]).
 
 pub mod kafka;
 pub mod proxy;
@@ -14,6 +21,7 @@ use std::fs::File;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -22,8 +30,97 @@ use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
 pub fn postgres_url() -> String {
-    std::env::var("E2E_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    match external_stack() {
+        Some(stack) => stack.postgres_url.clone(),
+        None => std::env::var("E2E_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into()),
+    }
+}
+
+/// A stack that is already running, which the tests are pointed at with `E2E_STACK`.
+#[derive(Debug, Clone)]
+pub struct ExternalStack {
+    /// `E2E_STACK`: `compose` or `local`.
+    pub name: String,
+    pub order_url: String,
+    pub inventory_url: String,
+    pub relay_url: String,
+    pub bootstrap: String,
+    /// Server URL without a database, like [`postgres_url`].
+    pub postgres_url: String,
+    pub orders_db: String,
+    pub inventory_db: String,
+}
+
+impl ExternalStack {
+    /// Where the stack called `name` is without overrides: `compose` is what
+    /// `docker compose up --wait` publishes on the host (services on 8080-8082, Kafka's host
+    /// listener on localhost:9094, Postgres on 5433), `local` is `scripts/run.sh` (the same
+    /// service ports, Tansu on 9092, Postgres on 5432). `None` for another name.
+    pub fn defaults(name: &str) -> Option<ExternalStack> {
+        let (bootstrap, postgres_url) = match name {
+            "compose" => ("localhost:9094", "postgres://postgres@127.0.0.1:5433"),
+            "local" => ("127.0.0.1:9092", "postgres://postgres@127.0.0.1:5432"),
+            _ => return None,
+        };
+        Some(ExternalStack {
+            name: name.to_owned(),
+            order_url: "http://127.0.0.1:8080".into(),
+            inventory_url: "http://127.0.0.1:8081".into(),
+            relay_url: "http://127.0.0.1:8082".into(),
+            bootstrap: bootstrap.into(),
+            postgres_url: postgres_url.into(),
+            orders_db: "orders".into(),
+            inventory_db: "inventory".into(),
+        })
+    }
+}
+
+/// The running stack named by `E2E_STACK` ([`ExternalStack::defaults`]), or `None` when each test
+/// starts its own. Each address can be overridden: `E2E_ORDER_URL`, `E2E_INVENTORY_URL`,
+/// `E2E_RELAY_URL`, `E2E_KAFKA_BOOTSTRAP`, `E2E_POSTGRES_URL`, `E2E_ORDERS_DB`, `E2E_INVENTORY_DB`.
+pub fn external_stack() -> Option<&'static ExternalStack> {
+    static STACK: OnceLock<Option<ExternalStack>> = OnceLock::new();
+    STACK
+        .get_or_init(|| {
+            let name = std::env::var("E2E_STACK").ok().filter(|s| !s.is_empty())?;
+            let mut stack = ExternalStack::defaults(&name).unwrap_or_else(|| {
+                panic!(
+                    "E2E_STACK={name:?}: expected `compose` (docker compose up --wait) or \
+                     `local` (scripts/run.sh), or unset to let each test start its own"
+                )
+            });
+            for (variable, field) in [
+                ("E2E_ORDER_URL", &mut stack.order_url),
+                ("E2E_INVENTORY_URL", &mut stack.inventory_url),
+                ("E2E_RELAY_URL", &mut stack.relay_url),
+                ("E2E_KAFKA_BOOTSTRAP", &mut stack.bootstrap),
+                ("E2E_POSTGRES_URL", &mut stack.postgres_url),
+                ("E2E_ORDERS_DB", &mut stack.orders_db),
+                ("E2E_INVENTORY_DB", &mut stack.inventory_db),
+            ] {
+                if let Some(value) = std::env::var(variable).ok().filter(|v| !v.is_empty()) {
+                    *field = value;
+                }
+            }
+            Some(stack)
+        })
+        .as_ref()
+}
+
+/// For a test that stops, restarts or reconfigures processes: `true` (and a note on stderr) when
+/// the tests run against a stack they do not control, so the test returns early, skipped.
+pub fn needs_own_stack(what_it_does: &str) -> bool {
+    match external_stack() {
+        Some(stack) => {
+            eprintln!(
+                "skipped against E2E_STACK={}: this test {what_it_does}",
+                stack.name
+            );
+            true
+        }
+        None => false,
+    }
 }
 
 /// `host:port` of [`postgres_url`].
@@ -171,10 +268,10 @@ impl Drop for Proc {
     }
 }
 
-/// A Tansu broker on a free port, in memory.
+/// A Tansu broker on a free port, in memory (or the bootstrap address of an external stack's).
 pub struct Broker {
     pub bootstrap: String,
-    _proc: Proc,
+    _proc: Option<Proc>,
 }
 
 impl Broker {
@@ -202,12 +299,12 @@ impl Broker {
             .expect("broker did not come up");
         Broker {
             bootstrap,
-            _proc: proc,
+            _proc: Some(proc),
         }
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StackOptions {
     /// Start the relay with the stack (otherwise call [`Stack::start_relay`]).
     pub relay: bool,
@@ -238,6 +335,7 @@ impl Default for StackOptions {
 
 /// The whole system for one test: broker, order-service, inventory-service, outbox-relay, and two
 /// fresh databases. Everything is killed and the databases dropped when it goes out of scope.
+/// Against an [`external_stack`] it holds only the addresses, and nothing is stopped or dropped.
 pub struct Stack {
     pub broker: Broker,
     pub orders_db: String,
@@ -245,8 +343,8 @@ pub struct Stack {
     pub order_url: String,
     pub inventory_url: String,
     pub relay_metrics_url: String,
-    pub order_service: Proc,
-    pub inventory_service: Proc,
+    order_service: Option<Proc>,
+    inventory_service: Option<Proc>,
     inventory_args: Vec<String>,
     pub relay: Option<Proc>,
     /// The inventory database's proxy, when [`StackOptions::inventory_db_proxy`] asked for one.
@@ -254,6 +352,11 @@ pub struct Stack {
     pub http: reqwest::Client,
     options: StackOptions,
     log_dir: PathBuf,
+    /// Prepended to every sku the test names (empty on the test's own stack).
+    sku_prefix: String,
+    /// Against an external stack: each process's `/metrics` when the test started.
+    metrics_at_start: HashMap<String, String>,
+    external: Option<&'static ExternalStack>,
 }
 
 impl Stack {
@@ -264,6 +367,10 @@ impl Stack {
     pub async fn start_with(test: &str, options: StackOptions) -> Stack {
         let log_dir = target_dir().join("e2e-logs").join(test);
         let _ = std::fs::remove_dir_all(&log_dir);
+        std::fs::create_dir_all(&log_dir).expect("log dir");
+        if let Some(external) = external_stack() {
+            return Stack::on_external(external, options, log_dir).await;
+        }
         let broker = Broker::start(&log_dir).await;
         let suffix = Uuid::new_v4().simple().to_string()[..12].to_owned();
         let orders_db = format!("e2e_orders_{suffix}");
@@ -322,14 +429,17 @@ impl Stack {
             order_url: format!("http://127.0.0.1:{order_port}"),
             inventory_url: format!("http://127.0.0.1:{inventory_port}"),
             relay_metrics_url: format!("http://127.0.0.1:{relay_port}"),
-            order_service,
-            inventory_service,
+            order_service: Some(order_service),
+            inventory_service: Some(inventory_service),
             inventory_args,
             relay: None,
             inventory_proxy,
             http: reqwest::Client::new(),
             options: options.clone(),
             log_dir,
+            sku_prefix: String::new(),
+            metrics_at_start: HashMap::new(),
+            external: None,
         };
         stack.wait_ready(&stack.order_url.clone()).await;
         stack.wait_ready(&stack.inventory_url.clone()).await;
@@ -337,6 +447,65 @@ impl Stack {
             stack.start_relay().await;
         }
         stack
+    }
+
+    /// The stack for a test against `external`: its addresses, skus of the test's own, and each
+    /// process's counters as they were at the start.
+    async fn on_external(
+        external: &'static ExternalStack,
+        options: StackOptions,
+        log_dir: PathBuf,
+    ) -> Stack {
+        assert!(
+            options == StackOptions::default(),
+            "this test needs a stack started with {options:?}; it must return early when \
+             `needs_own_stack` says so"
+        );
+        let suffix = Uuid::new_v4().simple().to_string()[..10].to_owned();
+        let mut stack = Stack {
+            broker: Broker {
+                bootstrap: external.bootstrap.clone(),
+                _proc: None,
+            },
+            orders_db: external.orders_db.clone(),
+            inventory_db: external.inventory_db.clone(),
+            order_url: external.order_url.clone(),
+            inventory_url: external.inventory_url.clone(),
+            relay_metrics_url: external.relay_url.clone(),
+            order_service: None,
+            inventory_service: None,
+            inventory_args: Vec::new(),
+            relay: None,
+            inventory_proxy: None,
+            http: reqwest::Client::new(),
+            options,
+            log_dir,
+            sku_prefix: format!("e2e-{suffix}-"),
+            metrics_at_start: HashMap::new(),
+            external: Some(external),
+        };
+        for url in [
+            stack.order_url.clone(),
+            stack.inventory_url.clone(),
+            stack.relay_metrics_url.clone(),
+        ] {
+            stack.wait_ready(&url).await;
+            let text = stack.metrics_text(&url).await;
+            stack.metrics_at_start.insert(url, text);
+        }
+        stack
+    }
+
+    /// Whether this stack is an [`external_stack`] (shared, not started by the test).
+    pub fn is_external(&self) -> bool {
+        self.external.is_some()
+    }
+
+    /// The sku the test calls `name`, as the system knows it: `name` itself on the test's own
+    /// stack, `e2e-<random>-name` on an external one, so that tests never share stock. The
+    /// helpers that take skus ([`Stack::put_product`], [`Stack::place_order`], ...) apply it.
+    pub fn sku(&self, name: &str) -> String {
+        format!("{}{name}", self.sku_prefix)
     }
 
     /// `kill -9` inventory-service, wait `down`, start it again and wait until it is ready.
@@ -349,24 +518,35 @@ impl Stack {
 
     /// `kill -9` of the inventory service: no graceful shutdown, no leaving the consumer group.
     pub fn kill_inventory(&mut self) {
-        self.inventory_service.kill9();
+        self.inventory_service
+            .as_mut()
+            .expect("only a test's own stack can be killed")
+            .kill9();
     }
 
     /// Starts the inventory service again (after [`Stack::kill_inventory`]) and waits until it
     /// is ready.
     pub async fn start_inventory(&mut self) {
-        self.inventory_service = Proc::spawn_env(
+        assert!(
+            !self.is_external(),
+            "only a test's own stack can be started"
+        );
+        self.inventory_service = Some(Proc::spawn_env(
             "inventory-service",
             &binary("inventory-service"),
             &self.inventory_args,
             &self.log_dir,
             &self.options.env,
-        );
+        ));
         let url = self.inventory_url.clone();
         self.wait_ready(&url).await;
     }
 
     pub async fn start_relay(&mut self) {
+        assert!(
+            !self.is_external(),
+            "only a test's own stack can be started"
+        );
         let relay_port: u16 = self
             .relay_metrics_url
             .rsplit(':')
@@ -411,8 +591,8 @@ impl Stack {
             }
             assert!(
                 Instant::now() < deadline,
-                "{base} not ready after 60 s; see {}",
-                self.log_dir.display()
+                "{base} not ready after 60 s; {}",
+                self.where_logs_are()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -430,7 +610,9 @@ impl Stack {
             .expect("inventory db")
     }
 
+    /// `PUT /products/{sku}` (the sku as the test names it; see [`Stack::sku`]).
     pub async fn put_product(&self, sku: &str, price_cents: i64, available: i64) {
+        let sku = self.sku(sku);
         let r = self
             .http
             .put(format!("{}/products/{sku}", self.inventory_url))
@@ -445,16 +627,21 @@ impl Stack {
         );
     }
 
+    /// `GET /products/{sku}` (the sku as the test names it; see [`Stack::sku`]).
     pub async fn product(&self, sku: &str) -> Value {
-        self.get_json(&format!("{}/products/{sku}", self.inventory_url))
-            .await
+        self.get_json(&format!(
+            "{}/products/{}",
+            self.inventory_url,
+            self.sku(sku)
+        ))
+        .await
     }
 
-    /// Places an order and returns its id.
+    /// Places an order (skus as the test names them; see [`Stack::sku`]) and returns its id.
     pub async fn place_order(&self, items: &[(&str, i64)]) -> Uuid {
         let items: Vec<Value> = items
             .iter()
-            .map(|(sku, quantity)| json!({"sku": sku, "quantity": quantity}))
+            .map(|(sku, quantity)| json!({"sku": self.sku(sku), "quantity": quantity}))
             .collect();
         let r = self
             .http
@@ -469,6 +656,21 @@ impl Stack {
             .as_str()
             .and_then(|s| s.parse().ok())
             .expect("order_id")
+    }
+
+    /// With product A stocked (at least 1, fewer than 50): one order confirmed and then
+    /// cancelled, and one rejected (50 of A), each waited for; returns (cancelled, rejected).
+    /// Every saga outcome then has happened once.
+    pub async fn one_saga_of_each_outcome(&self) -> (Uuid, Uuid) {
+        const TIMEOUT: Duration = Duration::from_secs(60);
+        let confirmed = self.place_order(&[("A", 1)]).await;
+        let rejected = self.place_order(&[("A", 50)]).await;
+        self.wait_for_statuses(&[confirmed, rejected], &["CONFIRMED", "REJECTED"], TIMEOUT)
+            .await;
+        self.cancel(confirmed).await;
+        self.wait_for_statuses(&[confirmed], &["CANCELLED"], TIMEOUT)
+            .await;
+        (confirmed, rejected)
     }
 
     /// `POST /orders/{id}/cancel`: the status code and the body.
@@ -521,20 +723,29 @@ impl Stack {
             }
             assert!(
                 Instant::now() < deadline,
-                "{} of {} orders reached {statuses:?} within {timeout:?} (still waiting: {:?}); logs in {}",
+                "{} of {} orders reached {statuses:?} within {timeout:?} (still waiting: {:?}); {}",
                 done.len(),
                 ids.len(),
                 &waiting[..waiting.len().min(5)],
-                self.log_dir.display()
+                self.where_logs_are()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     /// The value of a Prometheus sample of `base_url/metrics` whose name is `name` and whose labels
-    /// include every pair in `labels`, summed over the matches (0 when none).
+    /// include every pair in `labels`, summed over the matches (0 when none). Against an external
+    /// stack a counter (or a histogram's count, sum or bucket) is its increase since the test
+    /// started.
     pub async fn metric(&self, base_url: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-        sum_metric(&self.metrics_text(base_url).await, name, labels)
+        let now = sum_metric(&self.metrics_text(base_url).await, name, labels);
+        let cumulative = ["_total", "_count", "_sum", "_bucket"]
+            .iter()
+            .any(|suffix| name.ends_with(suffix));
+        match self.metrics_at_start.get(base_url) {
+            Some(start) if cumulative => now - sum_metric(start, name, labels),
+            _ => now,
+        }
     }
 
     /// The Prometheus text of `<base_url>/metrics`.
@@ -574,7 +785,7 @@ impl Stack {
         let order = NewOrder {
             customer_id: Uuid::new_v4(),
             items: vec![Item {
-                sku: "A".into(),
+                sku: self.sku("A"),
                 quantity: 1,
             }],
         };
@@ -590,18 +801,36 @@ impl Stack {
         pool.close().await;
     }
 
+    /// The test's own directory (process logs on its own stack, files it writes).
     pub fn log_dir(&self) -> &Path {
         &self.log_dir
+    }
+
+    /// Where the processes' logs are, for failure messages.
+    pub fn where_logs_are(&self) -> String {
+        match self.external {
+            Some(external) if external.name == "compose" => "logs: docker compose logs".into(),
+            Some(_) => "logs in .run/logs/".into(),
+            None => format!("logs in {}", self.log_dir.display()),
+        }
     }
 }
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        if let Some(relay) = self.relay.as_mut() {
-            relay.kill9();
+        if self.is_external() {
+            return;
         }
-        self.order_service.kill9();
-        self.inventory_service.kill9();
+        for proc in [
+            &mut self.relay,
+            &mut self.order_service,
+            &mut self.inventory_service,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            proc.kill9();
+        }
         let dbs = [self.orders_db.clone(), self.inventory_db.clone()];
         // Drop cannot await: drop the databases from a thread with its own runtime.
         let _ = std::thread::spawn(move || {

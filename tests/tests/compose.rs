@@ -3,7 +3,8 @@
 //! environment variable it sets on a process is one that process reads (from the binary's own
 //! `--help`); every port agrees across the process's address, the published port, the
 //! healthcheck and Prometheus's target; every topic the code uses is created; the databases the
-//! services use are the ones Postgres creates.
+//! services use are the ones Postgres creates; `E2E_STACK=compose` points the end-to-end suite at
+//! the ports the file publishes.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -168,6 +169,45 @@ fn the_compose_file_agrees_with_the_binaries_ports_and_topics() {
                 .any(|w| w.trim_matches([';', '\\']) == topic),
             "the topics service does not create {topic}"
         );
+    }
+
+    // `E2E_STACK=compose` points the end-to-end suite at the ports published here.
+    let pointed = e2e::ExternalStack::defaults("compose").unwrap();
+    let published_on_host = |service: &str| -> Vec<u64> {
+        services[service]["ports"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .filter_map(|p| {
+                let published = &p["published"];
+                published
+                    .as_u64()
+                    .or_else(|| published.as_str()?.parse().ok())
+            })
+            .collect()
+    };
+    for (service, address) in [
+        ("order-service", &pointed.order_url),
+        ("inventory-service", &pointed.inventory_url),
+        ("outbox-relay", &pointed.relay_url),
+        ("postgres", &pointed.postgres_url),
+        ("kafka", &pointed.bootstrap),
+    ] {
+        let port = u64::from(port_of(address));
+        assert!(
+            published_on_host(service).contains(&port),
+            "E2E_STACK=compose expects {service} on {address}; compose publishes {:?}",
+            published_on_host(service)
+        );
+    }
+    let kafka_listeners = env(&services["kafka"], "KAFKA_ADVERTISED_LISTENERS").unwrap();
+    assert!(
+        kafka_listeners.contains(&format!("://{}", pointed.bootstrap)),
+        "E2E_STACK=compose uses Kafka at {}; the broker advertises {kafka_listeners}",
+        pointed.bootstrap
+    );
+    for db in [&pointed.orders_db, &pointed.inventory_db] {
+        assert!(init.contains(&format!("CREATE DATABASE {db};")));
     }
 
     // Every service with a healthcheck is waited for by what depends on it.

@@ -12,6 +12,9 @@ const TIMEOUT: Duration = Duration::from_secs(90);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_inventory_database_outage_delays_events_and_loses_or_dead_letters_none() {
+    if e2e::needs_own_stack("cuts inventory-service's database connections") {
+        return;
+    }
     let stack = Stack::start_with(
         "db_outage",
         StackOptions {

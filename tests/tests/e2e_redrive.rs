@@ -31,6 +31,9 @@ fn json_lines(text: &str) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_letter_redriven_after_its_cause_is_fixed_is_applied_once_even_if_redriven_twice() {
+    if e2e::needs_own_stack("starts the services with short retry delays") {
+        return;
+    }
     let stack = Stack::start_with(
         "redrive",
         StackOptions {

@@ -81,6 +81,9 @@ fn history(order: &serde_json::Value) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_not_yet_event_is_retried_and_applied_once_its_order_exists() {
+    if e2e::needs_own_stack("starts the services with retry delays of milliseconds") {
+        return;
+    }
     let stack = stack_with_delays("retry_then_success", "1s,3s,3s").await;
     let order_id = Uuid::new_v4();
     produce_inventory_event(
@@ -118,6 +121,9 @@ async fn a_not_yet_event_is_retried_and_applied_once_its_order_exists() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_never_applicable_is_dead_lettered_after_its_retries_on_schedule() {
+    if e2e::needs_own_stack("starts the services with retry delays of its own and times them") {
+        return;
+    }
     let delays_ms = [1000i64, 2000, 3000];
     let stack = stack_with_delays("retry_exhausted", "1s,2s,3s").await;
     let order_id = Uuid::new_v4();
@@ -195,6 +201,9 @@ async fn a_message_never_applicable_is_dead_lettered_after_its_retries_on_schedu
 
 #[tokio::test(flavor = "multi_thread")]
 async fn while_an_orders_event_waits_for_a_retry_its_next_event_waits_too_and_other_orders_flow() {
+    if e2e::needs_own_stack("starts the services with retry delays of its own") {
+        return;
+    }
     let stack = stack_with_delays("order_under_retry", "3s,3s,3s").await;
     let a = Uuid::new_v4();
     let b = Uuid::new_v4();
