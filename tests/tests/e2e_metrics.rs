@@ -50,13 +50,19 @@ async fn every_metrics_endpoint_passes_promtool_and_has_the_documented_metrics()
     stack.put_product("A", 100, 2).await;
     // A confirmed saga, a rejected one and a cancelled one, so every saga series exists.
     stack.one_saga_of_each_outcome().await;
-    // Lag gauges come from librdkafka's statistics, every 5 s.
-    eventually(TIMEOUT, || async {
-        let text = stack.metrics_text(&stack.inventory_url).await;
-        Ok(text.contains("consumer_lag_messages").then_some(()))
-    })
-    .await
-    .expect("consumer lag exported");
+    // Lag gauges come from librdkafka's statistics, every 5 s on each consumer's own clock, and
+    // only once its group has committed an offset: wait for both consuming services.
+    for (process, url) in [
+        ("order-service", &stack.order_url),
+        ("inventory-service", &stack.inventory_url),
+    ] {
+        eventually(TIMEOUT, || async {
+            let text = stack.metrics_text(url).await;
+            Ok(text.contains("consumer_lag_messages").then_some(()))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{process} exports no consumer_lag_messages: {e}"));
+    }
 
     let expected: [(&str, &str, &[&str]); 3] = [
         (
