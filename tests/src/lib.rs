@@ -314,7 +314,9 @@ pub struct StackOptions {
     pub inventory_db_proxy: bool,
     /// `--retry-delays` of both services (their default when `None`).
     pub retry_delays: Option<String>,
-    /// order-service's `--saga-deadline` (its default when `None`).
+    /// order-service's `--saga-deadline` (its default, 30 s, when `None`). Ten minutes unless a
+    /// test says otherwise: a test that is not about deadlines must not see its orders cancelled
+    /// because a loaded machine made a saga, a restart or a rebalance take half a minute.
     pub saga_deadline: Option<String>,
     /// Extra environment variables for the services and the relay (for example OTLP export).
     pub env: Vec<(String, String)>,
@@ -327,7 +329,7 @@ impl Default for StackOptions {
             relay_batch_size: 500,
             inventory_db_proxy: false,
             retry_delays: None,
-            saga_deadline: None,
+            saga_deadline: Some("10m".into()),
             env: Vec::new(),
         }
     }

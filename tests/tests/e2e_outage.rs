@@ -32,16 +32,21 @@ async fn an_inventory_database_outage_delays_events_and_loses_or_dead_letters_no
     let proxy = stack.inventory_proxy.as_ref().unwrap();
     proxy.take_down();
     let during: Vec<Uuid> = join_all((0..20).map(|_| stack.place_order(&[("A", 2)]))).await;
-    // Several seconds of outage while the OrderPlaced events arrive.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    let retries = stack
-        .metric(
-            &stack.inventory_url,
-            "consumer_transient_retries_total",
-            &[],
-        )
-        .await;
-    assert!(retries > 0.0, "the consumer must have met the outage");
+    // The OrderPlaced events reach inventory-service, which cannot apply them and retries in
+    // place; the outage then lasts a few seconds more, over several retries.
+    eventually(TIMEOUT, || async {
+        let retries = stack
+            .metric(
+                &stack.inventory_url,
+                "consumer_transient_retries_total",
+                &[],
+            )
+            .await;
+        Ok((retries > 0.0).then_some(()))
+    })
+    .await
+    .expect("the consumer meets the outage");
+    tokio::time::sleep(Duration::from_secs(4)).await;
     let pending: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM order_status_view WHERE order_id = ANY($1) AND status = 'PENDING'",
     )

@@ -167,6 +167,13 @@ async fn a_redelivered_event_with_the_same_message_id_has_no_second_effect() {
     stack
         .wait_for_statuses(&[id], &["CONFIRMED"], SAGA_TIMEOUT)
         .await;
+    // The saga settles first (inventory applied OrderConfirmed: sold), so that what follows
+    // measures the duplicate alone.
+    eventually(SAGA_TIMEOUT, || async {
+        Ok((stack.product("A").await["sold"] == 3).then_some(()))
+    })
+    .await
+    .expect("the confirmed order's stock is sold");
     let placed = wait_for_events(&stack, schemas::ORDERS_TOPIC, &[id], |e| {
         matches!(e, Event::OrderPlaced(_))
     })
