@@ -28,6 +28,9 @@ impl Proxy {
                 let Ok((mut client, _)) = listener.accept().await else {
                     continue;
                 };
+                // Under the lock that `take_down` holds, so that a connection accepted while the
+                // proxy goes down is either refused here or cut there.
+                let mut open = connections2.lock().expect("lock");
                 if down2.load(Ordering::SeqCst) {
                     drop(client);
                     continue;
@@ -38,7 +41,7 @@ impl Proxy {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                     }
                 });
-                connections2.lock().expect("lock").push(task.abort_handle());
+                open.push(task.abort_handle());
             }
         })
         .abort_handle();
@@ -52,8 +55,9 @@ impl Proxy {
 
     /// Cuts every open connection and refuses new ones.
     pub fn take_down(&self) {
+        let mut open = self.connections.lock().expect("lock");
         self.down.store(true, Ordering::SeqCst);
-        for c in self.connections.lock().expect("lock").drain(..) {
+        for c in open.drain(..) {
             c.abort();
         }
     }
