@@ -510,7 +510,6 @@ impl Stack {
         format!("{}{name}", self.sku_prefix)
     }
 
-    /// `kill -9` inventory-service, wait `down`, start it again and wait until it is ready.
     /// `kill -9` of the inventory service, down for `down`, then started again and ready.
     pub async fn restart_inventory(&mut self, down: Duration) {
         self.kill_inventory();

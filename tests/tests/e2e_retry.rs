@@ -81,7 +81,7 @@ fn history(order: &serde_json::Value) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_not_yet_event_is_retried_and_applied_once_its_order_exists() {
-    if e2e::needs_own_stack("starts the services with retry delays of milliseconds") {
+    if e2e::needs_own_stack("starts the services with retry delays of its own") {
         return;
     }
     let stack = stack_with_delays("retry_then_success", "1s,3s,3s").await;
