@@ -8,6 +8,11 @@ export TANSU_BIN
 PG_HOST=127.0.0.1
 PG_PORT=5432
 
+# What Kafka clients need against the local Tansu broker: its memory storage answers a fetch from an
+# offset inside a multi-record batch with the NEXT batch, so a consumer resuming there would skip
+# records; with one record per producer batch every offset starts a batch. Never set against Kafka.
+LOCAL_BROKER_KAFKA_CONFIG='producer.batch.num.messages=1'
+
 say() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 

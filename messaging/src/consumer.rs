@@ -44,8 +44,9 @@ use tracing::Instrument as _;
 
 use crate::dead_letter::{self, Failure};
 pub use crate::delivery::{Delivery, Envelope};
+use crate::offset_gaps::GapTracker;
 use crate::shutdown::Shutdown;
-use crate::{inbox, kafka, parking, retry};
+use crate::{inbox, kafka, ownership, parking, retry};
 
 /// Why a handler could not apply a message.
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +112,7 @@ impl AfterCommit {
 /// Where and how a consumer group runs.
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
-    pub bootstrap_servers: String,
+    pub kafka: kafka::KafkaSettings,
     pub group: String,
     pub topics: Vec<String>,
     /// The delay before each retry attempt; its length is the number of retries.
@@ -122,10 +123,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 type GroupConsumer = StreamConsumer<GroupContext>;
 
-/// Logs what the group coordinator gives and takes, so an idle consumer says why.
+/// Logs what the group coordinator gives and takes, so an idle consumer says why, and tracks the
+/// offsets received to notice records skipped.
 struct GroupContext {
     group: String,
-    topics: Vec<String>,
+    gaps: std::sync::Mutex<GapTracker>,
 }
 
 impl ClientContext for GroupContext {
@@ -149,6 +151,8 @@ impl ClientContext for GroupContext {
 
 impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // Where each partition continues is learnt again from the committed offsets.
+        self.gaps.lock().expect("gap tracker").forget_all();
         let describe = |list: &rdkafka::TopicPartitionList| {
             list.elements()
                 .iter()
@@ -170,28 +174,32 @@ impl ConsumerContext for GroupContext {
 }
 
 fn stream_consumer(
-    bootstrap: &str,
+    kafka: &kafka::KafkaSettings,
     group_id: &str,
     topics: &[&str],
 ) -> anyhow::Result<GroupConsumer> {
-    let consumer: GroupConsumer = kafka::client_config(bootstrap)
-        .set("group.id", group_id)
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "500")
-        // Offsets are stored by hand, after the inbox transaction commits.
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        // The broker answers a fetch when data arrives or this wait ends: bounds delivery latency.
-        .set("fetch.wait.max.ms", "50")
-        // A transient outage or a retry delay is waited out inside one record; stay in the group.
-        .set("max.poll.interval.ms", "86400000")
-        // Per-partition lag for the `consumer_lag_messages` gauge.
-        .set("statistics.interval.ms", "5000")
+    let consumer: GroupConsumer = kafka
+        .consumer(&[
+            ("group.id", group_id),
+            ("enable.auto.commit", "true"),
+            ("auto.commit.interval.ms", "500"),
+            // Offsets are stored by hand, after the inbox transaction commits.
+            ("enable.auto.offset.store", "false"),
+            ("auto.offset.reset", "earliest"),
+            ("session.timeout.ms", "10000"),
+            ("heartbeat.interval.ms", "1000"),
+            // The broker answers a fetch when data arrives or this wait ends: bounds delivery
+            // latency.
+            ("fetch.wait.max.ms", "50"),
+            // A transient outage or a retry delay is waited out inside one record; stay in the
+            // group.
+            ("max.poll.interval.ms", "86400000"),
+            // Per-partition lag for the `consumer_lag_messages` gauge.
+            ("statistics.interval.ms", "5000"),
+        ])
         .create_with_context(GroupContext {
             group: group_id.to_owned(),
-            topics: topics.iter().map(|t| t.to_string()).collect(),
+            gaps: Default::default(),
         })
         .context("creating Kafka consumer")?;
     consumer
@@ -208,7 +216,9 @@ pub async fn run<H: Handler>(
     handler: H,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let producer: FutureProducer = kafka::reliable_producer_config(&settings.bootstrap_servers)
+    let producer: FutureProducer = settings
+        .kafka
+        .producer()
         .create()
         .context("creating the retry and dead-letter producer")?;
     let worker = Arc::new(Worker {
@@ -219,21 +229,39 @@ pub async fn run<H: Handler>(
         retry_delays: settings.retry_delays.clone(),
         shutdown: shutdown.clone(),
     });
-    let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
-    let main = stream_consumer(&settings.bootstrap_servers, &settings.group, &topics)?;
-    let mut tasks = vec![tokio::spawn(consume(worker.clone(), main, Stage::Main))];
+    // One member id for every consumer of this process in the ownership table.
+    let member = uuid::Uuid::new_v4();
+    let mut consumers = vec![(settings.group.clone(), settings.topics.clone(), Stage::Main)];
     for attempt in 1..=settings.retry_delays.len() {
-        let topic = retry::retry_topic(&settings.group, attempt);
         // Each retry topic has its own group id: its records wait a uniform delay, so one
         // consumer per topic reads them in due order without holding up the others.
-        let consumer = stream_consumer(&settings.bootstrap_servers, &topic, &[topic.as_str()])?;
-        tasks.push(tokio::spawn(consume(
-            worker.clone(),
-            consumer,
-            Stage::Retry,
-        )));
+        let topic = retry::retry_topic(&settings.group, attempt);
+        consumers.push((topic.clone(), vec![topic], Stage::Retry));
     }
-    tracing::info!(group = %settings.group, topics = ?settings.topics, retry_delays = ?settings.retry_delays, "consumer started");
+    let mut tasks = Vec::new();
+    for (group, topics, stage) in consumers {
+        for topic in &topics {
+            // Rare: exported at 0 from the start so that the alert on it has a series to read.
+            counter!("consumer_offset_gaps_total", "group" => group.clone(), "topic" => topic.clone())
+                .absolute(0);
+        }
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let consumer = Arc::new(stream_consumer(&settings.kafka, &group, &names)?);
+        for topic in &topics {
+            tasks.push(tokio::spawn(ownership::watch(
+                consumer.clone(),
+                worker.pool.clone(),
+                group.clone(),
+                topic.clone(),
+                topics.clone(),
+                member,
+                shutdown.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(consume(worker.clone(), consumer, stage)));
+    }
+    tracing::info!(group = %settings.group, topics = ?settings.topics, retry_delays = ?settings.retry_delays,
+        kafka_config = ?settings.kafka.describe_user_config(), "consumer started");
     for task in tasks {
         task.await.context("consumer task")?;
     }
@@ -249,18 +277,10 @@ enum Stage {
     Retry,
 }
 
-async fn consume<H: Handler>(worker: Arc<Worker<H>>, consumer: GroupConsumer, stage: Stage) {
-    let consumer = Arc::new(consumer);
-    let mut check = tokio::time::interval(ASSIGNMENT_CHECK_EVERY);
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut unassigned_checks = 0;
+async fn consume<H: Handler>(worker: Arc<Worker<H>>, consumer: Arc<GroupConsumer>, stage: Stage) {
     loop {
         let message = tokio::select! {
             _ = worker.shutdown.wait() => break,
-            _ = check.tick() => {
-                unassigned_checks = check_assignment(&consumer, unassigned_checks).await;
-                continue;
-            }
             message = consumer.recv() => message,
         };
         let message = match message {
@@ -272,6 +292,7 @@ async fn consume<H: Handler>(worker: Arc<Worker<H>>, consumer: GroupConsumer, st
             }
         };
         let delivery = Delivery::from_message(&message);
+        check_for_gap(&consumer, &delivery).await;
         let span = process_span(&worker.group, &delivery);
         match worker.process(&delivery, stage).instrument(span).await {
             Processed::Done => {
@@ -285,6 +306,61 @@ async fn consume<H: Handler>(worker: Arc<Worker<H>>, consumer: GroupConsumer, st
     if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
         tracing::debug!(error = %e, "final offset commit");
     }
+}
+
+/// Counts and logs records the broker skipped before `delivery` (see [`crate::offset_gaps`]).
+/// The first record of a partition after an assignment is compared with the group's committed
+/// offset, read from the broker.
+async fn check_for_gap(consumer: &Arc<GroupConsumer>, delivery: &Delivery) {
+    let (topic, partition) = (delivery.topic.as_str(), delivery.partition);
+    let known = consumer
+        .context()
+        .gaps
+        .lock()
+        .expect("gap tracker")
+        .knows(topic, partition);
+    if !known && let Some(committed) = committed_offset(consumer, topic, partition).await {
+        consumer
+            .context()
+            .gaps
+            .lock()
+            .expect("gap tracker")
+            .expect(topic, partition, committed);
+    }
+    let gap = consumer
+        .context()
+        .gaps
+        .lock()
+        .expect("gap tracker")
+        .observe(topic, partition, delivery.offset);
+    if let Some(missing) = gap {
+        let group = &consumer.context().group;
+        tracing::error!(%group, %topic, partition, first_missing = *missing.start(), last_missing = *missing.end(),
+            received = delivery.offset, "records skipped: the broker delivered this offset after an earlier \
+            one with records missing in between; `saga audit` lists any that were never applied");
+        counter!("consumer_offset_gaps_total", "group" => group.clone(), "topic" => topic.to_owned())
+            .increment(1);
+    }
+}
+
+/// The group's committed offset of one partition, when there is one.
+async fn committed_offset(
+    consumer: &Arc<GroupConsumer>,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
+    let mut list = rdkafka::TopicPartitionList::new();
+    list.add_partition(topic, partition);
+    let consumer = consumer.clone();
+    let committed = tokio::task::spawn_blocking(move || {
+        consumer.committed_offsets(list, Duration::from_secs(5))
+    })
+    .await
+    .ok()?
+    .map_err(|e| tracing::debug!(error = %e, "could not read the committed offset"))
+    .ok()?;
+    let element = committed.elements().into_iter().next()?;
+    element.offset().to_raw().filter(|o| *o >= 0)
 }
 
 /// The OpenTelemetry consumer span of one record (`process orders.v1`), a child of the span
@@ -311,65 +387,6 @@ fn process_span(group: &str, delivery: &Delivery) -> tracing::Span {
     );
     crate::trace_context::continue_from(&span, delivery.header("traceparent"));
     span
-}
-
-const ASSIGNMENT_CHECK_EVERY: Duration = Duration::from_secs(5);
-/// Checks in a row without partitions before a lone member rejoins its group.
-const UNASSIGNED_CHECKS_BEFORE_REJOIN: u32 = 3;
-
-/// A watchdog for a broker bug. Tansu 0.6 (the local broker) can leave a group whose leader
-/// crashed (`kill -9`, no LeaveGroup) with its one live member assigned nothing, for good: the
-/// member heartbeats without error and reads nothing. A consumer that has had no partitions for
-/// [`UNASSIGNED_CHECKS_BEFORE_REJOIN`] checks in a row while the coordinator lists at most one
-/// member (itself) leaves the group and subscribes again; as the only member it then becomes the
-/// leader and takes every partition. On Apache Kafka a lone member always gets every partition,
-/// and with more members the check does nothing, so this never fires there. Returns the new count
-/// of checks without partitions.
-async fn check_assignment(consumer: &Arc<GroupConsumer>, unassigned_checks: u32) -> u32 {
-    let assigned = consumer.assignment().map_or(0, |a| a.count());
-    if assigned > 0 {
-        return 0;
-    }
-    let unassigned_checks = unassigned_checks + 1;
-    if unassigned_checks < UNASSIGNED_CHECKS_BEFORE_REJOIN {
-        return unassigned_checks;
-    }
-    let group = consumer.context().group.clone();
-    let describe = {
-        let consumer = consumer.clone();
-        let group = group.clone();
-        tokio::task::spawn_blocking(move || {
-            consumer
-                .fetch_group_list(Some(&group), Duration::from_secs(5))
-                .map(|list| list.groups().first().map_or(0, |g| g.members().len()))
-        })
-    };
-    let members = match describe.await {
-        Ok(Ok(members)) => members,
-        Ok(Err(e)) => {
-            tracing::debug!(%group, error = %e, "could not describe the group");
-            return unassigned_checks;
-        }
-        Err(_) => return unassigned_checks,
-    };
-    if members > 1 {
-        return unassigned_checks;
-    }
-    tracing::warn!(%group, members, checks = unassigned_checks, every = ?ASSIGNMENT_CHECK_EVERY,
-        "this consumer is its group's only member but has had no partitions for several checks \
-         (the broker lost the group's assignment); leaving and rejoining the group");
-    consumer.unsubscribe();
-    let topics: Vec<&str> = consumer
-        .context()
-        .topics
-        .iter()
-        .map(String::as_str)
-        .collect();
-    if let Err(e) = consumer.subscribe(&topics) {
-        tracing::warn!(%group, error = %e, "could not subscribe again; retrying at the next check");
-        return unassigned_checks;
-    }
-    0
 }
 
 enum Processed {

@@ -1,6 +1,18 @@
-//! Kafka client configuration shared by every process, and topic creation at start (the local
-//! broker does not create topics on first use).
+//! How every process reaches Kafka: the bootstrap servers, the client settings this project relies
+//! on, the user's own librdkafka properties on top (`--kafka-config`), and topic creation at start
+//! (the local broker does not create topics on first use).
+//!
+//! # User properties (`--kafka-config KEY=VALUE`, `KAFKA_CONFIG`)
+//! Any librdkafka property can be given, repeatedly on the command line or `;`-separated in the
+//! variable, so that producers and consumers can be tuned (and secured: TLS, SASL) for a cluster
+//! without a rebuild. A key prefixed `producer.` or `consumer.` applies only to that kind of
+//! client; an unprefixed key applies to every client of the process (librdkafka ignores, with a
+//! warning, a producer property given to a consumer). User properties are applied after ours, so
+//! they win, except for the few the promises rest on, which are refused at start with the reason
+//! ([`PROTECTED`]).
 
+use std::fmt;
+use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -17,37 +29,234 @@ pub fn dead_letter_topic(group: &str) -> String {
     format!("{group}.dlq")
 }
 
-/// A client configuration with the bootstrap servers and settings every client here shares.
-pub fn client_config(bootstrap_servers: &str) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", bootstrap_servers)
-        .set("socket.keepalive.enable", "true")
-        .set("reconnect.backoff.max.ms", "2000");
-    config
+/// librdkafka properties a user may not set, and why: each one carries a promise.
+pub const PROTECTED: &[(&str, &str)] = &[
+    (
+        "bootstrap.servers",
+        "set it with --kafka-bootstrap-servers / KAFKA_BOOTSTRAP_SERVERS",
+    ),
+    (
+        "metadata.broker.list",
+        "set it with --kafka-bootstrap-servers / KAFKA_BOOTSTRAP_SERVERS",
+    ),
+    (
+        "enable.idempotence",
+        "the idempotent producer keeps each order's events in order across its own retries",
+    ),
+    (
+        "acks",
+        "records are acknowledged by all in-sync replicas before an outbox row is deleted",
+    ),
+    (
+        "request.required.acks",
+        "records are acknowledged by all in-sync replicas before an outbox row is deleted",
+    ),
+    (
+        "message.timeout.ms",
+        "a send never gives up during an outage, so an outage delays records but never drops or reorders them",
+    ),
+    (
+        "delivery.timeout.ms",
+        "a send never gives up during an outage, so an outage delays records but never drops or reorders them",
+    ),
+    (
+        "enable.gapless.guarantee",
+        "a record that fails for good stops the producer instead of letting later records of its order overtake it",
+    ),
+    ("group.id", "consumer groups are named by the service"),
+    (
+        "enable.auto.offset.store",
+        "offsets are stored only after the inbox transaction commits",
+    ),
+    (
+        "enable.auto.commit",
+        "the stored offsets are committed in the background",
+    ),
+    (
+        "auto.offset.reset",
+        "a new consumer group must read each topic from its first record",
+    ),
+    (
+        "enable.partition.eof",
+        "the consumers do not handle end-of-partition events",
+    ),
+];
+
+/// Which clients a user property applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Every client (unprefixed key).
+    All,
+    /// Producers only (`producer.` prefix).
+    Producer,
+    /// Consumers only (`consumer.` prefix).
+    Consumer,
+    /// Admin clients (topic creation); they take only [`Role::All`] properties.
+    Admin,
 }
 
-/// Producer settings for messages that must not be lost or reordered: idempotent, acknowledged by
-/// all in-sync replicas, and never given up on (`message.timeout.ms=0`): during a broker outage a
-/// send waits rather than fails, so an outage delays work but never drops or reorders it.
-pub fn reliable_producer_config(bootstrap_servers: &str) -> ClientConfig {
-    let mut config = client_config(bootstrap_servers);
-    config
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("message.timeout.ms", "0")
-        .set("linger.ms", "1")
-        .set("compression.type", "none");
-    config
+/// One `--kafka-config` property: `[producer.|consumer.]KEY=VALUE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Property {
+    pub role: Role,
+    pub key: String,
+    pub value: String,
+}
+
+impl FromStr for Property {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let text = text.trim();
+        let (key, value) = text
+            .split_once('=')
+            .ok_or_else(|| format!("{text:?}: expected KEY=VALUE (a librdkafka property)"))?;
+        let key = key.trim();
+        let (role, key) = if let Some(k) = key.strip_prefix("producer.") {
+            (Role::Producer, k)
+        } else if let Some(k) = key.strip_prefix("consumer.") {
+            (Role::Consumer, k)
+        } else {
+            (Role::All, key)
+        };
+        if key.is_empty()
+            || !key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_')
+        {
+            return Err(format!(
+                "{text:?}: {key:?} is not a librdkafka property name"
+            ));
+        }
+        if let Some((_, why)) = PROTECTED.iter().find(|(k, _)| *k == key) {
+            return Err(format!("{key} cannot be overridden: {why}"));
+        }
+        Ok(Property {
+            role,
+            key: key.to_owned(),
+            value: value.trim().to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for Property {
+    /// `KEY=VALUE` with its prefix; values of secrets (`*password*`, `*secret*`, `*.key.pem`) are
+    /// hidden, so that settings can be logged.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let prefix = match self.role {
+            Role::Producer => "producer.",
+            Role::Consumer => "consumer.",
+            Role::All | Role::Admin => "",
+        };
+        let secret = ["password", "secret", "key.pem", "jaas"]
+            .iter()
+            .any(|s| self.key.contains(s));
+        let value = if secret { "***" } else { &self.value };
+        write!(f, "{prefix}{}={value}", self.key)
+    }
+}
+
+/// Where Kafka is and the user's client properties; every process flattens this into its
+/// settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaSettings {
+    /// Kafka bootstrap servers.
+    #[arg(
+        long,
+        short = 'b',
+        visible_alias = "bootstrap-servers",
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092",
+        global = true
+    )]
+    pub kafka_bootstrap_servers: String,
+    /// A librdkafka property for this process's Kafka clients, KEY=VALUE; prefix the key with
+    /// `producer.` or `consumer.` to set it for one kind of client only. Repeat the flag, or
+    /// separate properties with `;` in the variable. Example: `security.protocol=ssl`.
+    #[arg(
+        long = "kafka-config",
+        env = "KAFKA_CONFIG",
+        value_name = "KEY=VALUE",
+        value_delimiter = ';',
+        global = true
+    )]
+    pub kafka_config: Vec<Property>,
+}
+
+impl KafkaSettings {
+    /// The local broker's address and no properties of the user's.
+    pub fn new(bootstrap_servers: &str) -> KafkaSettings {
+        KafkaSettings {
+            kafka_bootstrap_servers: bootstrap_servers.to_owned(),
+            kafka_config: Vec::new(),
+        }
+    }
+
+    /// The settings every client here shares, for a client of `role`, with the user's
+    /// properties for that role applied last. A client with settings of its own uses
+    /// [`Self::producer`] or [`Self::consumer`], which apply the user's properties after them.
+    pub fn client(&self, role: Role) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.kafka_bootstrap_servers)
+            .set("socket.keepalive.enable", "true")
+            .set("reconnect.backoff.max.ms", "2000");
+        self.apply_user(&mut config, role);
+        config
+    }
+
+    /// Applies the user's properties for `role` to `config`, over what is already set.
+    pub fn apply_user(&self, config: &mut ClientConfig, role: Role) {
+        for p in &self.kafka_config {
+            if p.role == Role::All || p.role == role {
+                config.set(&p.key, &p.value);
+            }
+        }
+    }
+
+    /// Producer settings for messages that must not be lost or reordered: idempotent,
+    /// acknowledged by all in-sync replicas, never given up on (`message.timeout.ms=0`: during
+    /// a broker outage a send waits rather than fails, so an outage delays work but never drops
+    /// or reorders it), and gapless: should a record still fail for good, the producer fails
+    /// fatally instead of sending the records behind it, so no later record of an order can
+    /// overtake an earlier one. The user's producer properties come on top.
+    pub fn producer(&self) -> ClientConfig {
+        let mut config = self.client(Role::Producer);
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", "0")
+            .set("enable.gapless.guarantee", "true")
+            .set("linger.ms", "1")
+            .set("compression.type", "none");
+        self.apply_user(&mut config, Role::Producer);
+        config
+    }
+
+    /// `ours` (a consumer's own settings), then the user's consumer properties on top.
+    pub fn consumer(&self, ours: &[(&str, &str)]) -> ClientConfig {
+        let mut config = self.client(Role::Consumer);
+        for (k, v) in ours {
+            config.set(*k, *v);
+        }
+        self.apply_user(&mut config, Role::Consumer);
+        config
+    }
+
+    /// The user's properties, secrets hidden, for the start-up log line.
+    pub fn describe_user_config(&self) -> Vec<String> {
+        self.kafka_config.iter().map(|p| p.to_string()).collect()
+    }
 }
 
 /// Creates each topic that does not exist yet; topics that exist are left as they are.
 pub async fn ensure_topics(
-    bootstrap_servers: &str,
+    kafka: &KafkaSettings,
     topics: &[&str],
     partitions: i32,
 ) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = client_config(bootstrap_servers)
+    let admin: AdminClient<DefaultClientContext> = kafka
+        .client(Role::Admin)
         .create()
         .context("creating Kafka admin client")?;
     let new_topics: Vec<NewTopic<'_>> = topics
@@ -70,10 +279,10 @@ pub async fn ensure_topics(
 }
 
 /// Like [`ensure_topics`], retrying with backoff until the broker answers, logging each failure.
-pub async fn ensure_topics_with_retry(bootstrap_servers: &str, topics: &[&str], partitions: i32) {
+pub async fn ensure_topics_with_retry(kafka: &KafkaSettings, topics: &[&str], partitions: i32) {
     let mut delay = Duration::from_millis(200);
     loop {
-        match ensure_topics(bootstrap_servers, topics, partitions).await {
+        match ensure_topics(kafka, topics, partitions).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), ?delay, "topics not ready; retrying");
@@ -81,5 +290,73 @@ pub async fn ensure_topics_with_retry(bootstrap_servers: &str, topics: &[&str], 
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Property, String> {
+        text.parse()
+    }
+
+    #[test]
+    fn a_property_applies_to_the_clients_its_prefix_names() {
+        let settings = KafkaSettings {
+            kafka_bootstrap_servers: "b:9092".into(),
+            kafka_config: vec![
+                parse("client.id=saga").unwrap(),
+                parse("producer.batch.num.messages=1").unwrap(),
+                parse("consumer.fetch.wait.max.ms=10").unwrap(),
+            ],
+        };
+        let producer = settings.producer();
+        assert_eq!(producer.get("batch.num.messages"), Some("1"));
+        assert_eq!(producer.get("fetch.wait.max.ms"), None);
+        assert_eq!(producer.get("client.id"), Some("saga"));
+        assert_eq!(producer.get("enable.idempotence"), Some("true"));
+        let consumer = settings.consumer(&[("fetch.wait.max.ms", "50"), ("group.id", "g")]);
+        assert_eq!(
+            consumer.get("fetch.wait.max.ms"),
+            Some("10"),
+            "the user's value wins"
+        );
+        assert_eq!(consumer.get("batch.num.messages"), None);
+        assert_eq!(consumer.get("group.id"), Some("g"));
+        let admin = settings.client(Role::Admin);
+        assert_eq!(admin.get("client.id"), Some("saga"));
+        assert_eq!(admin.get("batch.num.messages"), None);
+    }
+
+    #[test]
+    fn properties_the_promises_rest_on_are_refused_with_the_reason() {
+        for key in [
+            "enable.idempotence",
+            "producer.acks",
+            "consumer.enable.auto.offset.store",
+            "message.timeout.ms",
+            "bootstrap.servers",
+        ] {
+            let err = parse(&format!("{key}=x")).unwrap_err();
+            assert!(err.contains("cannot be overridden"), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn malformed_properties_are_refused() {
+        assert!(parse("no-equals-sign").is_err());
+        assert!(parse("=value").is_err());
+        assert!(parse("producer.=1").is_err());
+        assert!(parse("bad key=1").is_err());
+        assert_eq!(parse(" linger.ms = 5").unwrap().value, "5");
+    }
+
+    #[test]
+    fn secrets_are_hidden_when_settings_are_logged() {
+        let p = parse("sasl.password=hunter2").unwrap();
+        assert_eq!(p.to_string(), "sasl.password=***");
+        let p = parse("producer.linger.ms=5").unwrap();
+        assert_eq!(p.to_string(), "producer.linger.ms=5");
     }
 }

@@ -46,13 +46,8 @@ pub type Background = Box<
 /// flattens this in next to its address and database.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommonSettings {
-    /// Kafka bootstrap servers.
-    #[arg(
-        long,
-        env = "KAFKA_BOOTSTRAP_SERVERS",
-        default_value = "127.0.0.1:9092"
-    )]
-    pub kafka_bootstrap_servers: String,
+    #[command(flatten)]
+    pub kafka: kafka::KafkaSettings,
     /// Partitions of the topics this service creates when they are missing.
     #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 3)]
     pub topic_partitions: i32,
@@ -131,7 +126,7 @@ where
     topics.extend(own_topics.iter().map(String::as_str));
     tracing::info!(?topics, "making sure the topics exist");
     tokio::select! {
-        _ = kafka::ensure_topics_with_retry(&config.common.kafka_bootstrap_servers, &topics, config.common.topic_partitions) => {}
+        _ = kafka::ensure_topics_with_retry(&config.common.kafka, &topics, config.common.topic_partitions) => {}
         _ = shutdown.wait() => {}
     }
     let background: Vec<_> = spec
@@ -141,7 +136,7 @@ where
         .collect();
     let consumer = tokio::spawn(consumer::run(
         ConsumerSettings {
-            bootstrap_servers: config.common.kafka_bootstrap_servers.clone(),
+            kafka: config.common.kafka.clone(),
             group: spec.group.to_owned(),
             topics: vec![spec.subscribe.to_owned()],
             retry_delays: config.common.retry_delays.0.clone(),

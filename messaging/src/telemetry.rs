@@ -202,6 +202,18 @@ fn describe_metrics() {
         "consumer_lag_messages",
         "Messages between the partition's high watermark and the group's committed offset, per assigned partition (librdkafka statistics, every 5 s)"
     );
+    describe_counter!(
+        "consumer_offset_gaps_total",
+        "Times a consumer received an offset beyond the next one it expected on a partition: records it never received (the log names the range)"
+    );
+    describe_gauge!(
+        "consumer_unowned_partitions",
+        "Partitions of the topic that no live instance of the group reads, per the ownership watchdog (every 5 s)"
+    );
+    describe_counter!(
+        "consumer_forced_rebalances_total",
+        "Times this consumer left and rejoined its group because partitions had no live reader"
+    );
     // Relay
     describe_counter!(
         "relay_rows_published_total",

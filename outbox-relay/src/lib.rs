@@ -79,13 +79,8 @@ pub struct Settings {
         default_value = "orders=postgres://postgres@127.0.0.1:5432/orders,inventory=postgres://postgres@127.0.0.1:5432/inventory"
     )]
     pub sources: Vec<Source>,
-    /// Kafka bootstrap servers.
-    #[arg(
-        long,
-        env = "KAFKA_BOOTSTRAP_SERVERS",
-        default_value = "127.0.0.1:9092"
-    )]
-    pub kafka_bootstrap_servers: String,
+    #[command(flatten)]
+    pub kafka: messaging::kafka::KafkaSettings,
     /// Most rows read and produced per batch.
     #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 500)]
     pub batch_size: i64,
@@ -120,13 +115,14 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     });
     tokio::select! {
         _ = messaging::kafka::ensure_topics_with_retry(
-            &settings.kafka_bootstrap_servers,
+            &settings.kafka,
             &messaging::kafka::EVENT_TOPICS,
             settings.topic_partitions,
         ) => {}
         _ = shutdown.wait() => {}
     }
-    let producer = relay::producer(&settings.kafka_bootstrap_servers)?;
+    tracing::info!(kafka_config = ?settings.kafka.describe_user_config(), "connecting to Kafka");
+    let producer = relay::producer(&settings.kafka)?;
     relay::warm_up(&producer, &shutdown).await;
     let options = relay::Options {
         batch_size: settings.batch_size,

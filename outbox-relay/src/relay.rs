@@ -25,10 +25,8 @@ pub struct Options {
     pub idle_poll: Duration,
 }
 
-pub fn producer(bootstrap_servers: &str) -> anyhow::Result<FutureProducer> {
-    messaging::kafka::reliable_producer_config(bootstrap_servers)
-        .create()
-        .context("creating Kafka producer")
+pub fn producer(kafka: &messaging::kafka::KafkaSettings) -> anyhow::Result<FutureProducer> {
+    kafka.producer().create().context("creating Kafka producer")
 }
 
 /// Waits until the producer knows the event topics' leaders, so the first rows after start are

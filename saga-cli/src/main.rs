@@ -3,10 +3,14 @@
 //! - `saga tail TOPIC` prints a topic's records as JSON lines, decoding our Avro (and JSON) events;
 //! - `saga dlq list|show|redrive` reads a consumer group's dead-letter topic and sends selected
 //!   records back to their original topic with their ORIGINAL message id, so the group's inbox
-//!   still recognises anything that was applied in the meantime.
+//!   still recognises anything that was applied in the meantime;
+//! - `saga audit` checks the topics and both databases against the saga's promises (see
+//!   [`audit`]); exit status 0 when it finds nothing, 1 when it finds something, 2 when it could
+//!   not read what it needs.
 //!
 //! Output goes to stdout as JSON; what the tool is doing goes to stderr.
 
+mod audit;
 mod read;
 
 use std::collections::HashSet;
@@ -17,24 +21,18 @@ use clap::{Args, Parser, Subcommand};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 
+use messaging::kafka::KafkaSettings;
 use read::Record;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "saga",
     version,
-    about = "Decode the saga's topics; list, show and redrive dead letters"
+    about = "Decode the saga's topics; list, show and redrive dead letters; audit the saga"
 )]
 struct Cli {
-    /// Kafka bootstrap servers.
-    #[arg(
-        long,
-        short = 'b',
-        env = "KAFKA_BOOTSTRAP_SERVERS",
-        default_value = "127.0.0.1:9092",
-        global = true
-    )]
-    bootstrap_servers: String,
+    #[command(flatten)]
+    kafka: messaging::kafka::KafkaSettings,
     #[command(subcommand)]
     command: Command,
 }
@@ -51,6 +49,11 @@ enum Command {
     /// Dead letters of a consumer group.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Check the topics and both databases against the saga's promises: records never applied
+    /// nor dead-lettered, orders not terminal, statuses that disagree with reservations, stock
+    /// not conserved, events out of order, old outbox rows. Exit status 1 when it finds any,
+    /// 2 when it cannot read what it needs.
+    Audit(audit::AuditArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,23 +118,32 @@ impl Selection {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let bootstrap = cli.bootstrap_servers;
-    match cli.command {
-        Command::Tail { topic, follow } => {
-            read::each_record(&bootstrap, &topic, follow, |record| {
-                println!("{}", record_json(&record));
-            })
+async fn main() -> std::process::ExitCode {
+    match run(Cli::parse()).await {
+        Ok(status) => std::process::ExitCode::from(status as u8),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
         }
+    }
+}
+
+/// Runs the command; returns the exit status.
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let kafka = &cli.kafka;
+    let done: anyhow::Result<()> = match cli.command {
+        Command::Audit(args) => return audit::run(kafka, &args).await,
+        Command::Tail { topic, follow } => read::each_record(kafka, &topic, follow, |record| {
+            println!("{}", record_json(&record));
+        }),
         Command::Dlq(DlqCommand::List(group)) => {
-            for record in dead_letters(&bootstrap, &group.group).await? {
+            for record in dead_letters(kafka, &group.group).await? {
                 println!("{}", summary_json(&record));
             }
             Ok(())
         }
         Command::Dlq(DlqCommand::Show { group, message_id }) => {
-            let found: Vec<Record> = dead_letters(&bootstrap, &group.group)
+            let found: Vec<Record> = dead_letters(kafka, &group.group)
                 .await?
                 .into_iter()
                 .filter(|r| r.header("message-id") == Some(message_id.as_str()))
@@ -152,19 +164,20 @@ async fn main() -> anyhow::Result<()> {
             select,
             dry_run,
             rate,
-        }) => redrive(&bootstrap, &group.group, &select, dry_run, rate).await,
-    }
+        }) => redrive(kafka, &group.group, &select, dry_run, rate).await,
+    };
+    done.map(|()| 0)
 }
 
-async fn dead_letters(bootstrap: &str, group: &str) -> anyhow::Result<Vec<Record>> {
+async fn dead_letters(kafka: &KafkaSettings, group: &str) -> anyhow::Result<Vec<Record>> {
     let topic = messaging::kafka::dead_letter_topic(group);
     let mut records = Vec::new();
-    read::each_record(bootstrap, &topic, false, |r| records.push(r))?;
+    read::each_record(kafka, &topic, false, |r| records.push(r))?;
     Ok(records)
 }
 
 async fn redrive(
-    bootstrap: &str,
+    kafka: &KafkaSettings,
     group: &str,
     select: &Selection,
     dry_run: bool,
@@ -173,7 +186,7 @@ async fn redrive(
     if rate <= 0.0 {
         bail!("--rate must be positive");
     }
-    let letters = dead_letters(bootstrap, group).await?;
+    let letters = dead_letters(kafka, group).await?;
     let mut seen = HashSet::new();
     // A message dead-lettered more than once is redriven once.
     let selected: Vec<&Record> = letters
@@ -191,7 +204,8 @@ async fn redrive(
             ""
         }
     );
-    let producer: FutureProducer = messaging::kafka::reliable_producer_config(bootstrap)
+    let producer: FutureProducer = kafka
+        .producer()
         .create()
         .context("creating Kafka producer")?;
     let pause = Duration::from_secs_f64(1.0 / rate);

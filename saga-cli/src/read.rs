@@ -54,14 +54,13 @@ impl Record {
 /// or keeps reading with `follow`.
 /// It blocks: this is a command-line tool.
 pub fn each_record(
-    bootstrap: &str,
+    kafka: &messaging::kafka::KafkaSettings,
     topic: &str,
     follow: bool,
     mut each: impl FnMut(Record),
 ) -> anyhow::Result<()> {
-    let consumer: BaseConsumer = messaging::kafka::client_config(bootstrap)
-        .set("group.id", "saga-cli")
-        .set("enable.auto.commit", "false")
+    let consumer: BaseConsumer = kafka
+        .consumer(&[("group.id", "saga-cli"), ("enable.auto.commit", "false")])
         .create()
         .context("creating Kafka consumer")?;
     let metadata = consumer

@@ -171,3 +171,34 @@ pub async fn produce(
         .map_err(|(e, _)| anyhow::anyhow!("producing to {topic}: {e}"))?;
     Ok(())
 }
+
+/// Commits `offsets` (partition, next offset to read) of `topic` for consumer group `group`, as
+/// an operator resetting a group's offsets would (the group should have no live member).
+pub async fn commit_offsets(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    offsets: &[(i32, i64)],
+) -> anyhow::Result<()> {
+    let (bootstrap, group, topic, offsets) = (
+        bootstrap.to_owned(),
+        group.to_owned(),
+        topic.to_owned(),
+        offsets.to_vec(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = config(&bootstrap)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let mut list = TopicPartitionList::new();
+        for (partition, offset) in &offsets {
+            list.add_partition_offset(&topic, *partition, Offset::Offset(*offset))?;
+        }
+        consumer
+            .commit(&list, rdkafka::consumer::CommitMode::Sync)
+            .with_context(|| format!("committing {offsets:?} of {topic} for {group}"))?;
+        Ok(())
+    })
+    .await?
+}

@@ -216,6 +216,7 @@ impl Proc {
             .env("RUST_LOG", log_level)
             .env_remove("DATABASE_URL")
             .env_remove("RELAY_SOURCES")
+            .env_remove("KAFKA_CONFIG")
             .env_remove("LOG_FORMAT")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -320,7 +321,18 @@ pub struct StackOptions {
     pub saga_deadline: Option<String>,
     /// Extra environment variables for the services and the relay (for example OTLP export).
     pub env: Vec<(String, String)>,
+    /// Give the processes [`LOCAL_BROKER_KAFKA_CONFIG`], as `scripts/run.sh` does: producers
+    /// write one record per batch, which the local broker needs to fetch correctly from any
+    /// offset. Only a test of what happens without it turns this off.
+    pub one_record_per_batch: bool,
+    /// Start inventory-service with the stack (otherwise call [`Stack::start_inventory`]).
+    pub inventory: bool,
 }
+
+/// The Kafka client settings the local Tansu broker needs (`--kafka-config`): its memory storage
+/// answers a fetch from an offset inside a multi-record batch with the next batch, so producers
+/// write one record per batch (see the README, "The local broker"). `scripts/run.sh` sets the same.
+pub const LOCAL_BROKER_KAFKA_CONFIG: &str = "producer.batch.num.messages=1";
 
 impl Default for StackOptions {
     fn default() -> Self {
@@ -331,6 +343,19 @@ impl Default for StackOptions {
             retry_delays: None,
             saga_deadline: Some("10m".into()),
             env: Vec::new(),
+            one_record_per_batch: true,
+            inventory: true,
+        }
+    }
+}
+
+impl StackOptions {
+    /// The `--kafka-config` arguments of every process.
+    fn kafka_config_args(&self) -> Vec<String> {
+        if self.one_record_per_batch {
+            vec!["--kafka-config".into(), LOCAL_BROKER_KAFKA_CONFIG.into()]
+        } else {
+            Vec::new()
         }
     }
 }
@@ -403,6 +428,7 @@ impl Stack {
                 "--kafka-bootstrap-servers".into(),
                 broker.bootstrap.clone(),
             ]);
+            args.extend(options.kafka_config_args());
             args
         };
         let mut order_args = service_args(order_port, &postgres_url(), &orders_db);
@@ -417,13 +443,15 @@ impl Stack {
             &options.env,
         );
         let inventory_args = service_args(inventory_port, &inventory_pg, &inventory_db);
-        let inventory_service = Proc::spawn_env(
-            "inventory-service",
-            &binary("inventory-service"),
-            &inventory_args,
-            &log_dir,
-            &options.env,
-        );
+        let inventory_service = options.inventory.then(|| {
+            Proc::spawn_env(
+                "inventory-service",
+                &binary("inventory-service"),
+                &inventory_args,
+                &log_dir,
+                &options.env,
+            )
+        });
         let mut stack = Stack {
             broker,
             orders_db,
@@ -432,7 +460,7 @@ impl Stack {
             inventory_url: format!("http://127.0.0.1:{inventory_port}"),
             relay_metrics_url: format!("http://127.0.0.1:{relay_port}"),
             order_service: Some(order_service),
-            inventory_service: Some(inventory_service),
+            inventory_service,
             inventory_args,
             relay: None,
             inventory_proxy,
@@ -444,7 +472,9 @@ impl Stack {
             external: None,
         };
         stack.wait_ready(&stack.order_url.clone()).await;
-        stack.wait_ready(&stack.inventory_url.clone()).await;
+        if options.inventory {
+            stack.wait_ready(&stack.inventory_url.clone()).await;
+        }
         if options.relay {
             stack.start_relay().await;
         }
@@ -543,6 +573,31 @@ impl Stack {
         self.wait_ready(&url).await;
     }
 
+    /// Starts another inventory-service instance (same database, broker and consumer group, its
+    /// own HTTP port), logging to `<name>.log`, and waits until it is ready.
+    pub async fn spawn_inventory_instance(&self, name: &str) -> Proc {
+        assert!(
+            !self.is_external(),
+            "only a test's own stack can be started"
+        );
+        let mut args = self.inventory_args.clone();
+        let port = free_port();
+        let at = args
+            .iter()
+            .position(|a| a == "--listen-addr")
+            .expect("--listen-addr");
+        args[at + 1] = format!("127.0.0.1:{port}");
+        let proc = Proc::spawn_env(
+            name,
+            &binary("inventory-service"),
+            &args,
+            &self.log_dir,
+            &self.options.env,
+        );
+        self.wait_ready(&format!("http://127.0.0.1:{port}")).await;
+        proc
+    }
+
     pub async fn start_relay(&mut self) {
         assert!(
             !self.is_external(),
@@ -571,6 +626,10 @@ impl Stack {
             "--batch-size".into(),
             self.options.relay_batch_size.to_string(),
         ];
+        let args: Vec<String> = args
+            .into_iter()
+            .chain(self.options.kafka_config_args())
+            .collect();
         self.relay = Some(Proc::spawn_env(
             "outbox-relay",
             &binary("outbox-relay"),

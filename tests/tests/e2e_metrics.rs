@@ -58,10 +58,15 @@ async fn every_metrics_endpoint_passes_promtool_and_has_the_documented_metrics()
     ] {
         eventually(TIMEOUT, || async {
             let text = stack.metrics_text(url).await;
-            Ok(text.contains("consumer_lag_messages").then_some(()))
+            // Both gauges are set on their own 5 s clocks (statistics, ownership check).
+            Ok((text.contains("consumer_lag_messages")
+                && text.contains("consumer_unowned_partitions"))
+            .then_some(()))
         })
         .await
-        .unwrap_or_else(|e| panic!("{process} exports no consumer_lag_messages: {e}"));
+        .unwrap_or_else(|e| {
+            panic!("{process} exports no consumer_lag_messages or consumer_unowned_partitions: {e}")
+        });
     }
 
     let expected: [(&str, &str, &[&str]); 3] = [
@@ -79,6 +84,9 @@ async fn every_metrics_endpoint_passes_promtool_and_has_the_documented_metrics()
                 "consumer_messages_processed_total",
                 "consumer_handler_duration_seconds",
                 "consumer_lag_messages",
+                "consumer_offset_gaps_total",
+                "consumer_unowned_partitions",
+                "consumer_forced_rebalances_total",
             ],
         ),
         (
@@ -92,6 +100,9 @@ async fn every_metrics_endpoint_passes_promtool_and_has_the_documented_metrics()
                 "consumer_lag_messages",
                 "inventory_reservations_total",
                 "inventory_releases_total",
+                "consumer_offset_gaps_total",
+                "consumer_unowned_partitions",
+                "consumer_forced_rebalances_total",
             ],
         ),
         (

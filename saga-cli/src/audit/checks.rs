@@ -1,0 +1,637 @@
+//! The audit's rules, as pure functions over what was read: each returns the findings it makes.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+/// A record of an event topic, as the audit needs it.
+#[derive(Debug, Clone)]
+pub struct TopicRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// CreateTime, Unix milliseconds.
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<String>,
+    pub message_id: Option<Uuid>,
+    pub event_type: Option<String>,
+}
+
+/// A dead letter: its message id and where the original record was.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub message_id: Option<Uuid>,
+    pub original: Option<(String, i32, i64)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct OrderRow {
+    pub order_id: Uuid,
+    pub status: String,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReservationRow {
+    pub order_id: Uuid,
+    pub status: String,
+    /// (sku, quantity)
+    pub lines: Vec<(String, i64)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProductRow {
+    pub sku: String,
+    pub available: i64,
+    pub reserved: i64,
+    pub sold: i64,
+    pub stock_added: i64,
+}
+
+/// What the audit found wrong. Serialized with a `kind` field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Finding {
+    /// A record older than the grace period that the group never applied and did not
+    /// dead-letter.
+    Unapplied {
+        group: String,
+        topic: String,
+        partition: i32,
+        offset: i64,
+        message_id: Option<Uuid>,
+        event_type: Option<String>,
+        key: Option<String>,
+        /// Its key waits behind a retry (parked) in the group's database.
+        parked: bool,
+    },
+    /// An accepted order still not terminal after the grace period.
+    NotTerminal {
+        order_id: Uuid,
+        status: String,
+        since: DateTime<Utc>,
+    },
+    /// A terminal order whose reservation disagrees with its status.
+    StatusMismatch {
+        order_id: Uuid,
+        order_status: String,
+        reservation_status: Option<String>,
+        expected: String,
+    },
+    /// A reservation that holds or sold stock for an order order-service does not know.
+    OrphanReservation { order_id: Uuid, status: String },
+    /// Stock of a sku not conserved, or not matching the reservations.
+    Stock { sku: String, problem: String },
+    /// An order's events out of order on its topic (or on more than one partition).
+    OutOfOrder {
+        topic: String,
+        key: String,
+        problem: String,
+    },
+    /// An outbox row older than the threshold: the relay is not publishing it.
+    OldOutbox {
+        source: String,
+        message_id: Uuid,
+        age_seconds: u64,
+    },
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Finding::Unapplied {
+                group,
+                topic,
+                partition,
+                offset,
+                message_id,
+                event_type,
+                key,
+                parked,
+            } => {
+                let id = message_id.map_or("no valid message-id".to_owned(), |m| m.to_string());
+                write!(
+                    f,
+                    "unapplied: {topic}[{partition}]@{offset} ({}, message {id}, key {}) was never \
+                     applied by {group} and is not in its DLQ",
+                    event_type.as_deref().unwrap_or("no event-type"),
+                    key.as_deref().unwrap_or("none")
+                )?;
+                if *parked {
+                    write!(f, "; its key waits behind a retry")?;
+                }
+                Ok(())
+            }
+            Finding::NotTerminal {
+                order_id,
+                status,
+                since,
+            } => write!(
+                f,
+                "not terminal: order {order_id} is {status} since {since}"
+            ),
+            Finding::StatusMismatch {
+                order_id,
+                order_status,
+                reservation_status,
+                expected,
+            } => write!(
+                f,
+                "status mismatch: order {order_id} is {order_status} but its reservation is {}; \
+                 expected {expected}",
+                reservation_status.as_deref().unwrap_or("absent")
+            ),
+            Finding::OrphanReservation { order_id, status } => write!(
+                f,
+                "orphan reservation: {status} reservation for order {order_id}, which \
+                 order-service does not know"
+            ),
+            Finding::Stock { sku, problem } => write!(f, "stock of {sku}: {problem}"),
+            Finding::OutOfOrder {
+                topic,
+                key,
+                problem,
+            } => write!(f, "out of order on {topic}, key {key}: {problem}"),
+            Finding::OldOutbox {
+                source,
+                message_id,
+                age_seconds,
+            } => write!(
+                f,
+                "old outbox row: {source} message {message_id} has waited {age_seconds} s"
+            ),
+        }
+    }
+}
+
+/// Records of `group`'s topic, older than `cutoff_ms`, that have no inbox row (`applied`) and
+/// no dead letter (by message id, or by original place for records without a valid id).
+pub fn unapplied(
+    group: &str,
+    records: &[TopicRecord],
+    applied: &HashSet<Uuid>,
+    dead: &[DeadLetter],
+    parked_keys: &HashSet<String>,
+    cutoff_ms: i64,
+) -> Vec<Finding> {
+    let dead_ids: HashSet<Uuid> = dead.iter().filter_map(|d| d.message_id).collect();
+    let dead_places: HashSet<(&str, i32, i64)> = dead
+        .iter()
+        .filter_map(|d| d.original.as_ref())
+        .map(|(t, p, o)| (t.as_str(), *p, *o))
+        .collect();
+    records
+        .iter()
+        .filter(|r| r.timestamp_ms.is_none_or(|t| t < cutoff_ms))
+        .filter(|r| match r.message_id {
+            Some(id) => !applied.contains(&id) && !dead_ids.contains(&id),
+            None => !dead_places.contains(&(r.topic.as_str(), r.partition, r.offset)),
+        })
+        .map(|r| Finding::Unapplied {
+            group: group.to_owned(),
+            topic: r.topic.clone(),
+            partition: r.partition,
+            offset: r.offset,
+            message_id: r.message_id,
+            event_type: r.event_type.clone(),
+            key: r.key.clone(),
+            parked: r.key.as_ref().is_some_and(|k| parked_keys.contains(k)),
+        })
+        .collect()
+}
+
+/// Orders not terminal after the grace period, terminal orders whose reservation disagrees,
+/// and reservations of unknown orders.
+pub fn orders(
+    orders: &[OrderRow],
+    reservations: &[ReservationRow],
+    cutoff: DateTime<Utc>,
+) -> Vec<Finding> {
+    let by_order: HashMap<Uuid, &ReservationRow> =
+        reservations.iter().map(|r| (r.order_id, r)).collect();
+    let mut findings = Vec::new();
+    for order in orders.iter().filter(|o| o.updated_at < cutoff) {
+        let reservation = by_order.get(&order.order_id).map(|r| r.status.as_str());
+        let (ok, expected) = match order.status.as_str() {
+            "PENDING" | "CANCELLING" => {
+                findings.push(Finding::NotTerminal {
+                    order_id: order.order_id,
+                    status: order.status.clone(),
+                    since: order.updated_at,
+                });
+                continue;
+            }
+            "CONFIRMED" => (reservation == Some("COMMITTED"), "COMMITTED"),
+            "CANCELLED" => (
+                matches!(reservation, None | Some("RELEASED")),
+                "RELEASED or absent",
+            ),
+            "REJECTED" => (reservation.is_none(), "absent"),
+            other => (false, other),
+        };
+        if !ok {
+            findings.push(Finding::StatusMismatch {
+                order_id: order.order_id,
+                order_status: order.status.clone(),
+                reservation_status: reservation.map(str::to_owned),
+                expected: expected.to_owned(),
+            });
+        }
+    }
+    let known: HashSet<Uuid> = orders.iter().map(|o| o.order_id).collect();
+    findings.extend(
+        reservations
+            .iter()
+            .filter(|r| r.status != "RELEASED" && !known.contains(&r.order_id))
+            .map(|r| Finding::OrphanReservation {
+                order_id: r.order_id,
+                status: r.status.clone(),
+            }),
+    );
+    findings
+}
+
+/// Per sku: none negative, stock added = available + reserved + sold, reserved = the lines of
+/// RESERVED reservations, sold = the lines of COMMITTED ones. `products` and `reservations` must
+/// come from one snapshot.
+pub fn stock(products: &[ProductRow], reservations: &[ReservationRow]) -> Vec<Finding> {
+    let mut held: HashMap<&str, (i128, i128)> = HashMap::new();
+    for r in reservations {
+        for (sku, quantity) in &r.lines {
+            let entry = held.entry(sku.as_str()).or_default();
+            match r.status.as_str() {
+                "RESERVED" => entry.0 += i128::from(*quantity),
+                "COMMITTED" => entry.1 += i128::from(*quantity),
+                _ => {}
+            }
+        }
+    }
+    let mut findings = Vec::new();
+    for p in products {
+        let mut problems = Vec::new();
+        if p.available < 0 || p.reserved < 0 || p.sold < 0 {
+            problems.push(format!(
+                "negative: available {}, reserved {}, sold {}",
+                p.available, p.reserved, p.sold
+            ));
+        }
+        let sum = i128::from(p.available) + i128::from(p.reserved) + i128::from(p.sold);
+        if sum != i128::from(p.stock_added) {
+            problems.push(format!(
+                "stock added {} but available + reserved + sold = {sum}",
+                p.stock_added
+            ));
+        }
+        let (reserved, sold) = held.remove(p.sku.as_str()).unwrap_or_default();
+        if reserved != i128::from(p.reserved) {
+            problems.push(format!(
+                "reserved {} but RESERVED reservations hold {reserved}",
+                p.reserved
+            ));
+        }
+        if sold != i128::from(p.sold) {
+            problems.push(format!(
+                "sold {} but COMMITTED reservations hold {sold}",
+                p.sold
+            ));
+        }
+        findings.extend(problems.into_iter().map(|problem| Finding::Stock {
+            sku: p.sku.clone(),
+            problem,
+        }));
+    }
+    for (sku, (reserved, sold)) in held {
+        if reserved != 0 || sold != 0 {
+            findings.push(Finding::Stock {
+                sku: sku.to_owned(),
+                problem: format!(
+                    "reservations hold {reserved} reserved and {sold} sold of a product that \
+                     does not exist"
+                ),
+            });
+        }
+    }
+    findings
+}
+
+/// Each order's events on `records` (one topic) in offset order, each message once: on one
+/// partition, and in an order its producer's state machine allows.
+pub fn event_order(records: &[TopicRecord]) -> Vec<Finding> {
+    let mut by_key: HashMap<&str, Vec<&TopicRecord>> = HashMap::new();
+    for r in records {
+        if let Some(key) = &r.key {
+            by_key.entry(key.as_str()).or_default().push(r);
+        }
+    }
+    let mut findings = Vec::new();
+    for (key, mut events) in by_key {
+        let topic = events[0].topic.clone();
+        let partitions: HashSet<i32> = events.iter().map(|r| r.partition).collect();
+        if partitions.len() > 1 {
+            let mut partitions: Vec<i32> = partitions.into_iter().collect();
+            partitions.sort_unstable();
+            findings.push(Finding::OutOfOrder {
+                topic,
+                key: key.to_owned(),
+                problem: format!("events on partitions {partitions:?}"),
+            });
+            continue;
+        }
+        events.sort_by_key(|r| r.offset);
+        let mut seen = HashSet::new();
+        let types: Vec<&str> = events
+            .iter()
+            .filter(|r| r.message_id.is_none_or(|id| seen.insert(id)))
+            .filter_map(|r| r.event_type.as_deref())
+            .collect();
+        if let Some(problem) = sequence_problem(&types) {
+            findings.push(Finding::OutOfOrder {
+                topic,
+                key: key.to_owned(),
+                problem,
+            });
+        }
+    }
+    findings
+}
+
+/// What is wrong with one order's sequence of event types (one topic, each message once), by
+/// the order and reservation state machines of the README: `None` when they can produce it.
+pub fn sequence_problem(types: &[&str]) -> Option<String> {
+    let (mut placed, mut decided, mut cancelled) = (false, None::<&str>, false);
+    let (mut stock_decided, mut released) = (None::<&str>, false);
+    for (i, &t) in types.iter().enumerate() {
+        let problem = match t {
+            "OrderPlaced" if i > 0 => Some(format!("OrderPlaced after {}", types[..i].join(", "))),
+            "OrderPlaced" => {
+                placed = true;
+                None
+            }
+            "OrderConfirmed" | "OrderRejected" | "OrderCancelled" if !placed => {
+                Some(format!("{t} before OrderPlaced"))
+            }
+            "OrderConfirmed" | "OrderRejected" => match (decided, cancelled) {
+                (Some(earlier), _) => Some(format!("{t} after {earlier}")),
+                (None, true) => Some(format!("{t} after OrderCancelled")),
+                (None, false) => {
+                    decided = Some(t);
+                    None
+                }
+            },
+            "OrderCancelled" if cancelled => Some("OrderCancelled twice".to_owned()),
+            "OrderCancelled" => {
+                cancelled = true;
+                None
+            }
+            "StockReserved" | "StockReservationRejected" => match (stock_decided, released) {
+                (Some(earlier), _) => Some(format!("{t} after {earlier}")),
+                (None, true) if t == "StockReserved" => {
+                    Some("StockReserved after StockReleased".to_owned())
+                }
+                _ => {
+                    stock_decided = Some(t);
+                    None
+                }
+            },
+            "StockReleased" if released => Some("StockReleased twice".to_owned()),
+            "StockReleased" => {
+                released = true;
+                None
+            }
+            _ => None,
+        };
+        if problem.is_some() {
+            return problem;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(partition: i32, offset: i64, key: &str, id: u128, event: &str) -> TopicRecord {
+        TopicRecord {
+            topic: "orders.v1".into(),
+            partition,
+            offset,
+            timestamp_ms: Some(0),
+            key: Some(key.into()),
+            message_id: Some(Uuid::from_u128(id)),
+            event_type: Some(event.into()),
+        }
+    }
+
+    #[test]
+    fn a_record_neither_applied_nor_dead_lettered_is_found() {
+        let records = [
+            record(0, 0, "k", 1, "OrderPlaced"),
+            record(0, 1, "k", 2, "OrderConfirmed"),
+            record(0, 2, "j", 3, "OrderPlaced"),
+        ];
+        let applied = HashSet::from([Uuid::from_u128(1)]);
+        let dead = [DeadLetter {
+            message_id: Some(Uuid::from_u128(3)),
+            original: None,
+        }];
+        let parked = HashSet::from(["k".to_owned()]);
+        let found = unapplied("g", &records, &applied, &dead, &parked, 1);
+        assert_eq!(found.len(), 1);
+        assert!(matches!(
+            &found[0],
+            Finding::Unapplied {
+                offset: 1,
+                parked: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn recent_records_and_dead_lettered_records_without_an_id_are_not_findings() {
+        let mut recent = record(0, 0, "k", 1, "OrderPlaced");
+        recent.timestamp_ms = Some(10);
+        let mut poison = record(0, 1, "k", 2, "OrderPlaced");
+        poison.message_id = None;
+        let dead = [DeadLetter {
+            message_id: None,
+            original: Some(("orders.v1".into(), 0, 1)),
+        }];
+        let none = HashSet::new();
+        let records = [recent, poison.clone()];
+        assert!(unapplied("g", &records, &HashSet::new(), &dead, &none, 5).is_empty());
+        assert_eq!(
+            unapplied("g", &[poison], &HashSet::new(), &[], &none, 5).len(),
+            1
+        );
+    }
+
+    fn order(id: u128, status: &str) -> OrderRow {
+        OrderRow {
+            order_id: Uuid::from_u128(id),
+            status: status.into(),
+            updated_at: DateTime::UNIX_EPOCH,
+        }
+    }
+
+    fn reservation(id: u128, status: &str, lines: &[(&str, i64)]) -> ReservationRow {
+        ReservationRow {
+            order_id: Uuid::from_u128(id),
+            status: status.into(),
+            lines: lines.iter().map(|(s, q)| (s.to_string(), *q)).collect(),
+        }
+    }
+
+    #[test]
+    fn order_statuses_must_agree_with_reservations() {
+        let orders_ = [
+            order(1, "CONFIRMED"),
+            order(2, "CONFIRMED"),
+            order(3, "CANCELLED"),
+            order(4, "CANCELLED"),
+            order(5, "REJECTED"),
+            order(6, "PENDING"),
+            order(7, "CANCELLED"),
+            order(8, "REJECTED"),
+        ];
+        let reservations = [
+            reservation(1, "COMMITTED", &[]),
+            reservation(2, "RESERVED", &[]),
+            reservation(3, "RELEASED", &[]),
+            reservation(7, "RESERVED", &[]),
+            reservation(8, "COMMITTED", &[]),
+            reservation(9, "RESERVED", &[]),
+        ];
+        let found = orders(&orders_, &reservations, Utc::now());
+        let ids: Vec<(u128, &str)> = found
+            .iter()
+            .map(|f| match f {
+                Finding::StatusMismatch { order_id, .. } => (order_id.as_u128(), "mismatch"),
+                Finding::NotTerminal { order_id, .. } => (order_id.as_u128(), "not terminal"),
+                Finding::OrphanReservation { order_id, .. } => (order_id.as_u128(), "orphan"),
+                other => panic!("{other}"),
+            })
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                (2, "mismatch"),
+                (6, "not terminal"),
+                (7, "mismatch"),
+                (8, "mismatch"),
+                (9, "orphan")
+            ]
+        );
+        assert_eq!(
+            orders(&orders_, &reservations, DateTime::UNIX_EPOCH).len(),
+            1,
+            "within the grace period only the orphan counts"
+        );
+    }
+
+    #[test]
+    fn stock_must_match_the_reservations() {
+        let product = |sku: &str, available, reserved, sold| ProductRow {
+            sku: sku.into(),
+            available,
+            reserved,
+            sold,
+            stock_added: available + reserved + sold,
+        };
+        let reservations = [
+            reservation(1, "RESERVED", &[("A", 2), ("B", 1)]),
+            reservation(2, "COMMITTED", &[("A", 3)]),
+            reservation(3, "RELEASED", &[("A", 50)]),
+        ];
+        let good = [product("A", 5, 2, 3), product("B", 0, 1, 0)];
+        assert!(stock(&good, &reservations).is_empty());
+        let moved = [product("A", 5, 3, 2), product("B", 0, 1, 0)];
+        assert_eq!(stock(&moved, &reservations).len(), 2);
+        let mut broken = product("B", 0, 1, 0);
+        broken.stock_added = 5;
+        assert_eq!(stock(&[good[0].clone(), broken], &reservations).len(), 1);
+        assert_eq!(
+            stock(&good[..1], &reservations).len(),
+            1,
+            "B's reservation without B"
+        );
+    }
+
+    #[test]
+    fn sequences_the_state_machines_produce_are_accepted() {
+        for ok in [
+            &["OrderPlaced"][..],
+            &["OrderPlaced", "OrderConfirmed"],
+            &["OrderPlaced", "OrderRejected"],
+            &["OrderPlaced", "OrderCancelled"],
+            &["OrderPlaced", "OrderConfirmed", "OrderCancelled"],
+            &["StockReserved", "StockReleased"],
+            &["StockReleased", "StockReservationRejected"],
+            &["StockReservationRejected", "StockReleased"],
+        ] {
+            assert_eq!(sequence_problem(ok), None, "{ok:?}");
+        }
+    }
+
+    #[test]
+    fn sequences_out_of_order_are_named() {
+        for (bad, why) in [
+            (
+                &["OrderConfirmed", "OrderPlaced"][..],
+                "OrderConfirmed before OrderPlaced",
+            ),
+            (
+                &["OrderPlaced", "OrderCancelled", "OrderConfirmed"],
+                "OrderConfirmed after OrderCancelled",
+            ),
+            (
+                &["OrderPlaced", "OrderConfirmed", "OrderRejected"],
+                "OrderRejected after OrderConfirmed",
+            ),
+            (
+                &["OrderPlaced", "OrderPlaced"],
+                "OrderPlaced after OrderPlaced",
+            ),
+            (
+                &["StockReleased", "StockReserved"],
+                "StockReserved after StockReleased",
+            ),
+            (
+                &["StockReserved", "StockReserved"],
+                "StockReserved after StockReserved",
+            ),
+        ] {
+            assert_eq!(sequence_problem(bad).as_deref(), Some(why), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn event_order_ignores_redeliveries_and_catches_split_keys() {
+        let records = [
+            record(0, 0, "k", 1, "OrderPlaced"),
+            record(0, 1, "k", 2, "OrderConfirmed"),
+            record(0, 2, "k", 1, "OrderPlaced"),
+        ];
+        assert!(
+            event_order(&records).is_empty(),
+            "a republished OrderPlaced is a duplicate, not a reorder"
+        );
+        let records = [
+            record(0, 0, "k", 1, "OrderPlaced"),
+            record(1, 0, "k", 2, "OrderConfirmed"),
+        ];
+        assert_eq!(event_order(&records).len(), 1);
+        let records = [
+            record(0, 5, "k", 1, "OrderPlaced"),
+            record(0, 3, "k", 2, "OrderConfirmed"),
+        ];
+        assert_eq!(
+            event_order(&records).len(),
+            1,
+            "offsets, not arrival, give the order"
+        );
+    }
+}
