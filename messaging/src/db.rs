@@ -86,19 +86,50 @@ pub fn is_transient(err: &sqlx::Error) -> bool {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_) => true,
-        sqlx::Error::Database(e) => {
-            let code = e.code();
-            let code = code.as_deref().unwrap_or("");
-            // 40001 serialization_failure, 40P01 deadlock_detected, 08xxx connection exceptions,
-            // 53xxx insufficient resources, 57P0x operator intervention (shutdown, crash),
-            // 55P03 lock_not_available.
-            code == "40001"
-                || code == "40P01"
-                || code == "55P03"
-                || code.starts_with("08")
-                || code.starts_with("53")
-                || code.starts_with("57P")
-        }
+        sqlx::Error::Database(e) => e.code().is_some_and(|code| is_transient_code(&code)),
         _ => false,
+    }
+}
+
+/// Whether a Postgres error code (SQLSTATE) means "later", not "never": a message that failed
+/// with one must wait and be retried, never be dead-lettered.
+pub fn is_transient_code(code: &str) -> bool {
+    matches!(
+        code,
+        "40001" // serialization_failure
+            | "40P01" // deadlock_detected
+            | "55P03" // lock_not_available
+            | "25006" // read_only_sql_transaction: a standby, or a primary just demoted by a failover
+            | "57014" // query_canceled: statement timeout, or cancelled by an operator
+    ) || code.starts_with("08") // connection exceptions
+        || code.starts_with("53") // insufficient resources (disk full, out of memory, too many connections)
+        || code.starts_with("57P") // operator intervention: admin/crash shutdown, cannot connect now
+        || code.starts_with("58") // system errors (I/O error, ...)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_transient_code;
+
+    #[test]
+    fn codes_that_mean_later_are_transient() {
+        for code in [
+            "40001", "40P01", "55P03", "25006", "57014", "57P01", "57P02", "57P03", "58000",
+            "58030", "08006", "08001", "53100", "53300",
+        ] {
+            assert!(is_transient_code(code), "{code} means later");
+        }
+    }
+
+    #[test]
+    fn codes_that_mean_never_are_not() {
+        for code in [
+            "23505", "23514", "22003", "42P01", "42703", "22P02", "25P02",
+        ] {
+            assert!(
+                !is_transient_code(code),
+                "{code} will fail again the same way"
+            );
+        }
     }
 }

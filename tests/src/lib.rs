@@ -861,6 +861,37 @@ impl Stack {
         pool.close().await;
     }
 
+    /// Runs `saga audit --json` against this stack with `grace` (`2m`, `0s`, ...) and extra
+    /// `args`: the exit status, the JSON report (`Null` when there is none) and stderr.
+    pub fn audit(&self, grace: &str, args: &[&str]) -> (i32, Value, String) {
+        let output = Command::new(binary("saga"))
+            .args([
+                "-b",
+                &self.broker.bootstrap,
+                "audit",
+                "--json",
+                "--grace",
+                grace,
+            ])
+            .args([
+                "--orders-db".to_owned(),
+                format!("{}/{}", postgres_url(), self.orders_db),
+                "--inventory-db".to_owned(),
+                format!("{}/{}", postgres_url(), self.inventory_db),
+            ])
+            .args(args)
+            .env_remove("KAFKA_CONFIG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("running saga audit");
+        let report = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+        (
+            output.status.code().unwrap_or(-1),
+            report,
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
     /// The test's own directory (process logs on its own stack, files it writes).
     pub fn log_dir(&self) -> &Path {
         &self.log_dir
