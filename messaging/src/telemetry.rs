@@ -228,6 +228,10 @@ fn describe_metrics() {
         "Rows waiting in the source's outbox table"
     );
     describe_gauge!(
+        "relay_outbox_unpublishable_rows",
+        "Outbox rows of an aggregate type the relay has no topic for, left in place and not read (every second)"
+    );
+    describe_gauge!(
         "relay_outbox_oldest_pending_age_seconds",
         "Age of the oldest row waiting in the source's outbox table (0 when empty)"
     );

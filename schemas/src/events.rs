@@ -19,6 +19,9 @@ pub const INVENTORY_AGGREGATE: &str = "inventory";
 
 /// The topic an aggregate type publishes to (`"order"` → `orders.v1`, `"inventory"` →
 /// `inventory.v1`), `None` for anything else.
+/// Every aggregate type an outbox row can name (each has a topic, [`topic_for_aggregate`]).
+pub const AGGREGATES: [&str; 2] = [ORDER_AGGREGATE, INVENTORY_AGGREGATE];
+
 pub fn topic_for_aggregate(aggregate_type: &str) -> Option<&'static str> {
     match aggregate_type {
         ORDER_AGGREGATE => Some(ORDERS_TOPIC),

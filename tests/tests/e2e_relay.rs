@@ -181,3 +181,46 @@ async fn a_row_that_commits_after_later_rows_were_published_is_still_published()
         .count();
     assert_eq!(placed_late, 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outbox_rows_without_a_topic_are_left_aside_and_do_not_stall_the_source() {
+    if e2e::needs_own_stack("writes unpublishable rows into the outbox") {
+        return;
+    }
+    let stack = Stack::start("relay_unknown_aggregate").await;
+    stack.put_product("A", 100, 10).await;
+    // More rows of an aggregate type the relay has no topic for than one batch holds (500),
+    // ahead of every real row.
+    let orders_db = stack.orders_pool().await;
+    sqlx::query(
+        "INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, content_type, payload) \
+         SELECT gen_random_uuid(), 'shipment', gen_random_uuid()::text, 'ShipmentBooked', \
+         'application/json', '{}'::bytea FROM generate_series(1, 600)",
+    )
+    .execute(&orders_db)
+    .await
+    .unwrap();
+    let id = stack.place_order(&[("A", 1)]).await;
+    stack
+        .wait_for_statuses(&[id], &["CONFIRMED"], TIMEOUT)
+        .await;
+    let left = eventually(TIMEOUT, || async {
+        let n = stack
+            .metric(
+                &stack.relay_metrics_url,
+                "relay_outbox_unpublishable_rows",
+                &[("source", "orders")],
+            )
+            .await;
+        Ok((n == 600.0).then_some(n))
+    })
+    .await
+    .expect("the relay reports the rows it cannot publish");
+    assert_eq!(left, 600.0);
+    let still_there: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE aggregate_type = 'shipment'")
+            .fetch_one(&orders_db)
+            .await
+            .unwrap();
+    assert_eq!(still_there, 600, "left in place, not deleted");
+}
