@@ -25,6 +25,12 @@
 //! it becomes the new head and the key stays parked. Applying a parked message and checking the
 //! parking of a new one lock the same row, so the two never interleave. This keeps a key's events
 //! in order through any number of retries, which the usual retry-topic frameworks do not.
+//!
+//! Every path asks the same two pure functions what to do ([`crate::decision`]): whether a
+//! message may apply, wait behind its key, or is a stray copy that must not act; and after the
+//! attempt, where it goes next and whether its key's chain has ended. Only the key's current
+//! head ends the chain. A head whose retry copy never comes back is given up on after
+//! `--parked-key-timeout` ([`Worker::sweep_once`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -38,14 +44,15 @@ use rdkafka::ClientContext;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::{FutureProducer, Producer};
 use sqlx::{PgConnection, PgPool};
 use tracing::Instrument as _;
 
 use crate::dead_letter::{self, Failure};
+use crate::decision::{self, Attempt, Gate, Route, Stage};
 pub use crate::delivery::{Delivery, Envelope};
 use crate::offset_gaps::GapTracker;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Shutdown, Trigger};
 use crate::{inbox, kafka, ownership, parking, retry};
 
 /// Why a handler could not apply a message.
@@ -117,6 +124,9 @@ pub struct ConsumerSettings {
     pub topics: Vec<String>,
     /// The delay before each retry attempt; its length is the number of retries.
     pub retry_delays: Vec<Duration>,
+    /// How long a key may wait behind one head before the head is dead-lettered from its stored
+    /// record and the key's parked messages are applied (see [`Worker::sweep_once`]).
+    pub parked_key_timeout: Duration,
 }
 
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -221,6 +231,20 @@ pub async fn run<H: Handler>(
         .producer()
         .create()
         .context("creating the retry and dead-letter producer")?;
+    // The consumers stop on the service's shutdown or on a fatal producer error.
+    let (fatal, fatal_fired) = Shutdown::new();
+    let stopping = Shutdown::new();
+    {
+        let (external, fatal_fired, trigger) = (shutdown.clone(), fatal_fired.clone(), stopping.0);
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = external.wait() => {}
+                _ = fatal_fired.wait() => {}
+            }
+            trigger.fire();
+        });
+    }
+    let shutdown = stopping.1;
     let worker = Arc::new(Worker {
         group: settings.group.clone(),
         pool,
@@ -228,6 +252,7 @@ pub async fn run<H: Handler>(
         producer,
         retry_delays: settings.retry_delays.clone(),
         shutdown: shutdown.clone(),
+        fatal,
     });
     // One member id for every consumer of this process in the ownership table.
     let member = uuid::Uuid::new_v4();
@@ -260,21 +285,25 @@ pub async fn run<H: Handler>(
         }
         tasks.push(tokio::spawn(consume(worker.clone(), consumer, stage)));
     }
+    counter!("consumer_parked_heads_expired_total", "group" => settings.group.clone()).absolute(0);
+    tasks.push(tokio::spawn(
+        worker.clone().sweep(settings.parked_key_timeout),
+    ));
     tracing::info!(group = %settings.group, topics = ?settings.topics, retry_delays = ?settings.retry_delays,
         kafka_config = ?settings.kafka.describe_user_config(), "consumer started");
     for task in tasks {
         task.await.context("consumer task")?;
     }
+    if fatal_fired.is_fired()
+        && let Some((code, reason)) = worker.producer.client().fatal_error()
+    {
+        anyhow::bail!(
+            "the retry and dead-letter producer of {} failed fatally ({code:?}): {reason}",
+            settings.group
+        );
+    }
     tracing::info!(group = %settings.group, "consumer stopped");
     Ok(())
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stage {
-    /// The subscribed topics: a parked key's messages are parked.
-    Main,
-    /// A retry topic: the message is its key's parking head.
-    Retry,
 }
 
 async fn consume<H: Handler>(worker: Arc<Worker<H>>, consumer: Arc<GroupConsumer>, stage: Stage) {
@@ -396,16 +425,6 @@ enum Processed {
     Interrupted,
 }
 
-/// What one attempt at a message came to.
-enum Outcome {
-    Applied,
-    Duplicate,
-    /// Stored behind its parked key.
-    Parked,
-    /// It is its parked key's head, redelivered from the main topic after a crash: send it on.
-    ResumeRetry,
-}
-
 /// What one step of draining a released key came to.
 enum Drain {
     Continue,
@@ -423,7 +442,28 @@ struct Worker<H> {
     handler: H,
     producer: FutureProducer,
     retry_delays: Vec<Duration>,
+    /// The service's shutdown, or this consumer's own when its producer failed fatally.
     shutdown: Shutdown,
+    /// Fired when the retry and dead-letter producer failed fatally (idempotence broken, or a
+    /// record failed for good under `enable.gapless.guarantee`): it can never send again, so
+    /// every consumer stops and [`run`] returns the error, which ends the process for its
+    /// supervisor to restart it with a fresh producer. The records being handled are read again.
+    fatal: Trigger,
+}
+
+impl<H> Worker<H> {
+    /// Whether the producer failed fatally; if so, logs it once and stops the consumers.
+    fn producer_failed(&self) -> bool {
+        let Some((code, reason)) = self.producer.client().fatal_error() else {
+            return false;
+        };
+        if !self.shutdown.is_fired() {
+            tracing::error!(?code, %reason, group = %self.group,
+                "the retry and dead-letter producer failed fatally; stopping the consumers (the process exits to be restarted)");
+        }
+        self.fatal.fire();
+        true
+    }
 }
 
 impl<H: Handler> Worker<H> {
@@ -436,18 +476,38 @@ impl<H: Handler> Worker<H> {
 
     async fn process_inner(&self, delivery: &Delivery, stage: Stage) -> Result<(), Interrupted> {
         let key = delivery.key_text();
-        let attempts = retry::attempts_so_far(delivery);
         let envelope = match Envelope::decode(delivery) {
             Ok(envelope) => envelope,
             Err(reason) => {
                 tracing::warn!(topic = %delivery.topic, partition = delivery.partition, offset = delivery.offset,
                     %reason, "undecodable record; dead-lettering it");
-                self.dead_letter(delivery, "unknown", "permanent", reason, attempts + 1)
-                    .await?;
-                if stage == Stage::Retry {
-                    self.resolve(&key).await?;
-                }
-                return Ok(());
+                // In a retry topic it ends its key's chain only if it heads the key.
+                let id = delivery
+                    .header("message-id")
+                    .and_then(|id| uuid::Uuid::parse_str(id).ok());
+                let gate = match stage {
+                    Stage::Retry => {
+                        let head = self
+                            .until_done_with(|| async {
+                                let mut conn = self.pool.acquire().await?;
+                                Ok(parking::head(&mut conn, &self.group, &key).await?)
+                            })
+                            .await?;
+                        decision::gate(stage, head, id)
+                    }
+                    _ => Gate::Apply,
+                };
+                return self
+                    .carry_out(
+                        delivery,
+                        "unknown",
+                        &key,
+                        stage,
+                        gate,
+                        Attempt::Undecodable,
+                        reason,
+                    )
+                    .await;
             }
         };
         let event_type = envelope.event.event_type();
@@ -462,132 +522,174 @@ impl<H: Handler> Worker<H> {
         let started = Instant::now();
         let mut transient_attempt = 0;
         loop {
-            match self.apply_once(&envelope, delivery, &key, stage).await {
-                Ok(Outcome::Applied) => {
+            let (gate, attempt, reason) = match self
+                .apply_once(&envelope, delivery, &key, stage)
+                .await
+            {
+                Ok((gate, attempt)) => (gate, attempt, String::new()),
+                Err(HandlerError::Retryable(reason)) => (Gate::Apply, Attempt::NotYet, reason),
+                Err(HandlerError::Permanent(reason)) => (Gate::Apply, Attempt::Permanent, reason),
+                Err(HandlerError::Transient(e)) => {
+                    transient_attempt += 1;
+                    self.transient_pause(delivery, event_type, transient_attempt, &e)
+                        .await?;
+                    continue;
+                }
+            };
+            match attempt {
+                Attempt::Applied => {
                     self.count("consumer_messages_processed_total", delivery, event_type);
                     histogram!("consumer_handler_duration_seconds", "group" => self.group.clone(),
                         "topic" => envelope.topic.clone(), "event_type" => event_type)
                     .record(started.elapsed().as_secs_f64());
                     tracing::debug!(message_id = %envelope.message_id, event_type, %key, "applied");
-                    if stage == Stage::Retry {
-                        tracing::info!(message_id = %envelope.message_id, event_type, %key, attempt = attempts,
-                            "retried message applied; releasing its key");
-                        self.resolve(&key).await?;
-                    }
-                    return Ok(());
                 }
-                Ok(Outcome::Duplicate) => {
+                Attempt::Duplicate => {
                     self.count("consumer_messages_duplicate_total", delivery, event_type);
                     tracing::info!(message_id = %envelope.message_id, event_type, "duplicate message skipped: already applied");
-                    if stage == Stage::Retry {
-                        self.resolve(&key).await?;
-                    }
-                    return Ok(());
                 }
-                Ok(Outcome::Parked) => {
+                Attempt::Parked => {
                     self.count("consumer_messages_parked_total", delivery, event_type);
                     tracing::info!(message_id = %envelope.message_id, event_type, %key,
                         "key is waiting for a retry; message parked behind it");
-                    return Ok(());
                 }
-                Ok(Outcome::ResumeRetry) => {
-                    let reason = "resumed after a restart".to_owned();
-                    return self
-                        .retry_or_dead_letter(delivery, &envelope, &key, stage, reason)
-                        .await;
+                Attempt::Withheld => {
+                    tracing::warn!(message_id = %envelope.message_id, event_type, %key,
+                        "a retry copy of a message that no longer heads its key, never applied: its chain ended through another copy; dead-lettering this one");
                 }
-                Err(HandlerError::Retryable(reason)) => {
-                    return self
-                        .retry_or_dead_letter(delivery, &envelope, &key, stage, reason)
-                        .await;
-                }
-                Err(HandlerError::Permanent(reason)) => {
+                Attempt::Permanent => {
                     tracing::warn!(message_id = %envelope.message_id, event_type, %reason,
                         "message can never apply; dead-lettering it");
-                    self.dead_letter(delivery, event_type, "permanent", reason, attempts + 1)
-                        .await?;
-                    if stage == Stage::Retry {
-                        self.resolve(&key).await?;
-                    }
-                    return Ok(());
                 }
-                Err(HandlerError::Transient(e)) => {
-                    transient_attempt += 1;
-                    self.transient_pause(delivery, event_type, transient_attempt, &e)
-                        .await?;
-                }
+                Attempt::NotYet | Attempt::Undecodable => {}
             }
+            let reason = match (gate, attempt) {
+                (Gate::ResumeRetry, _) => "resumed after a restart".to_owned(),
+                (_, Attempt::Withheld) => {
+                    "a retry copy whose chain already ended through another copy".to_owned()
+                }
+                _ => reason,
+            };
+            return self
+                .carry_out(delivery, event_type, &key, stage, gate, attempt, reason)
+                .await;
         }
     }
 
+    /// One try at `envelope` in one transaction: what its key's parking says ([`decision::gate`])
+    /// and what came of it. The key's parking row stays locked until the transaction ends, so the
+    /// main consumer, the retry consumers and a drain never interleave on one key.
     async fn apply_once(
         &self,
         envelope: &Envelope,
         delivery: &Delivery,
         key: &str,
         stage: Stage,
-    ) -> Result<Outcome, HandlerError> {
+    ) -> Result<(Gate, Attempt), HandlerError> {
         let mut tx = self.pool.begin().await?;
-        if stage == Stage::Main
-            && let Some(head) = parking::lock(&mut tx, &self.group, key).await?
-        {
-            if head == envelope.message_id {
-                tx.rollback().await?;
-                return Ok(Outcome::ResumeRetry);
+        let head = parking::lock(&mut tx, &self.group, key).await?;
+        let gate = decision::gate(stage, head, Some(envelope.message_id));
+        match gate {
+            Gate::Park => {
+                parking::park_message(&mut tx, &self.group, key, delivery).await?;
+                tx.commit().await?;
+                return Ok((gate, Attempt::Parked));
             }
-            parking::park_message(&mut tx, &self.group, key, delivery).await?;
-            tx.commit().await?;
-            return Ok(Outcome::Parked);
+            Gate::ResumeRetry => {
+                tx.rollback().await?;
+                return Ok((gate, Attempt::NotYet));
+            }
+            Gate::Stray => {
+                // Never apply a stray; only find out whether it was applied.
+                let never_applied = inbox::claim(&mut tx, &self.group, envelope).await?;
+                tx.rollback().await?;
+                let attempt = if never_applied {
+                    Attempt::Withheld
+                } else {
+                    Attempt::Duplicate
+                };
+                return Ok((gate, attempt));
+            }
+            Gate::Apply => {}
         }
         if !inbox::claim(&mut tx, &self.group, envelope).await? {
             tx.rollback().await?;
-            return Ok(Outcome::Duplicate);
+            return Ok((gate, Attempt::Duplicate));
         }
         let after_commit = self.handler.handle(&mut tx, envelope).await?;
         tx.commit().await?;
         after_commit.run();
-        Ok(Outcome::Applied)
+        Ok((gate, Attempt::Applied))
     }
 
-    /// Sends a "not yet" message to its next retry topic (parking its key), or dead-letters it
-    /// when its retries are used up.
-    async fn retry_or_dead_letter(
+    /// Does what [`decision::after`] says: nothing, a retry topic (parking the key when the
+    /// message comes from a subscribed topic), or the DLQ; then, when the message headed its key
+    /// and its chain ended, applies the key's parked messages and releases it.
+    #[allow(clippy::too_many_arguments)]
+    async fn carry_out(
         &self,
         delivery: &Delivery,
-        envelope: &Envelope,
+        event_type: &'static str,
         key: &str,
         stage: Stage,
+        gate: Gate,
+        attempt: Attempt,
         reason: String,
     ) -> Result<(), Interrupted> {
-        let event_type = envelope.event.event_type();
-        let next = retry::attempts_so_far(delivery) + 1;
-        let Some(delay) = self.retry_delays.get(next - 1).copied() else {
-            tracing::warn!(message_id = %envelope.message_id, event_type, %reason, attempts = next,
-                "still not applicable after its last retry; dead-lettering it");
-            self.dead_letter(delivery, event_type, "retryable", reason, next)
-                .await?;
-            return self.resolve(key).await;
-        };
-        if stage == Stage::Main {
-            self.until_done(|| async {
-                let mut conn = self.pool.acquire().await?;
-                parking::park_key(&mut conn, &self.group, key, envelope.message_id, &reason)
+        let so_far = retry::attempts_so_far(delivery);
+        let action = decision::after(stage, gate, attempt, so_far, self.retry_delays.len());
+        match action.route {
+            Route::Done => {}
+            Route::Retry { attempt: next } => {
+                let delay = self.retry_delays[next - 1];
+                let message_id = delivery
+                    .header("message-id")
+                    .and_then(|id| uuid::Uuid::parse_str(id).ok());
+                if stage == Stage::Main
+                    && let Some(message_id) = message_id
+                {
+                    self.until_done(|| async {
+                        let mut conn = self.pool.acquire().await?;
+                        parking::park_key(
+                            &mut conn,
+                            &self.group,
+                            key,
+                            message_id,
+                            &reason,
+                            delivery,
+                        )
+                        .await?;
+                        Ok(())
+                    })
                     .await?;
-                Ok(())
-            })
-            .await?;
+                }
+                self.until_done(|| async {
+                    retry::send(&self.producer, &self.group, delivery, next, delay, &reason)
+                        .await
+                        .map_err(HandlerError::Transient)
+                })
+                .await?;
+                counter!("consumer_messages_retried_total", "group" => self.group.clone(),
+                    "topic" => delivery.origin().0, "event_type" => event_type, "attempt" => next.to_string())
+                .increment(1);
+                tracing::info!(message_id = ?message_id, event_type, %key, attempt = next, ?delay, %reason,
+                    "not applicable yet; sent to a retry topic, its key waits");
+            }
+            Route::DeadLetter { class, attempts } => {
+                if attempt == Attempt::NotYet {
+                    tracing::warn!(event_type, %key, %reason, attempts,
+                        "still not applicable after its last retry; dead-lettering it");
+                }
+                self.dead_letter(delivery, event_type, class.as_str(), reason, attempts)
+                    .await?;
+            }
         }
-        self.until_done(|| async {
-            retry::send(&self.producer, &self.group, delivery, next, delay, &reason)
-                .await
-                .map_err(HandlerError::Transient)
-        })
-        .await?;
-        counter!("consumer_messages_retried_total", "group" => self.group.clone(),
-            "topic" => envelope.topic.clone(), "event_type" => event_type, "attempt" => next.to_string())
-        .increment(1);
-        tracing::info!(message_id = %envelope.message_id, event_type, %key, attempt = next, ?delay, %reason,
-            "not applicable yet; sent to a retry topic, its key waits");
+        if action.release_key {
+            if attempt == Attempt::Applied {
+                tracing::info!(event_type, %key, attempt = so_far, "retried message applied; releasing its key");
+            }
+            self.resolve(key).await?;
+        }
         Ok(())
     }
 
@@ -595,9 +697,14 @@ impl<H: Handler> Worker<H> {
     async fn resolve(&self, key: &str) -> Result<(), Interrupted> {
         let mut transient_attempt = 0;
         loop {
-            match self.drain_one(key).await {
+            let step = tokio::select! {
+                step = self.drain_one(key) => step,
+                _ = self.shutdown.wait() => return Err(Interrupted),
+            };
+            match step {
                 Ok(Drain::Continue) => transient_attempt = 0,
                 Ok(Drain::Released | Drain::Reparked) => return Ok(()),
+                Err(_) if self.producer_failed() => return Err(Interrupted),
                 Err(e) => {
                     transient_attempt += 1;
                     let delay = backoff(transient_attempt);
@@ -610,6 +717,8 @@ impl<H: Handler> Worker<H> {
         }
     }
 
+    /// Applies (or retries, or dead-letters) the oldest parked message of `key`, in one
+    /// transaction with the removal of its parking row; releases the key when none is left.
     async fn drain_one(&self, key: &str) -> Result<Drain, HandlerError> {
         let mut tx = self.pool.begin().await?;
         if parking::lock(&mut tx, &self.group, key).await?.is_none() {
@@ -622,69 +731,176 @@ impl<H: Handler> Worker<H> {
             tracing::info!(%key, "key released");
             return Ok(Drain::Released);
         };
-        let envelope = match Envelope::decode(&delivery) {
-            Ok(e) => e,
-            Err(reason) => {
-                self.dead_letter_now(&delivery, "unknown", "permanent", reason, 1)
-                    .await?;
-                parking::remove_message(&mut tx, id).await?;
-                tx.commit().await?;
-                return Ok(Drain::Continue);
+        let (envelope, attempt, reason) = match Envelope::decode(&delivery) {
+            Err(reason) => (None, Attempt::Undecodable, reason),
+            Ok(envelope) => {
+                if !inbox::claim(&mut tx, &self.group, &envelope).await? {
+                    (Some(envelope), Attempt::Duplicate, String::new())
+                } else {
+                    match self.handler.handle(&mut tx, &envelope).await {
+                        Ok(after_commit) => {
+                            parking::remove_message(&mut tx, id).await?;
+                            tx.commit().await?;
+                            after_commit.run();
+                            let event_type = envelope.event.event_type();
+                            self.count("consumer_messages_processed_total", &delivery, event_type);
+                            tracing::info!(message_id = %envelope.message_id, event_type, %key, "parked message applied");
+                            return Ok(Drain::Continue);
+                        }
+                        Err(HandlerError::Retryable(reason)) => {
+                            (Some(envelope), Attempt::NotYet, reason)
+                        }
+                        Err(HandlerError::Permanent(reason)) => {
+                            (Some(envelope), Attempt::Permanent, reason)
+                        }
+                        Err(e @ HandlerError::Transient(_)) => return Err(e),
+                    }
+                }
             }
         };
-        let event_type = envelope.event.event_type();
-        if !inbox::claim(&mut tx, &self.group, &envelope).await? {
-            parking::remove_message(&mut tx, id).await?;
-            tx.commit().await?;
-            self.count("consumer_messages_duplicate_total", &delivery, event_type);
-            return Ok(Drain::Continue);
-        }
-        match self.handler.handle(&mut tx, &envelope).await {
-            Ok(after_commit) => {
+        let event_type = envelope
+            .as_ref()
+            .map_or("unknown", |e| e.event.event_type());
+        let action = decision::after(
+            Stage::Parked,
+            Gate::Apply,
+            attempt,
+            0,
+            self.retry_delays.len(),
+        );
+        match action.route {
+            Route::Done => {
                 parking::remove_message(&mut tx, id).await?;
                 tx.commit().await?;
-                after_commit.run();
-                self.count("consumer_messages_processed_total", &delivery, event_type);
-                tracing::info!(message_id = %envelope.message_id, event_type, %key, "parked message applied");
+                self.count("consumer_messages_duplicate_total", &delivery, event_type);
                 Ok(Drain::Continue)
             }
-            Err(HandlerError::Retryable(reason)) => {
+            Route::Retry { attempt: next } => {
+                // It becomes the key's head: re-park and send in the same transaction as its
+                // removal from the parking table (the handler's effects are rolled back).
                 tx.rollback().await?;
+                let message_id = envelope.as_ref().map(|e| e.message_id).unwrap_or_default();
                 let mut tx = self.pool.begin().await?;
                 parking::lock(&mut tx, &self.group, key).await?;
-                parking::park_key(&mut tx, &self.group, key, envelope.message_id, &reason).await?;
+                parking::park_key(&mut tx, &self.group, key, message_id, &reason, &delivery)
+                    .await?;
                 parking::remove_message(&mut tx, id).await?;
-                let delay = self.retry_delays[0];
-                retry::send(&self.producer, &self.group, &delivery, 1, delay, &reason)
+                let delay = self.retry_delays[next - 1];
+                retry::send(&self.producer, &self.group, &delivery, next, delay, &reason)
                     .await
                     .map_err(HandlerError::Transient)?;
                 tx.commit().await?;
-                tracing::info!(message_id = %envelope.message_id, event_type, %key, %reason,
+                tracing::info!(%message_id, event_type, %key, %reason,
                     "parked message not applicable yet; it now heads the key in the retry chain");
                 Ok(Drain::Reparked)
             }
-            Err(HandlerError::Permanent(reason)) => {
+            Route::DeadLetter { class, attempts } => {
                 tx.rollback().await?;
-                self.dead_letter_now(&delivery, event_type, "permanent", reason, 1)
+                self.dead_letter_now(&delivery, event_type, class.as_str(), reason, attempts)
                     .await?;
                 let mut conn = self.pool.acquire().await?;
                 parking::remove_message(&mut conn, id).await?;
                 Ok(Drain::Continue)
             }
-            Err(e @ HandlerError::Transient(_)) => Err(e),
         }
     }
 
+    /// At start and then every `timeout / 10` (1 s to 1 min): measures the parked keys and gives up on heads that
+    /// have headed their key for longer than `timeout` (see [`Worker::sweep_once`]).
+    async fn sweep(self: Arc<Self>, timeout: Duration) {
+        let every = (timeout / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        loop {
+            if let Err(e) = self.sweep_once(timeout).await {
+                tracing::warn!(group = %self.group, error = %format!("{e:#}"),
+                    "could not check the parked keys; trying again later");
+            }
+            if self.shutdown.sleep(every).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// A head whose retry copy never came back (its retry topic is no longer read after
+    /// `--retry-delays` was shortened, or the copy expired with the topic's retention) would hold
+    /// its key, and every later event of that order, forever. After `timeout` the head is
+    /// dead-lettered from its stored record (class `retryable`, so `saga dlq redrive` can bring
+    /// it back) and the key's parked messages are applied. A copy that arrives after all is a
+    /// stray ([`decision::Gate::Stray`]): never applied out of order.
+    async fn sweep_once(&self, timeout: Duration) -> Result<(), HandlerError> {
+        let mut conn = self.pool.acquire().await?;
+        let (parked, oldest) = parking::stats(&mut conn, &self.group).await?;
+        metrics::gauge!("consumer_parked_keys", "group" => self.group.clone()).set(parked as f64);
+        metrics::gauge!("consumer_parked_key_oldest_age_seconds", "group" => self.group.clone())
+            .set(oldest);
+        let secs = timeout.as_secs_f64();
+        let keys = parking::expired(&mut conn, &self.group, secs, 100).await?;
+        drop(conn);
+        for key in keys {
+            let mut tx = self.pool.begin().await?;
+            let Some((head, record)) =
+                parking::lock_expired(&mut tx, &self.group, &key, secs).await?
+            else {
+                continue;
+            };
+            if head != parking::NO_HEAD {
+                let reason = format!(
+                    "its retry copy did not come back within {timeout:?} (--parked-key-timeout): \
+                     its retry topic is no longer read, or the copy expired"
+                );
+                match &record {
+                    Some(delivery) => {
+                        let event_type = delivery
+                            .header("event-type")
+                            .unwrap_or("unknown")
+                            .to_owned();
+                        self.dead_letter_now(delivery, &event_type, "retryable", reason, 1)
+                            .await?;
+                    }
+                    None => tracing::error!(group = %self.group, %key, message_id = %head,
+                        "a parked key's head was given up on, but its record was not stored (parked by an older version): it is not dead-lettered; find it in the retry topics"),
+                }
+                parking::drop_head(&mut tx, &self.group, &key).await?;
+                counter!("consumer_parked_heads_expired_total", "group" => self.group.clone())
+                    .increment(1);
+                tracing::error!(group = %self.group, %key, message_id = %head, ?timeout,
+                    "a parked key's head never came back from its retry topic; dead-lettered it, applying the key's parked messages");
+            }
+            tx.commit().await?;
+            if self.resolve(&key).await.is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
     /// Runs `step` until it succeeds, pausing with backoff on transient failures.
-    async fn until_done<F, Fut>(&self, mut step: F) -> Result<(), Interrupted>
+    async fn until_done<F, Fut>(&self, step: F) -> Result<(), Interrupted>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<(), HandlerError>>,
     {
+        self.until_done_with(step).await
+    }
+
+    /// [`Self::until_done`] for a step that returns a value. A step still running when shutdown
+    /// comes is abandoned (a send waiting for a broker that is down would otherwise hold up the
+    /// shutdown for as long as the outage lasts); the record's offset is then not stored, so it
+    /// is read again after the restart. A Kafka producer that failed fatally ends the consumer
+    /// (see [`Worker::fatal`]) instead of being retried forever.
+    async fn until_done_with<T, F, Fut>(&self, mut step: F) -> Result<T, Interrupted>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, HandlerError>>,
+    {
         let mut attempt = 0;
         loop {
-            match step().await {
-                Ok(()) => return Ok(()),
+            let result = tokio::select! {
+                result = step() => result,
+                _ = self.shutdown.wait() => return Err(Interrupted),
+            };
+            match result {
+                Ok(value) => return Ok(value),
+                Err(_) if self.producer_failed() => return Err(Interrupted),
                 Err(e) => {
                     attempt += 1;
                     let delay = backoff(attempt);
@@ -775,5 +991,86 @@ mod tests {
         assert!(backoff(1) <= Duration::from_millis(100));
         assert!(backoff(4) >= Duration::from_millis(400));
         assert!(backoff(40) <= MAX_BACKOFF);
+    }
+
+    struct NoHandler;
+
+    impl Handler for NoHandler {
+        async fn handle(
+            &self,
+            _: &mut PgConnection,
+            _: &Envelope,
+        ) -> Result<AfterCommit, HandlerError> {
+            Ok(AfterCommit::none())
+        }
+    }
+
+    /// A retry copy the broker refuses for good (here: not authorized for the topic) makes the
+    /// gapless idempotent producer fatal. Before the fix the worker retried the send forever
+    /// with `/readyz` green; now it stops and fires the consumers' fatal trigger, so the process
+    /// exits to be restarted. librdkafka's mock cluster stands in for the broker (a real broker
+    /// cannot be made to refuse on cue).
+    #[tokio::test]
+    async fn a_fatally_failed_producer_stops_the_consumers_instead_of_retrying_forever() {
+        use rdkafka::mocking::MockCluster;
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster
+            .create_topic("g.retry.1", 1, 1)
+            .expect("retry topic");
+        let kafka = kafka::KafkaSettings::new(&cluster.bootstrap_servers());
+        let producer: FutureProducer = kafka.producer().create().expect("producer");
+        cluster.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 50],
+        );
+        let (fatal, fatal_fired) = Shutdown::new();
+        let (_keep, shutdown) = Shutdown::new();
+        let worker = Worker {
+            group: "g".into(),
+            pool: sqlx::postgres::PgPoolOptions::new()
+                .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+                .expect("lazy pool"),
+            handler: NoHandler,
+            producer,
+            retry_delays: vec![Duration::from_secs(1)],
+            shutdown,
+            fatal,
+        };
+        let delivery = Delivery {
+            topic: "orders.v1".into(),
+            partition: 0,
+            offset: 7,
+            key: Some(b"order-1".to_vec()),
+            payload: Some(b"payload".to_vec()),
+            headers: vec![(
+                "message-id".into(),
+                Some(uuid::Uuid::new_v4().to_string().into_bytes()),
+            )],
+        };
+        let sent = tokio::time::timeout(
+            Duration::from_secs(60),
+            worker.until_done(|| async {
+                retry::send(
+                    &worker.producer,
+                    "g",
+                    &delivery,
+                    1,
+                    Duration::from_secs(1),
+                    "not yet",
+                )
+                .await
+                .map_err(HandlerError::Transient)
+            }),
+        )
+        .await
+        .expect("the worker gave up on the fatally failed producer within 60 s");
+        assert!(sent.is_err(), "the send cannot have succeeded");
+        assert!(
+            worker.producer.client().fatal_error().is_some(),
+            "the producer is fatal"
+        );
+        assert!(fatal_fired.is_fired(), "the consumers were told to stop");
     }
 }

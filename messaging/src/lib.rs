@@ -7,6 +7,7 @@
 pub mod consumer;
 pub mod db;
 pub mod dead_letter;
+pub mod decision;
 pub mod delivery;
 pub mod http;
 pub mod inbox;

@@ -23,26 +23,151 @@ pub async fn lock(conn: &mut PgConnection, group: &str, key: &str) -> sqlx::Resu
     .await
 }
 
-/// Parks `key` with `head` as the message waiting in the retry chain (or moves the head).
+/// The key's parking head without locking anything; `None` when the key is not parked.
+pub async fn head(conn: &mut PgConnection, group: &str, key: &str) -> sqlx::Result<Option<Uuid>> {
+    sqlx::query_scalar(
+        "SELECT head_message_id FROM parked_keys WHERE consumer_group = $1 AND message_key = $2",
+    )
+    .bind(group)
+    .bind(key)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Parks `key` with `head` as the message waiting in the retry chain (or moves the head), storing
+/// the head's record (`delivery`, as first read) for the sweep ([`expired`]).
 pub async fn park_key(
     conn: &mut PgConnection,
     group: &str,
     key: &str,
     head: Uuid,
     reason: &str,
+    delivery: &Delivery,
 ) -> sqlx::Result<()> {
     sqlx::query(
-        "INSERT INTO parked_keys (consumer_group, message_key, head_message_id, reason) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (consumer_group, message_key) DO UPDATE SET head_message_id = EXCLUDED.head_message_id, \
-         reason = EXCLUDED.reason",
+        "INSERT INTO parked_keys (consumer_group, message_key, head_message_id, reason, \
+         head_topic, head_partition, head_offset, head_headers, head_payload, head_since) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, clock_timestamp()) \
+         ON CONFLICT (consumer_group, message_key) DO UPDATE SET \
+         head_message_id = EXCLUDED.head_message_id, reason = EXCLUDED.reason, \
+         head_topic = EXCLUDED.head_topic, head_partition = EXCLUDED.head_partition, \
+         head_offset = EXCLUDED.head_offset, head_headers = EXCLUDED.head_headers, \
+         head_payload = EXCLUDED.head_payload, \
+         head_since = CASE WHEN parked_keys.head_message_id = EXCLUDED.head_message_id \
+                      THEN parked_keys.head_since ELSE EXCLUDED.head_since END",
     )
     .bind(group)
     .bind(key)
     .bind(head)
     .bind(reason)
+    .bind(&delivery.topic)
+    .bind(delivery.partition)
+    .bind(delivery.offset)
+    .bind(Json(&delivery.headers))
+    .bind(delivery.payload.as_deref())
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// The head id of a key whose head was given up on by the sweep: it heads nothing, so every
+/// retry copy of the old head is a stray and the key's parked messages can be applied.
+pub const NO_HEAD: Uuid = Uuid::nil();
+
+/// Keys of `group` parked behind the same head for longer than `older_than_secs`, oldest first.
+pub async fn expired(
+    conn: &mut PgConnection,
+    group: &str,
+    older_than_secs: f64,
+    limit: i64,
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT message_key FROM parked_keys WHERE consumer_group = $1 \
+         AND head_since < clock_timestamp() - make_interval(secs => $2) ORDER BY head_since LIMIT $3",
+    )
+    .bind(group)
+    .bind(older_than_secs)
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+}
+
+/// Locks `key` if it is still expired and no one else holds it (`SKIP LOCKED`): its head id and
+/// stored head record (`None` when the key was parked before heads were stored).
+pub async fn lock_expired(
+    conn: &mut PgConnection,
+    group: &str,
+    key: &str,
+    older_than_secs: f64,
+) -> sqlx::Result<Option<(Uuid, Option<Delivery>)>> {
+    let row: Option<HeadRow> = sqlx::query_as(
+        "SELECT head_message_id, head_topic, head_partition, head_offset, head_headers, head_payload \
+         FROM parked_keys WHERE consumer_group = $1 AND message_key = $2 \
+         AND head_since < clock_timestamp() - make_interval(secs => $3) FOR UPDATE SKIP LOCKED",
+    )
+    .bind(group)
+    .bind(key)
+    .bind(older_than_secs)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|r| {
+        let delivery = match (
+            r.head_topic,
+            r.head_partition,
+            r.head_offset,
+            r.head_headers,
+        ) {
+            (Some(topic), Some(partition), Some(offset), Some(headers)) => Some(Delivery {
+                topic,
+                partition,
+                offset,
+                key: Some(key.as_bytes().to_vec()),
+                payload: r.head_payload,
+                headers: headers.0,
+            }),
+            _ => None,
+        };
+        (r.head_message_id, delivery)
+    }))
+}
+
+/// Marks `key`'s head as given up on ([`NO_HEAD`]); the key stays parked until drained.
+pub async fn drop_head(conn: &mut PgConnection, group: &str, key: &str) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE parked_keys SET head_message_id = $3, reason = 'head given up on: its retry copy did not come back in time', \
+         head_since = clock_timestamp() WHERE consumer_group = $1 AND message_key = $2",
+    )
+    .bind(group)
+    .bind(key)
+    .bind(NO_HEAD)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// How many keys of `group` are parked, and how long the oldest has waited behind its head.
+pub async fn stats(conn: &mut PgConnection, group: &str) -> sqlx::Result<(i64, f64)> {
+    let (count, oldest): (i64, Option<f64>) = sqlx::query_as(
+        "SELECT count(*), EXTRACT(EPOCH FROM clock_timestamp() - min(head_since))::float8 \
+         FROM parked_keys WHERE consumer_group = $1",
+    )
+    .bind(group)
+    .fetch_one(conn)
+    .await?;
+    Ok((count, oldest.unwrap_or(0.0)))
+}
+
+/// A record's headers, in record order, as stored (JSONB).
+type Headers = Vec<(String, Option<Vec<u8>>)>;
+
+#[derive(FromRow)]
+struct HeadRow {
+    head_message_id: Uuid,
+    head_topic: Option<String>,
+    head_partition: Option<i32>,
+    head_offset: Option<i64>,
+    head_headers: Option<Json<Headers>>,
+    head_payload: Option<Vec<u8>>,
 }
 
 pub async fn release_key(conn: &mut PgConnection, group: &str, key: &str) -> sqlx::Result<()> {
@@ -83,7 +208,7 @@ struct ParkedRow {
     topic: String,
     kafka_partition: i32,
     kafka_offset: i64,
-    headers: Json<Vec<(String, Option<Vec<u8>>)>>,
+    headers: Json<Headers>,
     payload: Option<Vec<u8>>,
 }
 

@@ -58,6 +58,27 @@ pub struct CommonSettings {
     /// the last one it is dead-lettered. One retry topic per delay.
     #[arg(long, env = "RETRY_DELAYS", default_value = "1s,10s,60s", value_parser = parse_retry_delays)]
     pub retry_delays: RetryDelays,
+    /// How long an order's events may wait behind one message in the retry topics before that
+    /// message is given up on: dead-lettered (class `retryable`) from the copy kept in the
+    /// database, and the order's waiting events applied. Guards against a retry copy that never
+    /// comes back (its retry topic dropped from --retry-delays, or expired). Must be longer than
+    /// the sum of the retry delays.
+    #[arg(long, env = "PARKED_KEY_TIMEOUT", default_value = "30m", value_parser = crate::retry::parse_duration)]
+    pub parked_key_timeout: std::time::Duration,
+}
+
+impl CommonSettings {
+    /// Checks what the flags cannot check one by one.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let retries: std::time::Duration = self.retry_delays.0.iter().sum();
+        anyhow::ensure!(
+            self.parked_key_timeout > retries,
+            "--parked-key-timeout ({:?}) must be longer than the retry delays together ({retries:?}), \
+             or heads still retrying would be given up on",
+            self.parked_key_timeout
+        );
+        Ok(())
+    }
 }
 
 /// The delays before each retry attempt.
@@ -87,6 +108,7 @@ where
     R: FnOnce(PgPool) -> axum::Router,
 {
     let name = spec.name;
+    config.common.validate()?;
     let metrics = crate::telemetry::init_metrics()?;
     for (name, label_sets) in spec.zero_counters {
         for labels in *label_sets {
@@ -140,6 +162,7 @@ where
             group: spec.group.to_owned(),
             topics: vec![spec.subscribe.to_owned()],
             retry_delays: config.common.retry_delays.0.clone(),
+            parked_key_timeout: config.common.parked_key_timeout,
         },
         pool.clone(),
         spec.handler,

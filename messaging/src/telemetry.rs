@@ -214,6 +214,19 @@ fn describe_metrics() {
         "consumer_forced_rebalances_total",
         "Times this consumer left and rejoined its group because partitions had no live reader"
     );
+    describe_gauge!(
+        "consumer_parked_keys",
+        "Keys (orders) whose events wait behind a message in the retry topics"
+    );
+    describe_gauge!(
+        "consumer_parked_key_oldest_age_seconds",
+        Unit::Seconds,
+        "How long the longest-waiting parked key has waited behind its current head"
+    );
+    describe_counter!(
+        "consumer_parked_heads_expired_total",
+        "Heads given up on after --parked-key-timeout (their retry copy never came back): dead-lettered, their keys' parked messages applied"
+    );
     // Relay
     describe_counter!(
         "relay_rows_published_total",
@@ -271,6 +284,15 @@ fn describe_metrics() {
     describe_counter!(
         "orders_status_changes_total",
         "Order status changes, by new status"
+    );
+    describe_gauge!(
+        "orders_in_flight",
+        "Orders whose saga is not over, by status (PENDING, CANCELLING); counted every 5 s"
+    );
+    describe_gauge!(
+        "orders_in_flight_oldest_age_seconds",
+        Unit::Seconds,
+        "Time since the last change of the oldest order in each in-flight status"
     );
     // Inventory
     describe_counter!(

@@ -19,11 +19,22 @@ use crate::transition::{self, Applied};
 /// Most orders cancelled per check (one transaction).
 const BATCH: i64 = 100;
 
-/// Checks for overdue orders every `deadline / 10` (between 100 ms and 1 s) until shutdown.
+/// How often the orders still in flight are counted ([`measure_in_flight`]).
+const MEASURE_EVERY: Duration = Duration::from_secs(5);
+
+/// Checks for overdue orders every `deadline / 10` (between 100 ms and 1 s) until shutdown, and
+/// measures the orders in flight every [`MEASURE_EVERY`].
 pub async fn run(pool: PgPool, deadline: Duration, shutdown: Shutdown) {
     let every = (deadline / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
     tracing::info!(?deadline, ?every, "saga deadline check started");
+    let mut measured_at: Option<std::time::Instant> = None;
     while shutdown.sleep(every).await.is_ok() {
+        if measured_at.is_none_or(|t| t.elapsed() >= MEASURE_EVERY) {
+            if let Err(e) = measure_in_flight(&pool).await {
+                tracing::warn!(error = %e, "could not count the orders in flight; trying again later");
+            }
+            measured_at = Some(std::time::Instant::now());
+        }
         loop {
             match cancel_overdue(&pool, deadline).await {
                 Ok(n) if n as i64 == BATCH => continue,
@@ -35,6 +46,34 @@ pub async fn run(pool: PgPool, deadline: Duration, shutdown: Shutdown) {
             }
         }
     }
+}
+
+/// Sets `orders_in_flight{status}` and `orders_in_flight_oldest_age_seconds{status}` (time since
+/// the oldest one's last change) for every status whose saga is not over. No deadline covers a
+/// CANCELLING order whose OrderCancelled or StockReleased was dead-lettered: these gauges (and the
+/// OrdersStuckInFlight alert on them) are how such an order becomes visible.
+pub async fn measure_in_flight(pool: &PgPool) -> sqlx::Result<()> {
+    let in_flight: Vec<&str> = OrderStatus::ALL
+        .iter()
+        .filter(|s| !s.is_terminal())
+        .map(|s| s.as_str())
+        .collect();
+    let rows: Vec<(String, i64, Option<f64>)> = sqlx::query_as(
+        "SELECT status, count(*), EXTRACT(EPOCH FROM clock_timestamp() - min(updated_at))::float8 \
+         FROM orders WHERE status = ANY($1) GROUP BY status",
+    )
+    .bind(&in_flight)
+    .fetch_all(pool)
+    .await?;
+    for status in in_flight {
+        let (count, oldest) = rows
+            .iter()
+            .find(|(s, _, _)| s == status)
+            .map_or((0, 0.0), |(_, n, age)| (*n, age.unwrap_or(0.0)));
+        metrics::gauge!("orders_in_flight", "status" => status).set(count as f64);
+        metrics::gauge!("orders_in_flight_oldest_age_seconds", "status" => status).set(oldest);
+    }
+    Ok(())
 }
 
 /// Cancels (DEADLINE_EXCEEDED) up to [`BATCH`] orders PENDING for longer than `deadline`;

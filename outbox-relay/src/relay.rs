@@ -10,8 +10,7 @@ use messaging::shutdown::Shutdown;
 use metrics::{counter, gauge, histogram};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{Connection, FromRow, PgConnection, PgPool};
+use sqlx::{Connection, FromRow, PgConnection};
 use uuid::Uuid;
 
 use crate::Source;
@@ -81,7 +80,7 @@ pub async fn tail(
 ) -> anyhow::Result<()> {
     let mut failures: u32 = 0;
     while !shutdown.is_fired() {
-        match tail_connected(&source, &producer, &options, &shutdown).await {
+        match tail_connected(&source, &producer, &options, &shutdown, &mut failures).await {
             Ok(()) => return Ok(()),
             Err(e) if producer.client().fatal_error().is_some() => return Err(e),
             Err(e) => {
@@ -98,30 +97,42 @@ pub async fn tail(
     Ok(())
 }
 
+/// Connects, becomes the source's leader and publishes until shutdown or an error.
+///
+/// **Every read and delete runs on the one session that holds the leader lock.** If that session
+/// dies (Postgres restarted, the connection cut, the backend terminated), the lock is released
+/// and a standby may take it; this relay's next query then fails on the same dead session, so it
+/// stops publishing instead of carrying on beside the new leader on another connection. A batch
+/// already being produced at that moment may reach the broker twice (once from each relay):
+/// duplicates, which the consumers' inboxes skip, never a reordering of an order's first copies.
 async fn tail_connected(
     source: &Source,
     producer: &FutureProducer,
     options: &Options,
     shutdown: &Shutdown,
+    failures: &mut u32,
 ) -> anyhow::Result<()> {
-    let pool = PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(&source.database_url)
-        .await
-        .with_context(|| format!("connecting to source {}", source.name))?;
-    // Held for as long as this relay publishes the source; dropped (and so released) on error.
-    let Some(_leader) = become_leader(&pool, source, shutdown).await? else {
+    let mut conn = tokio::time::timeout(
+        Duration::from_secs(5),
+        PgConnection::connect(&source.database_url),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("timed out after 5 s"))
+    .and_then(|connected| Ok(connected?))
+    .with_context(|| format!("connecting to source {}", source.name))?;
+    if !become_leader(&mut conn, source, shutdown).await? {
         return Ok(());
-    };
+    }
+    *failures = 0;
     tracing::info!(source = %source.name, "publishing outbox rows");
+    let conn = &mut conn;
     let mut last_backlog_report = Instant::now() - Duration::from_secs(10);
     loop {
         if shutdown.is_fired() {
             return Ok(());
         }
         if last_backlog_report.elapsed() >= Duration::from_secs(1) {
-            report_backlog(&pool, source).await?;
+            report_backlog(&mut *conn, source).await?;
             last_backlog_report = Instant::now();
         }
         let rows: Vec<Row> = sqlx::query_as(
@@ -134,7 +145,7 @@ async fn tail_connected(
         // are left in place and counted, not read: read, they would fill every batch and stall
         // the source.
         .bind(&schemas::events::AGGREGATES[..])
-        .fetch_all(&pool)
+        .fetch_all(&mut *conn)
         .await
         .with_context(|| format!("reading the outbox of source {}", source.name))?;
         if rows.is_empty() {
@@ -155,7 +166,7 @@ async fn tail_connected(
         if !published.acked.is_empty() {
             sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
                 .bind(&published.acked)
-                .execute(&pool)
+                .execute(&mut *conn)
                 .await
                 .with_context(|| format!("deleting published rows of source {}", source.name))?;
         }
@@ -172,38 +183,38 @@ async fn tail_connected(
     }
 }
 
-/// Takes the source's leader lock, waiting as a standby while another relay holds it.
+/// Takes the source's leader lock on `conn`'s session, waiting as a standby while another relay
+/// holds it; `false` when shutdown came first.
 async fn become_leader(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     source: &Source,
     shutdown: &Shutdown,
-) -> anyhow::Result<Option<PgConnection>> {
-    let mut conn = pool.acquire().await?.detach();
+) -> anyhow::Result<bool> {
     let mut announced = false;
     loop {
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(LEADER_LOCK)
-            .fetch_one(&mut conn)
-            .await?;
+            .fetch_one(&mut *conn)
+            .await
+            .with_context(|| format!("taking the leader lock of source {}", source.name))?;
         if got {
-            return Ok(Some(conn));
+            return Ok(true);
         }
         if !announced {
             tracing::info!(source = %source.name, "another relay publishes this source; standing by");
             announced = true;
         }
         if shutdown.sleep(Duration::from_secs(1)).await.is_err() {
-            conn.close().await.ok();
-            return Ok(None);
+            return Ok(false);
         }
     }
 }
 
-async fn report_backlog(pool: &PgPool, source: &Source) -> anyhow::Result<()> {
+async fn report_backlog(conn: &mut PgConnection, source: &Source) -> anyhow::Result<()> {
     let (pending, oldest): (i64, Option<f64>) = sqlx::query_as(
         "SELECT count(*), EXTRACT(EPOCH FROM clock_timestamp() - min(created_at))::float8 FROM outbox",
     )
-    .fetch_one(pool)
+    .fetch_one(&mut *conn)
     .await
     .with_context(|| format!("measuring the backlog of source {}", source.name))?;
     gauge!("relay_outbox_pending_rows", "source" => source.name.clone()).set(pending as f64);
@@ -212,7 +223,7 @@ async fn report_backlog(pool: &PgPool, source: &Source) -> anyhow::Result<()> {
     let unpublishable: i64 =
         sqlx::query_scalar("SELECT count(*) FROM outbox WHERE aggregate_type <> ALL($1)")
             .bind(&schemas::events::AGGREGATES[..])
-            .fetch_one(pool)
+            .fetch_one(&mut *conn)
             .await
             .with_context(|| format!("counting unpublishable rows of source {}", source.name))?;
     if unpublishable > 0 {
@@ -358,4 +369,83 @@ fn headers(row: &Row, traceparent: &str) -> OwnedHeaders {
                 value: Some(value),
             })
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    fn row(id: i64, order: &str, event_type: &str) -> Row {
+        Row {
+            id,
+            message_id: Uuid::new_v4(),
+            aggregate_type: "order".into(),
+            aggregate_id: order.into(),
+            event_type: event_type.into(),
+            content_type: "avro/binary".into(),
+            payload: vec![1, 2, 3],
+            causation_id: None,
+            traceparent: None,
+            tracestate: None,
+            created_at: Utc::now(),
+        }
+    }
+
+    /// Two rows of one order, each in its own produce request; the broker refuses the first one
+    /// for good. With librdkafka's default (`enable.gapless.guarantee=false`) the producer fails
+    /// that row, bumps its epoch and goes on with the next ones, so a later row of the order could
+    /// be published, deleted and applied before it. The relay's producer sets the guarantee: the
+    /// failure is fatal, the relay leaves the failed row in the outbox and exits to be restarted.
+    /// (Kafka itself then refuses the second request with OUT_OF_ORDER_SEQUENCE_NUMBER, the
+    /// check that keeps it off the log; librdkafka's mock cluster does not make that check, so
+    /// here the second row may still be acknowledged, and the test does not look at it.)
+    #[tokio::test]
+    async fn a_row_refused_for_good_is_fatal_instead_of_skipped_for_the_next_rows() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        let topic = schemas::topic_for_aggregate("order").expect("order topic");
+        cluster.create_topic(topic, 1, 1).expect("topic");
+        let settings = messaging::kafka::KafkaSettings::new(&cluster.bootstrap_servers());
+        let mut config = settings.producer();
+        config.set("batch.num.messages", "1");
+        let producer: FutureProducer = config.create().expect("producer");
+        // Connected and idempotent (producer id assigned) before the broker starts refusing.
+        let warm = row(0, "warm-up", "OrderPlaced");
+        let source = Source {
+            name: "orders".into(),
+            database_url: String::new(),
+        };
+        assert_eq!(publish(&source, &producer, &[warm]).await.acked, [0]);
+
+        cluster.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+        );
+        let rows = [
+            row(1, "order-1", "OrderPlaced"),
+            row(2, "order-1", "OrderCancelled"),
+        ];
+        let published =
+            tokio::time::timeout(Duration::from_secs(60), publish(&source, &producer, &rows))
+                .await
+                .expect("both delivery reports within 60 s");
+        assert!(
+            !published.acked.contains(&1),
+            "the refused row is acknowledged: {:?}",
+            published.acked
+        );
+        assert!(
+            published.failed > 0,
+            "the refused row is reported as failed"
+        );
+        assert!(
+            matches!(
+                producer.client().fatal_error(),
+                Some((rdkafka::types::RDKafkaErrorCode::GaplessGuarantee, _))
+            ),
+            "the failure is fatal (gap-less guarantee), so the relay exits and leaves the row for the next run: {:?}",
+            producer.client().fatal_error()
+        );
+    }
 }

@@ -13,7 +13,9 @@
 //! and tests that must stop processes, restart them or start them with other settings are skipped
 //! ([`needs_own_stack`]).
 
+pub mod chaos;
 pub mod kafka;
+pub mod pg_cluster;
 pub mod proxy;
 
 use std::collections::HashMap;
@@ -125,8 +127,12 @@ pub fn needs_own_stack(what_it_does: &str) -> bool {
 
 /// `host:port` of [`postgres_url`].
 pub fn postgres_host_port() -> String {
-    let url = postgres_url();
-    let rest = url.split_once("://").map_or(url.as_str(), |(_, r)| r);
+    host_port_of(&postgres_url())
+}
+
+/// `host:port` of a `postgres://user@host:port[/db]` URL.
+pub fn host_port_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
     rest.split('/').next().unwrap_or(rest).to_owned()
 }
@@ -256,6 +262,17 @@ impl Proc {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, `TERM`, ...) with `kill -<signal>`; nothing when the
+    /// process was already killed.
+    pub fn signal(&mut self, signal: &str) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(child.id().to_string())
+                .status();
+        }
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()
@@ -272,10 +289,21 @@ impl Drop for Proc {
 /// A Tansu broker on a free port, in memory (or the bootstrap address of an external stack's).
 pub struct Broker {
     pub bootstrap: String,
-    _proc: Option<Proc>,
+    proc: Option<Proc>,
 }
 
 impl Broker {
+    /// SIGSTOP: the broker holds every connection open and answers nothing, as a hung or
+    /// partitioned broker does.
+    pub fn pause(&mut self) {
+        self.proc.as_mut().expect("own broker").signal("STOP");
+    }
+
+    /// SIGCONT after [`Broker::pause`].
+    pub fn resume(&mut self) {
+        self.proc.as_mut().expect("own broker").signal("CONT");
+    }
+
     pub async fn start(log_dir: &Path) -> Broker {
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
@@ -300,7 +328,7 @@ impl Broker {
             .expect("broker did not come up");
         Broker {
             bootstrap,
-            _proc: Some(proc),
+            proc: Some(proc),
         }
     }
 }
@@ -327,6 +355,9 @@ pub struct StackOptions {
     pub one_record_per_batch: bool,
     /// Start inventory-service with the stack (otherwise call [`Stack::start_inventory`]).
     pub inventory: bool,
+    /// The Postgres server of the stack's databases (a URL without a database), when not the
+    /// shared [`postgres_url`]: a test that restarts Postgres brings its own.
+    pub postgres_url: Option<String>,
 }
 
 /// The Kafka client settings the local Tansu broker needs (`--kafka-config`): its memory storage
@@ -345,6 +376,7 @@ impl Default for StackOptions {
             env: Vec::new(),
             one_record_per_batch: true,
             inventory: true,
+            postgres_url: None,
         }
     }
 }
@@ -371,8 +403,11 @@ pub struct Stack {
     pub inventory_url: String,
     pub relay_metrics_url: String,
     order_service: Option<Proc>,
+    order_args: Vec<String>,
     inventory_service: Option<Proc>,
     inventory_args: Vec<String>,
+    /// The Postgres server of the stack's databases, without a database.
+    pub pg: String,
     pub relay: Option<Proc>,
     /// The inventory database's proxy, when [`StackOptions::inventory_db_proxy`] asked for one.
     pub inventory_proxy: Option<proxy::Proxy>,
@@ -399,6 +434,7 @@ impl Stack {
             return Stack::on_external(external, options, log_dir).await;
         }
         let broker = Broker::start(&log_dir).await;
+        let pg = options.postgres_url.clone().unwrap_or_else(postgres_url);
         let suffix = Uuid::new_v4().simple().to_string()[..12].to_owned();
         let orders_db = format!("e2e_orders_{suffix}");
         let inventory_db = format!("e2e_inventory_{suffix}");
@@ -406,13 +442,13 @@ impl Stack {
         let inventory_port = free_port();
         let relay_port = free_port();
         let inventory_proxy = if options.inventory_db_proxy {
-            Some(proxy::Proxy::start(postgres_host_port()).await)
+            Some(proxy::Proxy::start(host_port_of(&pg)).await)
         } else {
             None
         };
         let inventory_pg = match &inventory_proxy {
             Some(p) => format!("postgres://postgres@127.0.0.1:{}", p.port),
-            None => postgres_url(),
+            None => pg.clone(),
         };
         let service_args = |port: u16, pg: &str, db: &str| -> Vec<String> {
             let mut args: Vec<String> = options
@@ -431,7 +467,7 @@ impl Stack {
             args.extend(options.kafka_config_args());
             args
         };
-        let mut order_args = service_args(order_port, &postgres_url(), &orders_db);
+        let mut order_args = service_args(order_port, &pg, &orders_db);
         if let Some(deadline) = &options.saga_deadline {
             order_args.extend(["--saga-deadline".to_owned(), deadline.clone()]);
         }
@@ -460,8 +496,10 @@ impl Stack {
             inventory_url: format!("http://127.0.0.1:{inventory_port}"),
             relay_metrics_url: format!("http://127.0.0.1:{relay_port}"),
             order_service: Some(order_service),
+            order_args,
             inventory_service,
             inventory_args,
+            pg,
             relay: None,
             inventory_proxy,
             http: reqwest::Client::new(),
@@ -497,7 +535,7 @@ impl Stack {
         let mut stack = Stack {
             broker: Broker {
                 bootstrap: external.bootstrap.clone(),
-                _proc: None,
+                proc: None,
             },
             orders_db: external.orders_db.clone(),
             inventory_db: external.inventory_db.clone(),
@@ -505,8 +543,10 @@ impl Stack {
             inventory_url: external.inventory_url.clone(),
             relay_metrics_url: external.relay_url.clone(),
             order_service: None,
+            order_args: Vec::new(),
             inventory_service: None,
             inventory_args: Vec::new(),
+            pg: postgres_url(),
             relay: None,
             inventory_proxy: None,
             http: reqwest::Client::new(),
@@ -576,44 +616,95 @@ impl Stack {
     /// Starts another inventory-service instance (same database, broker and consumer group, its
     /// own HTTP port), logging to `<name>.log`, and waits until it is ready.
     pub async fn spawn_inventory_instance(&self, name: &str) -> Proc {
+        let (proc, _) = self
+            .spawn_instance(
+                name,
+                "inventory-service",
+                &self.inventory_args,
+                "--listen-addr",
+            )
+            .await;
+        proc
+    }
+
+    /// `kill -9` of the (first) order service.
+    pub fn kill_order(&mut self) {
+        self.order_service
+            .as_mut()
+            .expect("only a test's own stack can be killed")
+            .kill9();
+    }
+
+    /// Starts the order service again (after [`Stack::kill_order`]) and waits until it is ready.
+    pub async fn start_order(&mut self) {
         assert!(
             !self.is_external(),
             "only a test's own stack can be started"
         );
-        let mut args = self.inventory_args.clone();
-        let port = free_port();
+        self.order_service = Some(Proc::spawn_env(
+            "order-service",
+            &binary("order-service"),
+            &self.order_args,
+            &self.log_dir,
+            &self.options.env,
+        ));
+        let url = self.order_url.clone();
+        self.wait_ready(&url).await;
+    }
+
+    /// Starts another order-service instance (same database, broker and consumer group, its own
+    /// HTTP port), logging to `<name>.log`, and waits until it is ready; returns it and its URL.
+    pub async fn spawn_order_instance(&self, name: &str) -> (Proc, String) {
+        self.spawn_instance(name, "order-service", &self.order_args, "--listen-addr")
+            .await
+    }
+
+    /// Starts another relay for the same sources (a standby while the first one publishes),
+    /// logging to `<name>.log`, and waits until it is ready; returns it and its metrics URL.
+    pub async fn spawn_relay_instance(&self, name: &str) -> (Proc, String) {
+        self.spawn_instance(name, "outbox-relay", &self.relay_args(), "--metrics-addr")
+            .await
+    }
+
+    /// Starts `program` with `args` but a free port in place of the value of `port_flag`.
+    async fn spawn_instance(
+        &self,
+        name: &str,
+        program: &str,
+        args: &[String],
+        port_flag: &str,
+    ) -> (Proc, String) {
+        assert!(
+            !self.is_external(),
+            "only a test's own stack can be started"
+        );
+        let mut args = args.to_vec();
         let at = args
             .iter()
-            .position(|a| a == "--listen-addr")
-            .expect("--listen-addr");
-        args[at + 1] = format!("127.0.0.1:{port}");
+            .position(|a| a == port_flag)
+            .unwrap_or_else(|| panic!("{program} has no {port_flag}"));
+        let url = format!("http://127.0.0.1:{}", free_port());
+        args[at + 1] = url.trim_start_matches("http://").to_owned();
         let proc = Proc::spawn_env(
             name,
-            &binary("inventory-service"),
+            &binary(program),
             &args,
             &self.log_dir,
             &self.options.env,
         );
-        self.wait_ready(&format!("http://127.0.0.1:{port}")).await;
-        proc
+        self.wait_ready(&url).await;
+        (proc, url)
     }
 
-    pub async fn start_relay(&mut self) {
-        assert!(
-            !self.is_external(),
-            "only a test's own stack can be started"
-        );
-        let relay_port: u16 = self
-            .relay_metrics_url
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("relay port");
-        let pg = postgres_url();
+    /// The relay's arguments: both sources (inventory's through the proxy when there is one),
+    /// metrics on [`Stack::relay_metrics_url`].
+    fn relay_args(&self) -> Vec<String> {
+        let pg = &self.pg;
         let inventory_pg = match &self.inventory_proxy {
             Some(p) => format!("postgres://postgres@127.0.0.1:{}", p.port),
             None => pg.clone(),
         };
+        let metrics_addr = self.relay_metrics_url.trim_start_matches("http://");
         let args = vec![
             "--source".into(),
             format!("orders={pg}/{}", self.orders_db),
@@ -622,26 +713,39 @@ impl Stack {
             "--kafka-bootstrap-servers".into(),
             self.broker.bootstrap.clone(),
             "--metrics-addr".into(),
-            format!("127.0.0.1:{relay_port}"),
+            metrics_addr.to_owned(),
             "--batch-size".into(),
             self.options.relay_batch_size.to_string(),
         ];
-        let args: Vec<String> = args
-            .into_iter()
+        args.into_iter()
             .chain(self.options.kafka_config_args())
-            .collect();
-        self.relay = Some(Proc::spawn_env(
-            "outbox-relay",
-            &binary("outbox-relay"),
-            &args,
-            &self.log_dir,
-            &self.options.env,
-        ));
+            .collect()
+    }
+
+    /// Starts the relay (metrics on [`Stack::relay_metrics_url`]) and waits until it is ready.
+    pub async fn start_relay(&mut self) {
+        self.launch_relay();
         let url = self.relay_metrics_url.clone();
         self.wait_ready(&url).await;
     }
 
-    async fn wait_ready(&self, base: &str) {
+    /// Starts the relay without waiting for it.
+    pub fn launch_relay(&mut self) {
+        assert!(
+            !self.is_external(),
+            "only a test's own stack can be started"
+        );
+        self.relay = Some(Proc::spawn_env(
+            "outbox-relay",
+            &binary("outbox-relay"),
+            &self.relay_args(),
+            &self.log_dir,
+            &self.options.env,
+        ));
+    }
+
+    /// Waits until `<base>/readyz` answers 200 (at most 60 s).
+    pub async fn wait_ready(&self, base: &str) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(r) = self.http.get(format!("{base}/readyz")).send().await
@@ -659,13 +763,13 @@ impl Stack {
     }
 
     pub async fn orders_pool(&self) -> PgPool {
-        PgPool::connect(&format!("{}/{}", postgres_url(), self.orders_db))
+        PgPool::connect(&format!("{}/{}", self.pg, self.orders_db))
             .await
             .expect("orders db")
     }
 
     pub async fn inventory_pool(&self) -> PgPool {
-        PgPool::connect(&format!("{}/{}", postgres_url(), self.inventory_db))
+        PgPool::connect(&format!("{}/{}", self.pg, self.inventory_db))
             .await
             .expect("inventory db")
     }
@@ -875,9 +979,9 @@ impl Stack {
             ])
             .args([
                 "--orders-db".to_owned(),
-                format!("{}/{}", postgres_url(), self.orders_db),
+                format!("{}/{}", self.pg, self.orders_db),
                 "--inventory-db".to_owned(),
-                format!("{}/{}", postgres_url(), self.inventory_db),
+                format!("{}/{}", self.pg, self.inventory_db),
             ])
             .args(args)
             .env_remove("KAFKA_CONFIG")
@@ -923,6 +1027,7 @@ impl Drop for Stack {
             proc.kill9();
         }
         let dbs = [self.orders_db.clone(), self.inventory_db.clone()];
+        let pg = self.pg.clone();
         // Drop cannot await: drop the databases from a thread with its own runtime.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -930,9 +1035,7 @@ impl Drop for Stack {
                 .build()
                 .expect("runtime");
             rt.block_on(async {
-                if let Ok(mut conn) =
-                    PgConnection::connect(&format!("{}/postgres", postgres_url())).await
-                {
+                if let Ok(mut conn) = PgConnection::connect(&format!("{pg}/postgres")).await {
                     for db in dbs {
                         let _ =
                             sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))

@@ -60,7 +60,8 @@ async fn every_metrics_endpoint_passes_promtool_and_has_the_documented_metrics()
             let text = stack.metrics_text(url).await;
             // Both gauges are set on their own 5 s clocks (statistics, ownership check).
             Ok((text.contains("consumer_lag_messages")
-                && text.contains("consumer_unowned_partitions"))
+                && text.contains("consumer_unowned_partitions")
+                && text.contains("consumer_parked_keys"))
             .then_some(()))
         })
         .await
@@ -87,6 +88,11 @@ async fn every_metrics_endpoint_passes_promtool_and_has_the_documented_metrics()
                 "consumer_offset_gaps_total",
                 "consumer_unowned_partitions",
                 "consumer_forced_rebalances_total",
+                "consumer_parked_keys",
+                "consumer_parked_key_oldest_age_seconds",
+                "consumer_parked_heads_expired_total",
+                "orders_in_flight",
+                "orders_in_flight_oldest_age_seconds",
             ],
         ),
         (
@@ -103,6 +109,9 @@ async fn every_metrics_endpoint_passes_promtool_and_has_the_documented_metrics()
                 "consumer_offset_gaps_total",
                 "consumer_unowned_partitions",
                 "consumer_forced_rebalances_total",
+                "consumer_parked_keys",
+                "consumer_parked_key_oldest_age_seconds",
+                "consumer_parked_heads_expired_total",
             ],
         ),
         (

@@ -224,3 +224,81 @@ async fn outbox_rows_without_a_topic_are_left_aside_and_do_not_stall_the_source(
             .unwrap();
     assert_eq!(still_there, 600, "left in place, not deleted");
 }
+
+/// The publishing relay's leader session dies (its backend terminated, as a failover, a cut
+/// connection or an operator would) while a standby waits: afterwards exactly one relay
+/// publishes. Before the fix the first relay went on publishing from its other connection while
+/// the standby took the released lock, and every row reached the topic twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_whose_leader_session_dies_stops_publishing_before_a_standby_starts() {
+    if e2e::needs_own_stack("starts a second relay and terminates the first one's session") {
+        return;
+    }
+    let stack = Stack::start("relay_leader_session").await;
+    stack.put_product("A", 150, 100_000).await;
+    let first = stack.place_order(&[("A", 1)]).await;
+    stack
+        .wait_for_statuses(&[first], &["CONFIRMED"], TIMEOUT)
+        .await;
+    let (_standby, standby_url) = stack.spawn_relay_instance("outbox-relay-standby").await;
+    let urls = [stack.relay_metrics_url.clone(), standby_url];
+
+    let orders_db = stack.orders_pool().await;
+    let lock_holders = "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                        AND database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+    let holder: i32 = sqlx::query_scalar(lock_holders)
+        .fetch_one(&orders_db)
+        .await
+        .expect("the leader's lock");
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(holder)
+        .fetch_one(&orders_db)
+        .await
+        .expect("terminating the leader's session");
+    assert!(terminated);
+    // Some relay holds the lock again (the standby, or the first one after it reconnected).
+    eventually(TIMEOUT, || async {
+        let holders: Vec<i32> = sqlx::query_scalar(lock_holders)
+            .fetch_all(&orders_db)
+            .await?;
+        Ok((holders.len() == 1 && holders[0] != holder).then_some(()))
+    })
+    .await
+    .expect("a new leader");
+
+    let published = |url: String| {
+        let stack = &stack;
+        async move {
+            stack
+                .metric(&url, "relay_rows_published_total", &[("source", "orders")])
+                .await
+        }
+    };
+    let before = [
+        published(urls[0].clone()).await,
+        published(urls[1].clone()).await,
+    ];
+    const ORDERS: usize = 30;
+    let mut ids = Vec::new();
+    for _ in 0..ORDERS {
+        ids.push(stack.place_order(&[("A", 1)]).await);
+    }
+    stack.wait_for_statuses(&ids, &["CONFIRMED"], TIMEOUT).await;
+    let after = [
+        published(urls[0].clone()).await,
+        published(urls[1].clone()).await,
+    ];
+    let increases = [after[0] - before[0], after[1] - before[1]];
+    // Each order's OrderPlaced and OrderConfirmed: 2 rows per order, published once.
+    assert_eq!(
+        increases.iter().sum::<f64>(),
+        (2 * ORDERS) as f64,
+        "rows of the orders source published by the first relay and by the standby: {increases:?}; {}",
+        stack.where_logs_are()
+    );
+    assert!(
+        increases.contains(&0.0),
+        "both relays published: {increases:?}; {}",
+        stack.where_logs_are()
+    );
+}

@@ -245,3 +245,229 @@ async fn while_an_orders_event_waits_for_a_retry_its_next_event_waits_too_and_ot
     .await
     .expect("A's key is released");
 }
+
+/// Waits until `n` messages of `order_id` wait in order-service's parking table.
+async fn wait_for_parked_messages(orders_db: &sqlx::PgPool, order_id: Uuid, n: i64, what: &str) {
+    eventually(TIMEOUT, || async {
+        let parked: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM parked_messages WHERE consumer_group = 'order-service' AND message_key = $1",
+        )
+        .bind(order_id.to_string())
+        .fetch_one(orders_db)
+        .await?;
+        Ok((parked == n).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
+/// Produces a retry copy of an inventory event to `order-service.retry.1`, as the service would.
+async fn produce_retry_copy(
+    stack: &Stack,
+    order_id: Uuid,
+    message_id: Uuid,
+    body: serde_json::Value,
+) {
+    let (message_id, order) = (message_id.to_string(), order_id.to_string());
+    let now_ms = chrono::Utc::now().timestamp_millis().to_string();
+    kafka::produce(
+        &stack.broker.bootstrap,
+        "order-service.retry.1",
+        None,
+        Some(&order),
+        &[
+            ("message-id", &message_id),
+            ("event-type", "StockReserved"),
+            ("content-type", "application/json"),
+            ("correlation-id", &order),
+            ("retry-attempt", "1"),
+            ("retry-not-before", &now_ms),
+            ("retry-original-topic", schemas::INVENTORY_TOPIC),
+            ("retry-original-partition", "0"),
+            ("retry-original-offset", "0"),
+        ],
+        body.to_string().as_bytes(),
+    )
+    .await
+    .unwrap();
+}
+
+/// An order's key waits behind head H2 (still retrying) with a StockReservationRejected parked
+/// behind it, when a stray retry copy of H1, an earlier head that was already applied, arrives
+/// (possible after a crash inside the offset-commit window), followed by H2's own copy, a
+/// StockReserved. The stray must neither apply nor release the key: H2 confirms the order and
+/// only then is the parked rejection applied (too late to matter). Before the fix the stray's
+/// "duplicate" released the key, the rejection overtook H2, and the order ended REJECTED.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stray_retry_copy_of_an_earlier_head_does_not_release_its_key() {
+    if e2e::needs_own_stack("writes the service's parking and inbox tables") {
+        return;
+    }
+    let stack = stack_with_delays("retry_stray_copy", "1s,3s,3s").await;
+    let order_id = Uuid::new_v4();
+    stack.create_order_quietly(order_id).await;
+    let (h1, h2) = (Uuid::new_v4(), Uuid::new_v4());
+    let orders_db = stack.orders_pool().await;
+    sqlx::query(
+        "INSERT INTO inbox (consumer_group, message_id, event_type, topic, kafka_partition, kafka_offset) \
+         VALUES ('order-service', $1, 'StockReserved', $2, 0, 0)",
+    )
+    .bind(h1)
+    .bind(schemas::INVENTORY_TOPIC)
+    .execute(&orders_db)
+    .await
+    .expect("H1 applied earlier");
+    sqlx::query(
+        "INSERT INTO parked_keys (consumer_group, message_key, head_message_id, reason) \
+         VALUES ('order-service', $1, $2, 'not yet')",
+    )
+    .bind(order_id.to_string())
+    .bind(h2)
+    .execute(&orders_db)
+    .await
+    .expect("the key parked behind H2");
+
+    produce_inventory_event(
+        &stack,
+        0,
+        "StockReservationRejected",
+        rejected(order_id, "parked behind H2"),
+    )
+    .await;
+    wait_for_parked_messages(&orders_db, order_id, 1, "the rejection waits behind H2").await;
+
+    produce_retry_copy(&stack, order_id, h1, reserved(order_id)).await;
+    produce_retry_copy(&stack, order_id, h2, reserved(order_id)).await;
+    let statuses = stack
+        .wait_for_statuses(&[order_id], &["CONFIRMED", "REJECTED"], TIMEOUT)
+        .await;
+    assert_eq!(
+        statuses[&order_id],
+        "CONFIRMED",
+        "the parked rejection overtook the key's head; {}",
+        stack.where_logs_are()
+    );
+    eventually(TIMEOUT, || async {
+        let parked: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM parked_keys WHERE consumer_group = 'order-service' AND message_key = $1",
+        )
+        .bind(order_id.to_string())
+        .fetch_one(&orders_db)
+        .await?;
+        Ok((parked == 0).then_some(()))
+    })
+    .await
+    .expect("the key is released once H2 applied and the parked rejection was drained");
+    assert_eq!(
+        history(&stack.order(order_id).await),
+        ["PENDING", "CONFIRMED"]
+    );
+}
+
+/// A key parked behind a head whose retry copy never comes back (its retry topic no longer read
+/// after `--retry-delays` was shortened, or the copy expired) would hold its order for good.
+/// After `--parked-key-timeout` the head is dead-lettered from the record stored with the key
+/// (class retryable, so it can be redriven), and the order's waiting events are applied. Before
+/// the fix nothing swept: the order stayed PENDING with its rejection parked forever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_head_that_never_comes_back_is_dead_lettered_and_its_key_released() {
+    if e2e::needs_own_stack("starts the services with a parked-key timeout of its own") {
+        return;
+    }
+    let stack = Stack::start_with(
+        "retry_parked_timeout",
+        StackOptions {
+            retry_delays: Some("1s,1s,1s".into()),
+            env: vec![("PARKED_KEY_TIMEOUT".into(), "5s".into())],
+            ..StackOptions::default()
+        },
+    )
+    .await;
+    let order_id = Uuid::new_v4();
+    stack.create_order_quietly(order_id).await;
+    let head = Uuid::new_v4();
+    let head_headers = json!([
+        ["message-id", head.to_string().as_bytes()],
+        ["event-type", "StockReserved".as_bytes()],
+        ["content-type", "application/json".as_bytes()],
+        ["correlation-id", order_id.to_string().as_bytes()],
+    ]);
+    let orders_db = stack.orders_pool().await;
+    sqlx::query(
+        "INSERT INTO parked_keys (consumer_group, message_key, head_message_id, reason, head_topic, \
+         head_partition, head_offset, head_headers, head_payload) \
+         VALUES ('order-service', $1, $2, 'not yet', $3, 2, 41, $4, $5)",
+    )
+    .bind(order_id.to_string())
+    .bind(head)
+    .bind(schemas::INVENTORY_TOPIC)
+    .bind(&head_headers)
+    .bind(reserved(order_id).to_string().into_bytes())
+    .execute(&orders_db)
+    .await
+    .expect("the key parked behind a head whose copy is gone");
+    produce_inventory_event(
+        &stack,
+        0,
+        "StockReservationRejected",
+        rejected(order_id, "waited behind a lost head"),
+    )
+    .await;
+    wait_for_parked_messages(
+        &orders_db,
+        order_id,
+        1,
+        "the rejection waits behind the head",
+    )
+    .await;
+    // The head has waited for an hour.
+    sqlx::query(
+        "UPDATE parked_keys SET head_since = now() - interval '1 hour' WHERE message_key = $1",
+    )
+    .bind(order_id.to_string())
+    .execute(&orders_db)
+    .await
+    .unwrap();
+
+    let statuses = stack
+        .wait_for_statuses(&[order_id], &["REJECTED"], TIMEOUT)
+        .await;
+    assert_eq!(statuses[&order_id], "REJECTED");
+    let dlq = dead_letters(&stack, 1).await;
+    let letter = dlq
+        .iter()
+        .find(|r| r.header("message-id") == Some(head.to_string().as_str()))
+        .expect("the head is dead-lettered");
+    assert_eq!(letter.header("dlq-error-class"), Some("retryable"));
+    assert_eq!(
+        letter.header("dlq-original-topic"),
+        Some(schemas::INVENTORY_TOPIC)
+    );
+    assert_eq!(letter.header("dlq-original-offset"), Some("41"));
+    assert!(
+        letter
+            .header("dlq-error-message")
+            .is_some_and(|m| m.contains("did not come back")),
+        "{:?}",
+        letter.header("dlq-error-message")
+    );
+    assert!(
+        matches!(letter.event(), Ok(schemas::Event::StockReserved(_))),
+        "the dead letter carries the head's own record: {:?}",
+        letter.event()
+    );
+    assert_eq!(
+        metric(
+            &stack,
+            "consumer_parked_heads_expired_total",
+            &[("group", "order-service")]
+        )
+        .await,
+        1.0
+    );
+    let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM parked_keys")
+        .fetch_one(&orders_db)
+        .await
+        .unwrap();
+    assert_eq!(parked, 0, "the key is released");
+}

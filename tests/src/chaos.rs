@@ -1,0 +1,679 @@
+//! The fault-injection run: the whole system (real binaries, a Tansu broker, a Postgres cluster of
+//! the run's own) under continuous load (orders of 1-3 lines, cancellations, POSTs repeated with
+//! their Idempotency-Key) while faults are injected at random moments; then the load stops, the
+//! system is left to go quiet, and the run checks what a user would: every accepted order
+//! finished, each the way its customer's requests say it must, `saga audit` has 0 findings, and
+//! the dead-letter topics are empty.
+//!
+//! Faults ([`Fault`]): `kill -9` of the relay (also just after it starts on a backlog, so in the
+//! middle of a batch), of each service; the broker stopped (SIGSTOP) for longer than the
+//! consumers' session timeout; Postgres stopped in immediate mode and started again; a second
+//! instance of each service joining and then leaving or killed; a second relay taking over from
+//! a killed leader; the inventory database's connections cut (a proxy).
+//!
+//! Settings from the environment: `CHAOS_SECS` (how long faults are injected), `CHAOS_RATE`
+//! (orders per second offered), `CHAOS_SEED` (the fault schedule and the orders' shapes; printed
+//! at the start so that a failing run can be repeated).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use crate::pg_cluster::PgCluster;
+use crate::{Proc, Stack, StackOptions};
+
+/// The faults the run injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Fault {
+    KillRelay,
+    KillRelayMidBatch,
+    KillOrderService,
+    KillInventoryService,
+    PauseBroker,
+    RestartPostgres,
+    SecondOrderService,
+    SecondInventoryService,
+    RelayTakeover,
+    CutInventoryDatabase,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 10] = [
+        Fault::KillRelay,
+        Fault::KillRelayMidBatch,
+        Fault::KillOrderService,
+        Fault::KillInventoryService,
+        Fault::PauseBroker,
+        Fault::RestartPostgres,
+        Fault::SecondOrderService,
+        Fault::SecondInventoryService,
+        Fault::RelayTakeover,
+        Fault::CutInventoryDatabase,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::KillRelay => "kill -9 relay",
+            Fault::KillRelayMidBatch => "kill -9 relay mid-batch",
+            Fault::KillOrderService => "kill -9 order-service",
+            Fault::KillInventoryService => "kill -9 inventory-service",
+            Fault::PauseBroker => "broker stopped (SIGSTOP) 12-15 s",
+            Fault::RestartPostgres => "Postgres immediate stop + start",
+            Fault::SecondOrderService => "second order-service joins, leaves or is killed",
+            Fault::SecondInventoryService => "second inventory-service joins, leaves or is killed",
+            Fault::RelayTakeover => "second relay takes over from killed leader",
+            Fault::CutInventoryDatabase => "inventory database connections cut 2-6 s",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ChaosOptions {
+    /// How long faults are injected (the load runs as long).
+    pub duration: Duration,
+    /// Orders offered per second.
+    pub rate: f64,
+    pub seed: u64,
+    /// Pause between two faults, drawn from this range (seconds).
+    pub gap_secs: (f64, f64),
+}
+
+impl ChaosOptions {
+    /// `CHAOS_SECS` (default `default_secs`), `CHAOS_RATE` (default `default_rate`), `CHAOS_SEED`
+    /// (default: random).
+    pub fn from_env(default_secs: u64, default_rate: f64) -> ChaosOptions {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let secs = var("CHAOS_SECS").map_or(default_secs, |v| {
+            v.parse().expect("CHAOS_SECS: a number of seconds")
+        });
+        ChaosOptions {
+            duration: Duration::from_secs(secs),
+            rate: var("CHAOS_RATE").map_or(default_rate, |v| {
+                v.parse().expect("CHAOS_RATE: orders per second")
+            }),
+            seed: var("CHAOS_SEED").map_or_else(rand::random, |v| {
+                v.parse().expect("CHAOS_SEED: an unsigned number")
+            }),
+            gap_secs: (1.0, 4.0),
+        }
+    }
+}
+
+/// What a run did and found.
+#[derive(Debug)]
+pub struct Outcome {
+    pub faults: BTreeMap<Fault, u32>,
+    /// Final status → orders.
+    pub statuses: BTreeMap<String, u64>,
+    pub accepted: usize,
+    pub replays: u64,
+    pub cancels: u64,
+    /// The last `saga audit --json` report.
+    pub audit: Value,
+    /// Broken promises, each in words; empty when the run passed.
+    pub violations: Vec<String>,
+    pub load_secs: f64,
+    pub quiesce_secs: f64,
+}
+
+impl Outcome {
+    pub fn summary(&self) -> String {
+        let faults: Vec<String> = self
+            .faults
+            .iter()
+            .map(|(f, n)| format!("  {n:>3} × {}", f.name()))
+            .collect();
+        let statuses: Vec<String> = self
+            .statuses
+            .iter()
+            .map(|(s, n)| format!("{n} {s}"))
+            .collect();
+        format!(
+            "faults injected ({} in {:.0} s of load):\n{}\norders accepted: {} ({}); \
+             cancel requests: {}; idempotent replays: {}\nquiet after the load: {:.0} s\n\
+             saga audit: {} findings, dead letters {}\nviolations: {}",
+            self.faults.values().sum::<u32>(),
+            self.load_secs,
+            faults.join("\n"),
+            self.accepted,
+            statuses.join(", "),
+            self.cancels,
+            self.replays,
+            self.quiesce_secs,
+            self.audit["findings"].as_array().map_or(0, |f| f.len()),
+            self.audit["dead_letters"],
+            if self.violations.is_empty() {
+                "none".to_owned()
+            } else {
+                self.violations.join("\n  ")
+            }
+        )
+    }
+}
+
+/// What the customer's requests say an order must end as.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    /// Any terminal status (CONFIRMED, REJECTED, or CANCELLED by the saga deadline).
+    Terminal,
+    /// A cancel request was accepted (202) or found it already cancelling (200).
+    Cancelled,
+    /// A cancel request was refused (409): the order was REJECTED.
+    Rejected,
+}
+
+const PLENTY: [&str; 6] = ["P0", "P1", "P2", "P3", "P4", "P5"];
+const SCARCE: [&str; 2] = ["S0", "S1"];
+const PLENTY_STOCK: i64 = 10_000_000;
+const SCARCE_STOCK: i64 = 40;
+
+/// The load: one task per order, offered at a fixed rate (open loop).
+struct Load {
+    http: reqwest::Client,
+    /// order-service URLs the load may use (a second instance is added while it runs).
+    targets: RwLock<Vec<String>>,
+    rng: Mutex<StdRng>,
+    accepted: Mutex<HashMap<Uuid, Expect>>,
+    violations: Mutex<Vec<String>>,
+    replays: AtomicU64,
+    cancels: AtomicU64,
+    retries: AtomicU64,
+    /// Requests keep being retried until then.
+    give_up_at: Mutex<Option<Instant>>,
+}
+
+impl Load {
+    fn violation(&self, what: String) {
+        eprintln!("chaos: VIOLATION: {what}");
+        self.violations.lock().expect("lock").push(what);
+    }
+
+    fn target(&self) -> String {
+        let targets = self.targets.read().expect("lock");
+        let i = self
+            .rng
+            .lock()
+            .expect("lock")
+            .random_range(0..targets.len());
+        targets[i].clone()
+    }
+
+    fn gave_up(&self) -> bool {
+        self.give_up_at
+            .lock()
+            .expect("lock")
+            .is_some_and(|t| Instant::now() >= t)
+    }
+
+    /// POSTs `body` to `path` of some order-service until it answers something other than a
+    /// 5xx or a connection error; `None` when the run gave up retrying.
+    async fn post(
+        &self,
+        path: &str,
+        body: Option<&Value>,
+        key: Option<&str>,
+    ) -> Option<(StatusCode, Value)> {
+        loop {
+            let mut request = self
+                .http
+                .post(format!("{}{path}", self.target()))
+                .timeout(Duration::from_secs(10));
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            if let Some(key) = key {
+                request = request.header("Idempotency-Key", key);
+            }
+            match request.send().await {
+                Ok(r) if !r.status().is_server_error() => {
+                    let status = r.status();
+                    return Some((status, r.json().await.unwrap_or(Value::Null)));
+                }
+                _ => {}
+            }
+            if self.gave_up() {
+                return None;
+            }
+            self.retries.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// One customer: places an order (retrying with its Idempotency-Key until answered),
+    /// sometimes repeats the POST, sometimes cancels.
+    async fn customer(self: Arc<Self>) {
+        let (body, replay, cancel_after) = {
+            let mut rng = self.rng.lock().expect("lock");
+            let lines = rng.random_range(1..=3);
+            let mut skus: Vec<&str> = PLENTY.iter().chain(SCARCE.iter()).copied().collect();
+            skus.shuffle(&mut *rng);
+            let items: Vec<Value> = skus[..lines]
+                .iter()
+                .map(|sku| json!({"sku": sku, "quantity": rng.random_range(1..=3)}))
+                .collect();
+            let body = json!({"customer_id": Uuid::new_v4(), "items": items});
+            let replay = rng.random_bool(0.1);
+            let cancel_after = rng
+                .random_bool(0.2)
+                .then(|| Duration::from_millis(rng.random_range(0..3000)));
+            (body, replay, cancel_after)
+        };
+        let key = Uuid::new_v4().to_string();
+        let Some((status, answer)) = self.post("/orders", Some(&body), Some(&key)).await else {
+            self.violation(format!("POST /orders (key {key}) never answered"));
+            return;
+        };
+        let Some(order_id) = answer["order_id"]
+            .as_str()
+            .and_then(|s| s.parse::<Uuid>().ok())
+        else {
+            self.violation(format!("POST /orders answered {status}: {answer}"));
+            return;
+        };
+        if status != StatusCode::CREATED {
+            self.violation(format!("POST /orders answered {status} for {order_id}"));
+        }
+        self.accepted
+            .lock()
+            .expect("lock")
+            .insert(order_id, Expect::Terminal);
+        if replay {
+            self.replays.fetch_add(1, Ordering::Relaxed);
+            match self.post("/orders", Some(&body), Some(&key)).await {
+                Some((_, again)) if again["order_id"].as_str() == Some(&order_id.to_string()) => {}
+                other => self.violation(format!(
+                    "POST /orders repeated with Idempotency-Key {key} answered {other:?}, not order {order_id}"
+                )),
+            }
+        }
+        if let Some(after) = cancel_after {
+            tokio::time::sleep(after).await;
+            self.cancels.fetch_add(1, Ordering::Relaxed);
+            let expect = match self
+                .post(&format!("/orders/{order_id}/cancel"), None, None)
+                .await
+            {
+                Some((StatusCode::ACCEPTED | StatusCode::OK, _)) => Expect::Cancelled,
+                Some((StatusCode::CONFLICT, _)) => Expect::Rejected,
+                other => {
+                    self.violation(format!("cancelling {order_id} answered {other:?}"));
+                    return;
+                }
+            };
+            self.accepted.lock().expect("lock").insert(order_id, expect);
+        }
+    }
+}
+
+/// Runs the load and the faults, lets the system go quiet, and checks everything.
+pub async fn run(test: &str, options: ChaosOptions) -> Outcome {
+    eprintln!(
+        "chaos: seed {} (CHAOS_SEED), {:?} of faults (CHAOS_SECS), {} orders/s (CHAOS_RATE)",
+        options.seed, options.duration, options.rate
+    );
+    let mut rng = StdRng::seed_from_u64(options.seed);
+    // Beside the stack's log directory, which the stack empties when it starts.
+    let pg_log_dir = crate::target_dir()
+        .join("e2e-logs")
+        .join(format!("{test}-postgres"));
+    let pg_dir = std::env::temp_dir().join(format!("order-saga-chaos-{}", Uuid::new_v4().simple()));
+    let cluster = tokio::task::block_in_place(|| PgCluster::start(&pg_dir, &pg_log_dir))
+        .expect("starting the run's own Postgres cluster");
+    let mut stack = Stack::start_with(
+        test,
+        StackOptions {
+            postgres_url: Some(cluster.url()),
+            inventory_db_proxy: true,
+            // The product's own deadline: orders held up by a fault may be cancelled by it,
+            // which is one more path to check.
+            saga_deadline: None,
+            ..StackOptions::default()
+        },
+    )
+    .await;
+    for (i, sku) in PLENTY.iter().enumerate() {
+        stack.put_product(sku, 100 + i as i64, PLENTY_STOCK).await;
+    }
+    for sku in SCARCE {
+        stack.put_product(sku, 5_000, SCARCE_STOCK).await;
+    }
+
+    let load = Arc::new(Load {
+        http: reqwest::Client::new(),
+        targets: RwLock::new(vec![stack.order_url.clone()]),
+        rng: Mutex::new(StdRng::seed_from_u64(options.seed ^ 0x5eed)),
+        accepted: Mutex::default(),
+        violations: Mutex::default(),
+        replays: AtomicU64::new(0),
+        cancels: AtomicU64::new(0),
+        retries: AtomicU64::new(0),
+        give_up_at: Mutex::new(None),
+    });
+    let stop_load = Arc::new(AtomicBool::new(false));
+    let generator = {
+        let (load, stop) = (load.clone(), stop_load.clone());
+        let interval = Duration::from_secs_f64(1.0 / options.rate);
+        tokio::spawn(async move {
+            let mut customers = tokio::task::JoinSet::new();
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !stop.load(Ordering::SeqCst) {
+                tick.tick().await;
+                customers.spawn(load.clone().customer());
+            }
+            while customers.join_next().await.is_some() {}
+        })
+    };
+
+    // Faults: every kind once in a random order, then at random until the duration is over.
+    let started = Instant::now();
+    let mut faults: BTreeMap<Fault, u32> = BTreeMap::new();
+    let mut first_round = Fault::ALL.to_vec();
+    first_round.shuffle(&mut rng);
+    let mut instance = 0;
+    loop {
+        let fault = match first_round.pop() {
+            Some(f) => f,
+            None if started.elapsed() < options.duration => {
+                Fault::ALL[rng.random_range(0..Fault::ALL.len())]
+            }
+            None => break,
+        };
+        let gap = rng.random_range(options.gap_secs.0..options.gap_secs.1);
+        tokio::time::sleep(Duration::from_secs_f64(gap)).await;
+        instance += 1;
+        eprintln!(
+            "chaos: {:>5.1} s: {} ({} orders accepted so far)",
+            started.elapsed().as_secs_f64(),
+            fault.name(),
+            load.accepted.lock().expect("lock").len()
+        );
+        inject(fault, &mut stack, &cluster, &load, &mut rng, instance).await;
+        *faults.entry(fault).or_default() += 1;
+    }
+    let load_secs = started.elapsed().as_secs_f64();
+    stop_load.store(true, Ordering::SeqCst);
+    *load.give_up_at.lock().expect("lock") = Some(Instant::now() + Duration::from_secs(120));
+    eprintln!(
+        "chaos: {load_secs:.0} s: faults over, load stopping; waiting for the system to go quiet"
+    );
+    generator.await.expect("load generator");
+
+    let quiet_started = Instant::now();
+    let accepted: HashMap<Uuid, Expect> = load.accepted.lock().expect("lock").clone();
+    let audit = quiesce(&stack, &accepted).await;
+    let quiesce_secs = quiet_started.elapsed().as_secs_f64();
+
+    let mut violations = std::mem::take(&mut *load.violations.lock().expect("lock"));
+    let statuses = final_statuses(&stack, &accepted, &mut violations).await;
+    if audit["ok"] != json!(true) {
+        violations.push(describe_findings(&audit));
+    }
+    if audit["dead_letters"]
+        .as_object()
+        .is_none_or(|groups| groups.values().any(|n| n != &json!(0)))
+    {
+        violations.push(format!("dead letters: {}", audit["dead_letters"]));
+    }
+    let mut by_status: BTreeMap<String, u64> = BTreeMap::new();
+    for status in statuses.values() {
+        *by_status.entry(status.clone()).or_default() += 1;
+    }
+    let outcome = Outcome {
+        faults,
+        statuses: by_status,
+        accepted: accepted.len(),
+        replays: load.replays.load(Ordering::Relaxed),
+        cancels: load.cancels.load(Ordering::Relaxed),
+        audit,
+        violations,
+        load_secs,
+        quiesce_secs,
+    };
+    eprintln!(
+        "chaos: seed {}; requests retried {} times\n{}\n{}",
+        options.seed,
+        load.retries.load(Ordering::Relaxed),
+        outcome.summary(),
+        stack.where_logs_are()
+    );
+    drop(stack);
+    drop(cluster);
+    outcome
+}
+
+/// The audit's findings in a few lines: how many of each kind, and the first few.
+fn describe_findings(audit: &Value) -> String {
+    let Some(findings) = audit["findings"].as_array() else {
+        return format!("saga audit could not run: {audit}");
+    };
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for f in findings {
+        let kind = f["kind"].as_str().unwrap_or("?");
+        let group = f["group"]
+            .as_str()
+            .map(|g| format!(" ({g})"))
+            .unwrap_or_default();
+        *kinds.entry(format!("{kind}{group}")).or_default() += 1;
+    }
+    let first: Vec<String> = findings.iter().take(5).map(Value::to_string).collect();
+    format!(
+        "saga audit found {} findings: {kinds:?}; the first: {}",
+        findings.len(),
+        first.join(", ")
+    )
+}
+
+/// Injects one fault and undoes it.
+async fn inject(
+    fault: Fault,
+    stack: &mut Stack,
+    cluster: &PgCluster,
+    load: &Load,
+    rng: &mut StdRng,
+    instance: u32,
+) {
+    match fault {
+        Fault::KillRelay => {
+            relay(stack).kill9();
+            tokio::time::sleep(between(rng, 0.0, 2.0)).await;
+            stack.start_relay().await;
+        }
+        Fault::KillRelayMidBatch => {
+            // Let a backlog build up, start the relay on it, and kill it as soon as it is ready
+            // (it then publishes its first batch) plus up to 50 ms.
+            relay(stack).kill9();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let after = between(rng, 0.0, 0.05);
+            stack.launch_relay();
+            let url = stack.relay_metrics_url.clone();
+            wait_ready_fast(stack, &url).await;
+            tokio::time::sleep(after).await;
+            relay(stack).kill9();
+            stack.start_relay().await;
+        }
+        Fault::KillOrderService => {
+            stack.kill_order();
+            tokio::time::sleep(between(rng, 0.0, 2.0)).await;
+            stack.start_order().await;
+        }
+        Fault::KillInventoryService => {
+            let down = between(rng, 0.0, 2.0);
+            stack.restart_inventory(down).await;
+        }
+        Fault::PauseBroker => {
+            // Longer than the consumers' session timeout (10 s): the broker expires them.
+            let down = between(rng, 12.0, 15.0);
+            stack.broker.pause();
+            tokio::time::sleep(down).await;
+            stack.broker.resume();
+        }
+        Fault::RestartPostgres => {
+            let down = between(rng, 0.5, 3.0);
+            tokio::task::block_in_place(|| cluster.stop_immediate()).expect("pg_ctl stop");
+            tokio::time::sleep(down).await;
+            tokio::task::block_in_place(|| cluster.pg_ctl_start()).expect("pg_ctl start");
+        }
+        Fault::SecondOrderService => {
+            let (up, kill) = (between(rng, 3.0, 8.0), rng.random_bool(0.5));
+            let (mut second, url) = stack
+                .spawn_order_instance(&format!("order-service-{instance}"))
+                .await;
+            load.targets.write().expect("lock").push(url.clone());
+            tokio::time::sleep(up).await;
+            if kill {
+                second.kill9();
+                load.targets.write().expect("lock").retain(|t| t != &url);
+            } else {
+                load.targets.write().expect("lock").retain(|t| t != &url);
+                second.stop();
+            }
+        }
+        Fault::SecondInventoryService => {
+            let (up, kill) = (between(rng, 3.0, 8.0), rng.random_bool(0.5));
+            let mut second = stack
+                .spawn_inventory_instance(&format!("inventory-service-{instance}"))
+                .await;
+            tokio::time::sleep(up).await;
+            if kill {
+                second.kill9();
+            } else {
+                second.stop();
+            }
+        }
+        Fault::RelayTakeover => {
+            let up = between(rng, 1.0, 3.0);
+            let (second, url) = stack
+                .spawn_relay_instance(&format!("outbox-relay-{instance}"))
+                .await;
+            tokio::time::sleep(up).await;
+            relay(stack).kill9();
+            stack.relay = Some(second);
+            stack.relay_metrics_url = url;
+        }
+        Fault::CutInventoryDatabase => {
+            let down = between(rng, 2.0, 6.0);
+            let proxy = stack.inventory_proxy.as_ref().expect("inventory proxy");
+            proxy.take_down();
+            tokio::time::sleep(down).await;
+            proxy.bring_up();
+        }
+    }
+}
+
+fn between(rng: &mut StdRng, from_secs: f64, to_secs: f64) -> Duration {
+    Duration::from_secs_f64(rng.random_range(from_secs..to_secs))
+}
+
+fn relay(stack: &mut Stack) -> &mut Proc {
+    stack.relay.as_mut().expect("a relay runs")
+}
+
+/// Polls `<url>/readyz` every 5 ms (at most 60 s).
+async fn wait_ready_fast(stack: &Stack, url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if let Ok(r) = stack.http.get(format!("{url}/readyz")).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{url} not ready after 60 s; {}", stack.where_logs_are());
+}
+
+/// How long the system gets to finish every saga after the load stops: the retry schedule's
+/// last delay (60 s) and a rebalance or two, with room for a loaded machine.
+const QUIET_WITHIN: Duration = Duration::from_secs(300);
+
+/// Waits until every accepted order is terminal, both outboxes are empty and `saga audit`
+/// (grace 0) has nothing to say, or [`QUIET_WITHIN`] is over; returns the last audit report.
+async fn quiesce(stack: &Stack, accepted: &HashMap<Uuid, Expect>) -> Value {
+    let ids: Vec<Uuid> = accepted.keys().copied().collect();
+    let orders = stack.orders_pool().await;
+    let inventory = stack.inventory_pool().await;
+    let deadline = Instant::now() + QUIET_WITHIN;
+    let mut last_report = Instant::now();
+    loop {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM orders WHERE order_id = ANY($1) \
+             AND status NOT IN ('CONFIRMED', 'REJECTED', 'CANCELLED')",
+        )
+        .bind(&ids)
+        .fetch_one(&orders)
+        .await
+        .unwrap_or(-1);
+        let mut outbox = 0;
+        for pool in [&orders, &inventory] {
+            outbox += sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
+                .fetch_one(pool)
+                .await
+                .unwrap_or(-1);
+        }
+        let settled = open == 0 && outbox == 0;
+        if settled || Instant::now() >= deadline {
+            let (status, report, stderr) = stack.audit("0s", &[]);
+            if (status == 0 && report["ok"] == json!(true)) || Instant::now() >= deadline {
+                if status == 2 || report.is_null() {
+                    return json!({"ok": false, "findings": [format!("saga audit failed: {stderr}")]});
+                }
+                return report;
+            }
+        }
+        if last_report.elapsed() >= Duration::from_secs(10) {
+            eprintln!("chaos: going quiet: {open} orders not terminal, {outbox} outbox rows");
+            last_report = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_secs(if settled { 3 } else { 1 })).await;
+    }
+}
+
+/// The final status of every accepted order; adds a violation for each one missing, not
+/// terminal, or not what its customer's requests say.
+async fn final_statuses(
+    stack: &Stack,
+    accepted: &HashMap<Uuid, Expect>,
+    violations: &mut Vec<String>,
+) -> HashMap<Uuid, String> {
+    let ids: Vec<Uuid> = accepted.keys().copied().collect();
+    let pool = stack.orders_pool().await;
+    let statuses: HashMap<Uuid, String> = sqlx::query_as::<_, (Uuid, String)>(
+        "SELECT order_id, status FROM orders WHERE order_id = ANY($1)",
+    )
+    .bind(&ids)
+    .fetch_all(&pool)
+    .await
+    .expect("reading the orders")
+    .into_iter()
+    .collect();
+    let mut wrong = Vec::new();
+    for (id, expect) in accepted {
+        let status = statuses.get(id).map(String::as_str);
+        let ok = match (expect, status) {
+            (_, None) => false,
+            (Expect::Terminal, Some(s)) => ["CONFIRMED", "REJECTED", "CANCELLED"].contains(&s),
+            (Expect::Cancelled, Some(s)) => s == "CANCELLED",
+            (Expect::Rejected, Some(s)) => s == "REJECTED",
+        };
+        if !ok {
+            wrong.push(format!("{id}: expected {expect:?}, is {status:?}"));
+        }
+    }
+    if !wrong.is_empty() {
+        violations.push(format!(
+            "{} accepted orders did not end as expected, for example {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(10)]
+        ));
+    }
+    statuses
+}

@@ -1,0 +1,179 @@
+//! A Postgres cluster of a test's own, made with Debian's `initdb` and run with `pg_ctl` on a free
+//! port, so a test can crash and restart Postgres without disturbing anything else on the machine.
+//! As root the server runs as the `postgres` user (Postgres refuses to run as root).
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, bail};
+
+pub struct PgCluster {
+    pub port: u16,
+    data: PathBuf,
+    bin: PathBuf,
+    log: PathBuf,
+    /// uid and gid to run the server as (the `postgres` user when the test runs as root).
+    user: Option<(u32, u32)>,
+}
+
+impl PgCluster {
+    /// Creates a cluster under `dir` (trust authentication, user `postgres`) and starts it on a
+    /// free port on 127.0.0.1. Its log is `<log_dir>/postgres.log`.
+    pub fn start(dir: &Path, log_dir: &Path) -> anyhow::Result<PgCluster> {
+        let bin = server_bin_dir()?;
+        let user = if running_as_root() {
+            Some(postgres_user()?)
+        } else {
+            None
+        };
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(log_dir)?;
+        let log = log_dir.join("postgres.log");
+        std::fs::write(&log, "")?;
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+            std::os::unix::fs::chown(&log, Some(uid), Some(gid))?;
+        }
+        let cluster = PgCluster {
+            port: crate::free_port(),
+            data: dir.join("data"),
+            bin,
+            log,
+            user,
+        };
+        cluster.run(
+            "initdb",
+            &[
+                "-D",
+                &cluster.data.to_string_lossy(),
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "--no-instructions",
+            ],
+        )?;
+        cluster.pg_ctl_start()?;
+        Ok(cluster)
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>`, without a database.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server in immediate mode (every backend killed, no checkpoint: crash recovery
+    /// at the next start), as a crash or an operator's `pg_ctl -m immediate` does.
+    pub fn stop_immediate(&self) -> anyhow::Result<()> {
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data.to_string_lossy(),
+                "-m",
+                "immediate",
+                "stop",
+            ],
+        )
+    }
+
+    /// Starts the server again (after [`PgCluster::stop_immediate`]) and waits until it accepts
+    /// connections.
+    pub fn pg_ctl_start(&self) -> anyhow::Result<()> {
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c max_connections=300 -c fsync=off",
+            self.port,
+            self.data.display()
+        );
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data.to_string_lossy(),
+                "-l",
+                &self.log.to_string_lossy(),
+                "-o",
+                &options,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        )
+    }
+
+    fn run(&self, program: &str, args: &[&str]) -> anyhow::Result<()> {
+        let mut command = Command::new(self.bin.join(program));
+        command.args(args).stdin(Stdio::null());
+        if let Some((uid, gid)) = self.user {
+            command.uid(uid).gid(gid).env("HOME", "/tmp");
+        }
+        let output = command
+            .output()
+            .with_context(|| format!("running {program}"))?;
+        if !output.status.success() {
+            bail!(
+                "{program} {args:?} failed: {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = self.stop_immediate();
+        if let Some(dir) = self.data.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// The newest `/usr/lib/postgresql/<version>/bin` that has `initdb` (Debian's layout).
+fn server_bin_dir() -> anyhow::Result<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("reading /usr/lib/postgresql (Debian's Postgres server packages)")?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let version = e.file_name().to_string_lossy().parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, bin)| bin)
+        .context("no /usr/lib/postgresql/<version>/bin/initdb: install Debian's postgresql package")
+}
+
+fn running_as_root() -> bool {
+    // The effective uid, read from /proc (no libc dependency for one number).
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// The `postgres` user's uid and gid, from /etc/passwd.
+fn postgres_user() -> anyhow::Result<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd").context("reading /etc/passwd")?;
+    passwd
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            (fields.first() == Some(&"postgres") && fields.len() > 3)
+                .then(|| Some((fields[2].parse().ok()?, fields[3].parse().ok()?)))
+                .flatten()
+        })
+        .context("running as root, and there is no postgres user to run the server as")
+}
