@@ -264,6 +264,7 @@ pub async fn run<H: Handler>(
         consumers.push((topic.clone(), vec![topic], Stage::Retry));
     }
     let mut tasks = Vec::new();
+    let mut clients = Vec::new();
     for (group, topics, stage) in consumers {
         for topic in &topics {
             // Rare: exported at 0 from the start so that the alert on it has a series to read.
@@ -272,6 +273,7 @@ pub async fn run<H: Handler>(
         }
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         let consumer = Arc::new(stream_consumer(&settings.kafka, &group, &names)?);
+        clients.push(consumer.clone());
         for topic in &topics {
             tasks.push(tokio::spawn(ownership::watch(
                 consumer.clone(),
@@ -294,6 +296,7 @@ pub async fn run<H: Handler>(
     for task in tasks {
         task.await.context("consumer task")?;
     }
+    close(clients).await;
     if fatal_fired.is_fired()
         && let Some((code, reason)) = worker.producer.client().fatal_error()
     {
@@ -332,8 +335,27 @@ async fn consume<H: Handler>(worker: Arc<Worker<H>>, consumer: Arc<GroupConsumer
             Processed::Interrupted => break,
         }
     }
-    if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-        tracing::debug!(error = %e, "final offset commit");
+}
+
+/// How long closing the consumers (their final offset commit and leaving the group) may take at
+/// shutdown before the process goes on without it.
+const CLOSE_WITHIN: Duration = Duration::from_secs(5);
+
+/// Commits each consumer's stored offsets and closes it (leaving its group), off the async
+/// runtime and for at most [`CLOSE_WITHIN`]: during a broker outage both would wait for the
+/// broker. Offsets not committed are read again after the restart, and the inbox skips them.
+async fn close(consumers: Vec<Arc<GroupConsumer>>) {
+    let closing = tokio::task::spawn_blocking(move || {
+        for consumer in consumers {
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(error = %e, "final offset commit");
+            }
+            drop(consumer);
+        }
+    });
+    if tokio::time::timeout(CLOSE_WITHIN, closing).await.is_err() {
+        tracing::warn!(within = ?CLOSE_WITHIN,
+            "the Kafka consumers did not close in time (is the broker reachable?); stopping without their final offset commit");
     }
 }
 

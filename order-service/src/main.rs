@@ -1,10 +1,18 @@
 use clap::Parser;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() {
     let telemetry = messaging::telemetry::init("order-service");
     let settings = order_service::Settings::parse();
     let result = order_service::run(settings, messaging::shutdown::Shutdown::on_signals()).await;
     telemetry.shutdown();
-    result
+    // Exit here rather than by returning: returning would drop the runtime, which waits for
+    // any Kafka client still closing in the background (bounded in the consumer runtime).
+    std::process::exit(match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            1
+        }
+    })
 }

@@ -163,7 +163,8 @@ pub fn tansu_binary() -> PathBuf {
         return PathBuf::from(path);
     }
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    let cached = PathBuf::from(home).join(".cache/order-saga/tansu-0.6.0/bin/tansu");
+    // scripts/lib.sh's TANSU_BIN: Tansu 0.6.0 with the project's patches (scripts/tansu/).
+    let cached = PathBuf::from(home).join(".cache/order-saga/tansu-0.6.0-p1/bin/tansu");
     if cached.exists() {
         return cached;
     }
@@ -244,6 +245,25 @@ impl Proc {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// SIGTERM, then waits up to `within` for the process to exit by itself; `true` if it did.
+    /// It is killed (SIGKILL) if it did not.
+    pub fn stop_within(&mut self, within: Duration) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let _ = Command::new("kill").arg(child.id().to_string()).status();
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
     }
 
     /// SIGTERM, then wait for a clean exit.
@@ -633,6 +653,14 @@ impl Stack {
             .as_mut()
             .expect("only a test's own stack can be killed")
             .kill9();
+    }
+
+    /// SIGTERM to the (first) order service: whether it exited by itself within `within`.
+    pub fn stop_order_within(&mut self, within: Duration) -> bool {
+        self.order_service
+            .as_mut()
+            .expect("only a test's own stack can be stopped")
+            .stop_within(within)
     }
 
     /// Starts the order service again (after [`Stack::kill_order`]) and waits until it is ready.

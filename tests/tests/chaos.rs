@@ -2,16 +2,12 @@
 //! every accepted order must have finished as its customer's requests say, `saga audit` must find
 //! nothing, and the dead-letter topics must be empty.
 //!
-//! It injects each fault once (about 75 s of load at 20 orders/s); longer: `scripts/chaos.sh 600`
-//! (README, "Fault-injection runs"). Not yet in the default suite: Tansu 0.6.0's group
-//! coordinator can wedge a group for good when a member leaves while the group rebalances (it
-//! keeps the departed member as the group's leader, so no one ever sends the assignments), which
-//! fails a run now and then; `scripts/chaos.sh` runs it.
+//! In the suite it injects each fault once (about 75 s of load at 20 orders/s). A longer run:
+//! `scripts/chaos.sh 600` (README, "Fault-injection runs").
 
 use e2e::chaos::{self, ChaosOptions, Fault};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "Tansu 0.6.0 can wedge a consumer group (a departed leader kept after a LeaveGroup during a rebalance); run with scripts/chaos.sh"]
 async fn every_order_finishes_and_every_event_is_applied_once_under_faults() {
     if e2e::needs_own_stack("kills, pauses and restarts every process and Postgres") {
         return;

@@ -266,3 +266,43 @@ async fn cancels_made_while_inventory_is_down_are_applied_after_it_restarts() {
         assert_eq!(released, 1, "StockReleased for {id}");
     }
 }
+
+/// An order left CANCELLING (inventory never answers: here it is not running) is covered by no
+/// deadline; `orders_in_flight` and `orders_in_flight_oldest_age_seconds` show it, and the
+/// OrdersStuckInFlight alert reads them.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_stuck_cancelling_shows_in_the_in_flight_gauges() {
+    if e2e::needs_own_stack("runs without inventory-service") {
+        return;
+    }
+    let stack = Stack::start_with(
+        "cancel_stuck_visible",
+        e2e::StackOptions {
+            inventory: false,
+            ..e2e::StackOptions::default()
+        },
+    )
+    .await;
+    let id = stack.place_order(&[("A", 1)]).await;
+    let (status, _) = stack.cancel(id).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let url = stack.order_url.clone();
+    eventually(TIMEOUT, || async {
+        let cancelling = stack
+            .metric(&url, "orders_in_flight", &[("status", "CANCELLING")])
+            .await;
+        let age = stack
+            .metric(
+                &url,
+                "orders_in_flight_oldest_age_seconds",
+                &[("status", "CANCELLING")],
+            )
+            .await;
+        let pending = stack
+            .metric(&url, "orders_in_flight", &[("status", "PENDING")])
+            .await;
+        Ok((cancelling == 1.0 && age > 0.0 && pending == 0.0).then_some(()))
+    })
+    .await
+    .expect("one CANCELLING order, none PENDING, with its age");
+}

@@ -471,3 +471,40 @@ async fn a_head_that_never_comes_back_is_dead_lettered_and_its_key_released() {
         .unwrap();
     assert_eq!(parked, 0, "the key is released");
 }
+
+/// SIGTERM while the broker hangs and a dead letter is being sent: order-service exits promptly
+/// instead of waiting for the broker (its producer never gives up on a record). The record's
+/// offset is not committed, so it is handled again after the restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_during_a_broker_outage_does_not_wait_for_a_dead_letter_send() {
+    if e2e::needs_own_stack("pauses the broker and stops order-service") {
+        return;
+    }
+    let mut stack = stack_with_delays("retry_shutdown_in_outage", "2s").await;
+    let order_id = Uuid::new_v4();
+    produce_inventory_event(&stack, 0, "StockReserved", reserved(order_id)).await;
+    // In retry.1, fetched at once by its consumer, which waits until it is due (2 s).
+    eventually(TIMEOUT, || async {
+        Ok((metric(
+            &stack,
+            "consumer_messages_retried_total",
+            &[("attempt", "1")],
+        )
+        .await
+            >= 1.0)
+            .then_some(()))
+    })
+    .await
+    .expect("the event went to the retry topic");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stack.broker.pause();
+    // Due now, still not applicable, last attempt: the dead-letter send waits for the broker.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let exited = stack.stop_order_within(Duration::from_secs(10));
+    stack.broker.resume();
+    assert!(
+        exited,
+        "order-service did not exit within 10 s of SIGTERM while the broker hung; {}",
+        stack.where_logs_are()
+    );
+}
