@@ -608,23 +608,32 @@ impl<H: Handler> Worker<H> {
         key: &str,
         stage: Stage,
     ) -> Result<(Gate, Attempt), HandlerError> {
-        let mut tx = self.pool.begin().await?;
-        let head = parking::lock(&mut tx, &self.group, key).await?;
+        // Database errors outside the handler are never the message's fault: they are retried
+        // in place (transient), so they cannot dead-letter a message or release its key.
+        let infra = |e: sqlx::Error| HandlerError::Transient(e.into());
+        let mut tx = self.pool.begin().await.map_err(infra)?;
+        let head = parking::lock(&mut tx, &self.group, key)
+            .await
+            .map_err(infra)?;
         let gate = decision::gate(stage, head, Some(envelope.message_id));
         match gate {
             Gate::Park => {
-                parking::park_message(&mut tx, &self.group, key, delivery).await?;
-                tx.commit().await?;
+                parking::park_message(&mut tx, &self.group, key, delivery)
+                    .await
+                    .map_err(infra)?;
+                tx.commit().await.map_err(infra)?;
                 return Ok((gate, Attempt::Parked));
             }
             Gate::ResumeRetry => {
-                tx.rollback().await?;
+                tx.rollback().await.map_err(infra)?;
                 return Ok((gate, Attempt::NotYet));
             }
             Gate::Stray => {
                 // Never apply a stray; only find out whether it was applied.
-                let never_applied = inbox::claim(&mut tx, &self.group, envelope).await?;
-                tx.rollback().await?;
+                let never_applied = inbox::claim(&mut tx, &self.group, envelope)
+                    .await
+                    .map_err(infra)?;
+                tx.rollback().await.map_err(infra)?;
                 let attempt = if never_applied {
                     Attempt::Withheld
                 } else {
@@ -634,8 +643,11 @@ impl<H: Handler> Worker<H> {
             }
             Gate::Apply => {}
         }
-        if !inbox::claim(&mut tx, &self.group, envelope).await? {
-            tx.rollback().await?;
+        if !inbox::claim(&mut tx, &self.group, envelope)
+            .await
+            .map_err(infra)?
+        {
+            tx.rollback().await.map_err(infra)?;
             return Ok((gate, Attempt::Duplicate));
         }
         let after_commit = self.handler.handle(&mut tx, envelope).await?;
@@ -667,23 +679,39 @@ impl<H: Handler> Worker<H> {
                 let message_id = delivery
                     .header("message-id")
                     .and_then(|id| uuid::Uuid::parse_str(id).ok());
-                if stage == Stage::Main
-                    && let Some(message_id) = message_id
-                {
-                    self.until_done(|| async {
-                        let mut conn = self.pool.acquire().await?;
-                        parking::park_key(
-                            &mut conn,
-                            &self.group,
-                            key,
-                            message_id,
-                            &reason,
-                            delivery,
-                        )
-                        .await?;
-                        Ok(())
-                    })
-                    .await?;
+                // A fresh "not yet" parks its key. A head read again from its topic
+                // (ResumeRetry) already heads it: re-parking could put it back over a newer head
+                // a concurrent drain just set. A head moving on to its next retry topic restarts
+                // its --parked-key-timeout clock.
+                if let Some(message_id) = message_id {
+                    match (stage, gate) {
+                        (Stage::Main, Gate::Apply) => {
+                            self.until_done(|| async {
+                                let mut conn = self.pool.acquire().await?;
+                                parking::park_key(
+                                    &mut conn,
+                                    &self.group,
+                                    key,
+                                    message_id,
+                                    &reason,
+                                    delivery,
+                                )
+                                .await?;
+                                Ok(())
+                            })
+                            .await?;
+                        }
+                        (Stage::Retry, _) => {
+                            self.until_done(|| async {
+                                let mut conn = self.pool.acquire().await?;
+                                parking::touch_head(&mut conn, &self.group, key, message_id)
+                                    .await?;
+                                Ok(())
+                            })
+                            .await?;
+                        }
+                        _ => {}
+                    }
                 }
                 self.until_done(|| async {
                     retry::send(&self.producer, &self.group, delivery, next, delay, &reason)
@@ -753,14 +781,19 @@ impl<H: Handler> Worker<H> {
             tracing::info!(%key, "key released");
             return Ok(Drain::Released);
         };
+        // The key's lock is held to the end; the attempt runs in a savepoint, so that a "not yet"
+        // or a failure undoes its effects without letting another path in on this key.
         let (envelope, attempt, reason) = match Envelope::decode(&delivery) {
             Err(reason) => (None, Attempt::Undecodable, reason),
             Ok(envelope) => {
-                if !inbox::claim(&mut tx, &self.group, &envelope).await? {
+                let mut attempt_tx = sqlx::Connection::begin(&mut *tx).await?;
+                if !inbox::claim(&mut attempt_tx, &self.group, &envelope).await? {
+                    attempt_tx.rollback().await?;
                     (Some(envelope), Attempt::Duplicate, String::new())
                 } else {
-                    match self.handler.handle(&mut tx, &envelope).await {
+                    match self.handler.handle(&mut attempt_tx, &envelope).await {
                         Ok(after_commit) => {
+                            attempt_tx.commit().await?;
                             parking::remove_message(&mut tx, id).await?;
                             tx.commit().await?;
                             after_commit.run();
@@ -770,9 +803,11 @@ impl<H: Handler> Worker<H> {
                             return Ok(Drain::Continue);
                         }
                         Err(HandlerError::Retryable(reason)) => {
+                            attempt_tx.rollback().await?;
                             (Some(envelope), Attempt::NotYet, reason)
                         }
                         Err(HandlerError::Permanent(reason)) => {
+                            attempt_tx.rollback().await?;
                             (Some(envelope), Attempt::Permanent, reason)
                         }
                         Err(e @ HandlerError::Transient(_)) => return Err(e),
@@ -799,11 +834,8 @@ impl<H: Handler> Worker<H> {
             }
             Route::Retry { attempt: next } => {
                 // It becomes the key's head: re-park and send in the same transaction as its
-                // removal from the parking table (the handler's effects are rolled back).
-                tx.rollback().await?;
+                // removal from the parking table, the key's lock held throughout.
                 let message_id = envelope.as_ref().map(|e| e.message_id).unwrap_or_default();
-                let mut tx = self.pool.begin().await?;
-                parking::lock(&mut tx, &self.group, key).await?;
                 parking::park_key(&mut tx, &self.group, key, message_id, &reason, &delivery)
                     .await?;
                 parking::remove_message(&mut tx, id).await?;
@@ -817,11 +849,10 @@ impl<H: Handler> Worker<H> {
                 Ok(Drain::Reparked)
             }
             Route::DeadLetter { class, attempts } => {
-                tx.rollback().await?;
                 self.dead_letter_now(&delivery, event_type, class.as_str(), reason, attempts)
                     .await?;
-                let mut conn = self.pool.acquire().await?;
-                parking::remove_message(&mut conn, id).await?;
+                parking::remove_message(&mut tx, id).await?;
+                tx.commit().await?;
                 Ok(Drain::Continue)
             }
         }
@@ -864,7 +895,11 @@ impl<H: Handler> Worker<H> {
             else {
                 continue;
             };
-            if head != parking::NO_HEAD {
+            // A head applied just now, whose drain has not run yet, is not given up on: its key
+            // is only drained.
+            let applied =
+                head != parking::NO_HEAD && inbox::applied(&mut tx, &self.group, head).await?;
+            if head != parking::NO_HEAD && !applied {
                 let reason = format!(
                     "its retry copy did not come back within {timeout:?} (--parked-key-timeout): \
                      its retry topic is no longer read, or the copy expired"

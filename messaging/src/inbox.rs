@@ -26,3 +26,18 @@ pub async fn claim(
     .await?;
     Ok(inserted.rows_affected() == 1)
 }
+
+/// Whether `group` applied the message `message_id`.
+pub async fn applied(
+    conn: &mut PgConnection,
+    group: &str,
+    message_id: uuid::Uuid,
+) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM inbox WHERE consumer_group = $1 AND message_id = $2)",
+    )
+    .bind(group)
+    .bind(message_id)
+    .fetch_one(conn)
+    .await
+}

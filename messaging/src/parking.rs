@@ -70,11 +70,32 @@ pub async fn park_key(
     Ok(())
 }
 
+/// Restarts the `--parked-key-timeout` clock of `key` if `head` still heads it (the head moved on
+/// to its next retry topic).
+pub async fn touch_head(
+    conn: &mut PgConnection,
+    group: &str,
+    key: &str,
+    head: Uuid,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE parked_keys SET head_since = clock_timestamp() \
+         WHERE consumer_group = $1 AND message_key = $2 AND head_message_id = $3",
+    )
+    .bind(group)
+    .bind(key)
+    .bind(head)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// The head id of a key whose head was given up on by the sweep: it heads nothing, so every
 /// retry copy of the old head is a stray and the key's parked messages can be applied.
 pub const NO_HEAD: Uuid = Uuid::nil();
 
-/// Keys of `group` parked behind the same head for longer than `older_than_secs`, oldest first.
+/// Keys of `group` parked behind the same head for longer than `older_than_secs`, or whose head
+/// was given up on already (their drain was interrupted), oldest first.
 pub async fn expired(
     conn: &mut PgConnection,
     group: &str,
@@ -83,11 +104,13 @@ pub async fn expired(
 ) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar(
         "SELECT message_key FROM parked_keys WHERE consumer_group = $1 \
-         AND head_since < clock_timestamp() - make_interval(secs => $2) ORDER BY head_since LIMIT $3",
+         AND (head_since < clock_timestamp() - make_interval(secs => $2) OR head_message_id = $4) \
+         ORDER BY head_since LIMIT $3",
     )
     .bind(group)
     .bind(older_than_secs)
     .bind(limit)
+    .bind(NO_HEAD)
     .fetch_all(conn)
     .await
 }
@@ -103,11 +126,13 @@ pub async fn lock_expired(
     let row: Option<HeadRow> = sqlx::query_as(
         "SELECT head_message_id, head_topic, head_partition, head_offset, head_headers, head_payload \
          FROM parked_keys WHERE consumer_group = $1 AND message_key = $2 \
-         AND head_since < clock_timestamp() - make_interval(secs => $3) FOR UPDATE SKIP LOCKED",
+         AND (head_since < clock_timestamp() - make_interval(secs => $3) OR head_message_id = $4) \
+         FOR UPDATE SKIP LOCKED",
     )
     .bind(group)
     .bind(key)
     .bind(older_than_secs)
+    .bind(NO_HEAD)
     .fetch_optional(conn)
     .await?;
     Ok(row.map(|r| {

@@ -123,7 +123,6 @@ async fn tail_connected(
     if !become_leader(&mut conn, source, shutdown).await? {
         return Ok(());
     }
-    *failures = 0;
     tracing::info!(source = %source.name, "publishing outbox rows");
     let conn = &mut conn;
     let mut last_backlog_report = Instant::now() - Duration::from_secs(10);
@@ -149,6 +148,10 @@ async fn tail_connected(
         .await
         .with_context(|| format!("reading the outbox of source {}", source.name))?;
         if rows.is_empty() {
+            // Working again: the next failure starts the backoff from the beginning. (Only
+            // now: an error that recurs right after taking the lock must not reconnect and
+            // republish the same batch every 100 ms.)
+            *failures = 0;
             if shutdown.sleep(options.idle_poll).await.is_err() {
                 return Ok(());
             }
@@ -169,6 +172,7 @@ async fn tail_connected(
                 .execute(&mut *conn)
                 .await
                 .with_context(|| format!("deleting published rows of source {}", source.name))?;
+            *failures = 0;
         }
         if published.failed > 0 {
             if let Some((code, reason)) = producer.client().fatal_error() {

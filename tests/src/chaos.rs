@@ -235,7 +235,13 @@ impl Load {
             match request.send().await {
                 Ok(r) if !r.status().is_server_error() => {
                     let status = r.status();
-                    return Some((status, r.json().await.unwrap_or(Value::Null)));
+                    match r.json::<Value>().await {
+                        Ok(body) => return Some((status, body)),
+                        // The body was cut off (the service was killed while answering): ask
+                        // again, with the same Idempotency-Key.
+                        Err(_) if status.is_success() => {}
+                        Err(_) => return Some((status, Value::Null)),
+                    }
                 }
                 _ => {}
             }
@@ -488,14 +494,15 @@ async fn inject(
             stack.start_relay().await;
         }
         Fault::KillRelayMidBatch => {
-            // Let a backlog build up, start the relay on it, and kill it as soon as it is ready
-            // (it then publishes its first batch) plus up to 50 ms.
+            // Let a backlog build up, start the relay on it, and kill it once it has read its
+            // first batch (`relay_batch_size` counts a batch before it is produced) plus up to
+            // 20 ms: while that batch's records are being produced and acknowledged.
             relay(stack).kill9();
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let after = between(rng, 0.0, 0.05);
+            let after = between(rng, 0.0, 0.02);
             stack.launch_relay();
             let url = stack.relay_metrics_url.clone();
-            wait_ready_fast(stack, &url).await;
+            wait_for_first_batch(stack, &url).await;
             tokio::time::sleep(after).await;
             relay(stack).kill9();
             stack.start_relay().await;
@@ -577,18 +584,22 @@ fn relay(stack: &mut Stack) -> &mut Proc {
     stack.relay.as_mut().expect("a relay runs")
 }
 
-/// Polls `<url>/readyz` every 5 ms (at most 60 s).
-async fn wait_ready_fast(stack: &Stack, url: &str) {
+/// Polls the relay's `<url>/metrics` every 5 ms until it has read a batch (at most 60 s).
+async fn wait_for_first_batch(stack: &Stack, url: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        if let Ok(r) = stack.http.get(format!("{url}/readyz")).send().await
-            && r.status().is_success()
+        if let Ok(r) = stack.http.get(format!("{url}/metrics")).send().await
+            && let Ok(text) = r.text().await
+            && crate::sum_metric(&text, "relay_batch_size_count", &[]) > 0.0
         {
             return;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    panic!("{url} not ready after 60 s; {}", stack.where_logs_are());
+    panic!(
+        "{url} read no batch within 60 s; {}",
+        stack.where_logs_are()
+    );
 }
 
 /// How long the system gets to finish every saga after the load stops: the retry schedule's

@@ -171,12 +171,17 @@ pub fn tansu_binary() -> PathBuf {
     PathBuf::from("tansu")
 }
 
+/// A port free on 127.0.0.1 now, below Linux's ephemeral range (32768-60999 by default): a test
+/// that stops a process and starts it again on the same port must not find the port taken by an
+/// outgoing connection meanwhile.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind port 0")
-        .local_addr()
-        .expect("local addr")
-        .port()
+    for _ in 0..1000 {
+        let port = rand::random_range(20_000..32_000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000-32000 after 1000 tries")
 }
 
 /// A child process killed (SIGKILL) when dropped.
