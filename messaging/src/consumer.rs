@@ -570,6 +570,10 @@ impl<H: Handler> Worker<H> {
                     self.count("consumer_messages_duplicate_total", delivery, event_type);
                     tracing::info!(message_id = %envelope.message_id, event_type, "duplicate message skipped: already applied");
                 }
+                Attempt::Parked if gate == Gate::Stray => {
+                    tracing::info!(message_id = %envelope.message_id, event_type, %key,
+                        "a retry copy of a message still waiting behind its key's head; it will be applied from the parking table");
+                }
                 Attempt::Parked => {
                     self.count("consumer_messages_parked_total", delivery, event_type);
                     tracing::info!(message_id = %envelope.message_id, event_type, %key,
@@ -633,8 +637,16 @@ impl<H: Handler> Worker<H> {
                 let never_applied = inbox::claim(&mut tx, &self.group, envelope)
                     .await
                     .map_err(infra)?;
+                // A copy of a message still waiting in the parking table (a drain sent it to a
+                // retry topic and then failed to commit) will be applied from there.
+                let still_parked = never_applied
+                    && parking::is_parked(&mut tx, &self.group, key, envelope.message_id)
+                        .await
+                        .map_err(infra)?;
                 tx.rollback().await.map_err(infra)?;
-                let attempt = if never_applied {
+                let attempt = if still_parked {
+                    Attempt::Parked
+                } else if never_applied {
                     Attempt::Withheld
                 } else {
                     Attempt::Duplicate

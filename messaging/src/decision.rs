@@ -39,7 +39,8 @@ pub enum Gate {
     /// topic again; it stays the head.
     ResumeRetry,
     /// A retry copy of a message that does not head its key: do not apply it, do not touch the
-    /// key; skipped if it was applied, dead-lettered otherwise (see [`Attempt::Withheld`]).
+    /// key; skipped if it was applied or still waits in the parking table ([`Attempt::Parked`]),
+    /// dead-lettered otherwise ([`Attempt::Withheld`]).
     Stray,
 }
 
@@ -73,7 +74,7 @@ pub enum Attempt {
     Undecodable,
     /// Not tried: a stray copy ([`Gate::Stray`]) that was never applied.
     Withheld,
-    /// Stored behind its key ([`Gate::Park`]).
+    /// Stored behind its key ([`Gate::Park`]), or, for a stray, found still waiting there.
     Parked,
 }
 
@@ -234,6 +235,13 @@ mod tests {
     fn a_stray_copy_never_releases_and_is_skipped_or_dead_lettered() {
         assert_eq!(
             after(Stage::Retry, Gate::Stray, Attempt::Duplicate, 1, 3),
+            Action {
+                route: Route::Done,
+                release_key: false
+            }
+        );
+        assert_eq!(
+            after(Stage::Retry, Gate::Stray, Attempt::Parked, 1, 3),
             Action {
                 route: Route::Done,
                 release_key: false

@@ -211,9 +211,12 @@ pub async fn park_message(
     key: &str,
     delivery: &Delivery,
 ) -> sqlx::Result<()> {
+    let message_id = delivery
+        .header("message-id")
+        .and_then(|id| Uuid::parse_str(id).ok());
     sqlx::query(
-        "INSERT INTO parked_messages (consumer_group, message_key, topic, kafka_partition, kafka_offset, headers, payload) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO parked_messages (consumer_group, message_key, topic, kafka_partition, kafka_offset, headers, payload, message_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(group)
     .bind(key)
@@ -222,9 +225,28 @@ pub async fn park_message(
     .bind(delivery.offset)
     .bind(Json(&delivery.headers))
     .bind(delivery.payload.as_deref())
+    .bind(message_id)
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Whether `message_id` waits in `key`'s parking table.
+pub async fn is_parked(
+    conn: &mut PgConnection,
+    group: &str,
+    key: &str,
+    message_id: Uuid,
+) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM parked_messages \
+         WHERE consumer_group = $1 AND message_key = $2 AND message_id = $3)",
+    )
+    .bind(group)
+    .bind(key)
+    .bind(message_id)
+    .fetch_one(conn)
+    .await
 }
 
 #[derive(FromRow)]

@@ -508,3 +508,61 @@ async fn shutdown_during_a_broker_outage_does_not_wait_for_a_dead_letter_send() 
         stack.where_logs_are()
     );
 }
+
+/// A drain that re-parks a message sends its retry copy and then commits; if the commit fails
+/// (or the process dies in between) the message is still parked behind the old head when its
+/// retry copy arrives. That copy must not be dead-lettered as a stray: the message is applied
+/// from the parking table once the head is. Before the fix the copy went to the DLQ.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_copy_of_a_message_still_parked_is_not_dead_lettered() {
+    if e2e::needs_own_stack("writes the service's parking tables") {
+        return;
+    }
+    let stack = stack_with_delays("retry_copy_still_parked", "1s,3s,3s").await;
+    let order_id = Uuid::new_v4();
+    stack.create_order_quietly(order_id).await;
+    let head = Uuid::new_v4();
+    let orders_db = stack.orders_pool().await;
+    sqlx::query(
+        "INSERT INTO parked_keys (consumer_group, message_key, head_message_id, reason) \
+         VALUES ('order-service', $1, $2, 'not yet')",
+    )
+    .bind(order_id.to_string())
+    .bind(head)
+    .execute(&orders_db)
+    .await
+    .expect("the key parked behind a head");
+    // A second reservation answer (applies as "already confirmed" after the head).
+    let parked = produce_inventory_event(&stack, 0, "StockReserved", reserved(order_id)).await;
+    wait_for_parked_messages(
+        &orders_db,
+        order_id,
+        1,
+        "the second answer waits behind the head",
+    )
+    .await;
+
+    // The parked message's own retry copy, then the head's.
+    produce_retry_copy(
+        &stack,
+        order_id,
+        parked.parse().unwrap(),
+        reserved(order_id),
+    )
+    .await;
+    produce_retry_copy(&stack, order_id, head, reserved(order_id)).await;
+    stack
+        .wait_for_statuses(&[order_id], &["CONFIRMED"], TIMEOUT)
+        .await;
+    wait_for_parked_messages(&orders_db, order_id, 0, "the parked message was drained").await;
+    let dlq = kafka::read_topic(&stack.broker.bootstrap, "order-service.dlq")
+        .await
+        .unwrap();
+    assert!(
+        dlq.is_empty(),
+        "nothing is dead-lettered: {:?}",
+        dlq.iter()
+            .map(|r| r.header("dlq-error-message"))
+            .collect::<Vec<_>>()
+    );
+}
