@@ -143,9 +143,20 @@ pub enum ReserveDecision {
 /// Decides a reservation for `items` (sku, quantity; a sku may repeat and is then summed) against
 /// `stock`, which holds the skus that exist. All lines or none.
 pub fn reserve(items: &[(String, i64)], stock: &BTreeMap<String, Stock>) -> ReserveDecision {
+    // Checked arithmetic throughout: quantities and prices come from events and HTTP bodies, and
+    // an overflow must reject the order, never panic (debug) or wrap into a negative total.
     let mut wanted: BTreeMap<&str, i64> = BTreeMap::new();
     for (sku, quantity) in items {
-        *wanted.entry(sku.as_str()).or_default() += quantity;
+        let sum = wanted.entry(sku.as_str()).or_default();
+        match sum.checked_add(*quantity) {
+            Some(total) => *sum = total,
+            None => {
+                return too_large(format!(
+                    "the quantities of sku {sku} add up to more than {}",
+                    i64::MAX
+                ));
+            }
+        }
     }
     let mut lines = Vec::new();
     let mut shortages = Vec::new();
@@ -179,13 +190,31 @@ pub fn reserve(items: &[(String, i64)], stock: &BTreeMap<String, Stock>) -> Rese
         }
     }
     if shortages.is_empty() {
-        let total_cents = lines.iter().map(|l| l.quantity * l.unit_price_cents).sum();
-        ReserveDecision::Reserve { lines, total_cents }
+        let total_cents = lines.iter().try_fold(0i64, |total, l| {
+            l.quantity
+                .checked_mul(l.unit_price_cents)
+                .and_then(|line| total.checked_add(line))
+        });
+        match total_cents {
+            Some(total_cents) => ReserveDecision::Reserve { lines, total_cents },
+            None => too_large(format!(
+                "the order total exceeds the largest amount in cents ({})",
+                i64::MAX
+            )),
+        }
     } else {
         ReserveDecision::Reject {
             shortages,
             reason: reasons.join("; "),
         }
+    }
+}
+
+/// The rejection of an order whose numbers do not fit: nothing short, the reason says why.
+fn too_large(reason: String) -> ReserveDecision {
+    ReserveDecision::Reject {
+        shortages: Vec::new(),
+        reason,
     }
 }
 
@@ -255,6 +284,27 @@ mod tests {
                 ],
                 total_cents: 600,
             }
+        );
+    }
+
+    #[test]
+    fn a_total_that_overflows_rejects_the_order_instead_of_wrapping() {
+        let stock = stock(&[("A", 10, i64::MAX)]);
+        let decision = reserve(&[("A".into(), 2)], &stock);
+        assert!(
+            matches!(&decision, ReserveDecision::Reject { shortages, reason }
+                if shortages.is_empty() && reason.contains("order total exceeds")),
+            "{decision:?}"
+        );
+    }
+
+    #[test]
+    fn quantities_that_overflow_when_summed_reject_the_order() {
+        let stock = stock(&[("A", 1, 10)]);
+        let decision = reserve(&[("A".into(), i64::MAX), ("A".into(), 1)], &stock);
+        assert!(
+            matches!(&decision, ReserveDecision::Reject { reason, .. } if reason.contains("add up to more than")),
+            "{decision:?}"
         );
     }
 

@@ -249,3 +249,25 @@ async fn a_redelivered_event_with_the_same_message_id_has_no_second_effect() {
         .count();
     assert_eq!(reserved, 1);
 }
+
+/// A price at the top of the range times a quantity of 2 does not fit in 64 bits: inventory
+/// rejects the order, naming why, instead of panicking (and crashing on every restart, the
+/// record never committed) or wrapping into a negative total.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_order_whose_total_overflows_is_rejected_not_crashed_on() {
+    let stack = Stack::start("saga_total_overflow").await;
+    stack.put_product("HUGE", i64::MAX, 10).await;
+    let id = stack.place_order(&[("HUGE", 2)]).await;
+    stack
+        .wait_for_statuses(&[id], &["REJECTED"], Duration::from_secs(60))
+        .await;
+    let order = stack.order(id).await;
+    assert!(
+        order["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("order total exceeds")),
+        "{order}"
+    );
+    // inventory-service is still up and answers.
+    assert_eq!(stack.product("HUGE").await["available"], 10);
+}
