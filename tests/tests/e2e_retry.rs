@@ -61,6 +61,21 @@ async fn metric(stack: &Stack, name: &str, labels: &[(&str, &str)]) -> f64 {
     stack.metric(&stack.order_url, name, labels).await
 }
 
+/// Waits until order-service has sent a message to its first retry topic.
+async fn wait_for_first_retry(stack: &Stack) {
+    eventually(TIMEOUT, || async {
+        let retried = metric(
+            stack,
+            "consumer_messages_retried_total",
+            &[("attempt", "1")],
+        )
+        .await;
+        Ok((retried >= 1.0).then_some(()))
+    })
+    .await
+    .expect("the event went to the first retry topic");
+}
+
 async fn dead_letters(stack: &Stack, at_least: usize) -> Vec<Record> {
     eventually(TIMEOUT, || async {
         let records = kafka::read_topic(&stack.broker.bootstrap, "order-service.dlq").await?;
@@ -93,18 +108,7 @@ async fn a_not_yet_event_is_retried_and_applied_once_its_order_exists() {
         rejected(order_id, "out of tea"),
     )
     .await;
-    eventually(TIMEOUT, || async {
-        Ok((metric(
-            &stack,
-            "consumer_messages_retried_total",
-            &[("attempt", "1")],
-        )
-        .await
-            >= 1.0)
-            .then_some(()))
-    })
-    .await
-    .expect("the event went to the first retry topic");
+    wait_for_first_retry(&stack).await;
 
     stack.create_order_quietly(order_id).await;
     stack
@@ -484,18 +488,7 @@ async fn shutdown_during_a_broker_outage_does_not_wait_for_a_dead_letter_send() 
     let order_id = Uuid::new_v4();
     produce_inventory_event(&stack, 0, "StockReserved", reserved(order_id)).await;
     // In retry.1, fetched at once by its consumer, which waits until it is due (2 s).
-    eventually(TIMEOUT, || async {
-        Ok((metric(
-            &stack,
-            "consumer_messages_retried_total",
-            &[("attempt", "1")],
-        )
-        .await
-            >= 1.0)
-            .then_some(()))
-    })
-    .await
-    .expect("the event went to the retry topic");
+    wait_for_first_retry(&stack).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stack.broker.pause();
     // Due now, still not applicable, last attempt: the dead-letter send waits for the broker.
