@@ -205,7 +205,8 @@ pub fn reserve(items: &[(String, i64)], stock: &BTreeMap<String, Stock>) -> Rese
     } else {
         ReserveDecision::Reject {
             shortages,
-            reason: reasons.join("; "),
+            // Up to 100 lines of unknown skus: the reason stays within the contract's bound.
+            reason: schemas::limits::bounded_reason(reasons.join("; ")),
         }
     }
 }

@@ -7,6 +7,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use messaging::http::{Problem, ValidJson};
+use schemas::limits::{MAX_PRICE_CENTS, MAX_STOCK};
 use serde::Deserialize;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -54,15 +55,15 @@ async fn put_product(
             "name must be 1 to {MAX_NAME_LEN} characters"
         )));
     }
-    if body.price_cents < 0 {
+    if !(0..=MAX_PRICE_CENTS).contains(&body.price_cents) {
         return Err(Problem::unprocessable(format!(
-            "price_cents must not be negative, got {}",
+            "price_cents must be between 0 and {MAX_PRICE_CENTS}, got {}",
             body.price_cents
         )));
     }
-    if body.available < 0 {
+    if !(0..=MAX_STOCK).contains(&body.available) {
         return Err(Problem::unprocessable(format!(
-            "available must not be negative, got {}",
+            "available must be between 0 and {MAX_STOCK}, got {}",
             body.available
         )));
     }

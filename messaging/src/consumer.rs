@@ -251,6 +251,7 @@ pub async fn run<H: Handler>(
         handler,
         producer,
         retry_delays: settings.retry_delays.clone(),
+        topics: settings.topics.clone(),
         shutdown: shutdown.clone(),
         fatal,
     });
@@ -323,7 +324,14 @@ async fn consume<H: Handler>(worker: Arc<Worker<H>>, consumer: Arc<GroupConsumer
                 continue;
             }
         };
-        let delivery = Delivery::from_message(&message);
+        let mut delivery = Delivery::from_message(&message);
+        if stage == Stage::Main {
+            let dropped = delivery.drop_retry_headers();
+            if dropped > 0 {
+                tracing::warn!(topic = %delivery.topic, partition = delivery.partition, offset = delivery.offset,
+                    dropped, "a record on a subscribed topic carried retry-* headers; ignoring them (only retry copies have them)");
+            }
+        }
         check_for_gap(&consumer, &delivery).await;
         let span = process_span(&worker.group, &delivery);
         match worker.process(&delivery, stage).instrument(span).await {
@@ -419,8 +427,13 @@ async fn committed_offset(
 /// fields follow the OpenTelemetry messaging conventions; `order_id` (the key) and `trace_id`
 /// go on every log line written while the record is handled.
 fn process_span(group: &str, delivery: &Delivery) -> tracing::Span {
-    let (original_topic, _, _) = delivery.origin();
-    let key = String::from_utf8_lossy(delivery.key.as_deref().unwrap_or_default());
+    // Every field echoes the record: bounded, so a hostile key or header cannot bloat each log
+    // line and span written while the record is handled.
+    let short = |text: &str| schemas::limits::truncate_chars(text, 64);
+    let original_topic = short(&delivery.origin().0);
+    let key = short(&String::from_utf8_lossy(
+        delivery.key.as_deref().unwrap_or_default(),
+    ));
     let span = tracing::info_span!("process",
         otel.name = %format!("process {}", delivery.topic),
         otel.kind = "consumer",
@@ -431,7 +444,7 @@ fn process_span(group: &str, delivery: &Delivery) -> tracing::Span {
         messaging.kafka.offset = delivery.offset,
         messaging.kafka.message.key = %key,
         messaging.consumer.group.name = %group,
-        messaging.message.id = delivery.header("message-id").unwrap_or(""),
+        messaging.message.id = %short(delivery.header("message-id").unwrap_or("")),
         messaging.kafka.original_topic = %original_topic,
         order_id = %key,
         trace_id = tracing::field::Empty,
@@ -464,6 +477,8 @@ struct Worker<H> {
     handler: H,
     producer: FutureProducer,
     retry_delays: Vec<Duration>,
+    /// The subscribed topics (the `topic` label of the metrics is one of these or a retry topic).
+    topics: Vec<String>,
     /// The service's shutdown, or this consumer's own when its producer failed fatally.
     shutdown: Shutdown,
     /// Fired when the retry and dead-letter producer failed fatally (idempotence broken, or a
@@ -474,6 +489,35 @@ struct Worker<H> {
 }
 
 impl<H> Worker<H> {
+    /// The attempt a record read from a retry topic is on: the number of its topic (its
+    /// `retry-attempt` header is not trusted).
+    fn attempt_of(&self, delivery: &Delivery) -> usize {
+        retry::attempt_of_topic(&self.group, &delivery.topic).unwrap_or(self.retry_delays.len())
+    }
+
+    /// The delay of the retry topic `delivery` was read from.
+    fn retry_delay_of(&self, delivery: &Delivery) -> Duration {
+        let attempt = self
+            .attempt_of(delivery)
+            .clamp(1, self.retry_delays.len().max(1));
+        self.retry_delays
+            .get(attempt - 1)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// The `topic` label of a record's metrics: where it was first consumed from when that is a
+    /// subscribed topic, else the topic it was read from; never a value a record's header makes
+    /// up (each would be a new series).
+    fn topic_label(&self, delivery: &Delivery) -> String {
+        let (origin, _, _) = delivery.origin();
+        if self.topics.contains(&origin) {
+            origin
+        } else {
+            delivery.topic.clone()
+        }
+    }
+
     /// Whether the producer failed fatally; if so, logs it once and stops the consumers.
     fn producer_failed(&self) -> bool {
         let Some((code, reason)) = self.producer.client().fatal_error() else {
@@ -536,7 +580,12 @@ impl<H: Handler> Worker<H> {
         if stage == Stage::Retry
             && let Some(due) = retry::not_before(delivery)
         {
-            let wait = (due - Utc::now()).to_std().unwrap_or_default();
+            // Never longer than this retry topic's delay: a forged far-future time cannot hold
+            // the retry consumer.
+            let wait = (due - Utc::now())
+                .to_std()
+                .unwrap_or_default()
+                .min(self.retry_delay_of(delivery));
             if self.shutdown.sleep(wait).await.is_err() {
                 return Err(Interrupted);
             }
@@ -682,7 +731,10 @@ impl<H: Handler> Worker<H> {
         attempt: Attempt,
         reason: String,
     ) -> Result<(), Interrupted> {
-        let so_far = retry::attempts_so_far(delivery);
+        let so_far = match stage {
+            Stage::Retry => self.attempt_of(delivery),
+            Stage::Main | Stage::Parked => 0,
+        };
         let action = decision::after(stage, gate, attempt, so_far, self.retry_delays.len());
         match action.route {
             Route::Done => {}
@@ -732,7 +784,7 @@ impl<H: Handler> Worker<H> {
                 })
                 .await?;
                 counter!("consumer_messages_retried_total", "group" => self.group.clone(),
-                    "topic" => delivery.origin().0, "event_type" => event_type, "attempt" => next.to_string())
+                    "topic" => self.topic_label(delivery), "event_type" => event_type, "attempt" => next.to_string())
                 .increment(1);
                 tracing::info!(message_id = ?message_id, event_type, %key, attempt = next, ?delay, %reason,
                     "not applicable yet; sent to a retry topic, its key waits");
@@ -991,7 +1043,9 @@ impl<H: Handler> Worker<H> {
     ) -> Result<(), Interrupted> {
         self.count("consumer_transient_retries_total", delivery, event_type);
         let delay = backoff(attempt);
-        tracing::warn!(message_id = delivery.header("message-id").unwrap_or(""), event_type, attempt, ?delay,
+        let message_id =
+            schemas::limits::truncate_chars(delivery.header("message-id").unwrap_or(""), 64);
+        tracing::warn!(%message_id, event_type, attempt, ?delay,
             error = %format!("{error:#}"), "transient failure; retrying the same message");
         self.shutdown.sleep(delay).await.map_err(|_| Interrupted)
     }
@@ -1017,7 +1071,7 @@ impl<H: Handler> Worker<H> {
         })
         .await?;
         counter!("consumer_messages_dead_lettered_total", "group" => self.group.clone(),
-            "topic" => delivery.origin().0, "event_type" => event_type.to_owned(), "error_class" => class)
+            "topic" => self.topic_label(delivery), "event_type" => event_type.to_owned(), "error_class" => class)
         .increment(1);
         Ok(())
     }
@@ -1037,7 +1091,7 @@ impl<H: Handler> Worker<H> {
     }
 
     fn count(&self, name: &'static str, delivery: &Delivery, event_type: &'static str) {
-        counter!(name, "group" => self.group.clone(), "topic" => delivery.origin().0, "event_type" => event_type)
+        counter!(name, "group" => self.group.clone(), "topic" => self.topic_label(delivery), "event_type" => event_type)
             .increment(1);
     }
 }
@@ -1104,6 +1158,7 @@ mod tests {
             handler: NoHandler,
             producer,
             retry_delays: vec![Duration::from_secs(1)],
+            topics: vec!["orders.v1".into()],
             shutdown,
             fatal,
         };

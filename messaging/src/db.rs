@@ -20,15 +20,10 @@ pub async fn connect_and_migrate(
     max_connections: u32,
     service: &Migrator,
 ) -> anyhow::Result<PgPool> {
-    let options =
-        PgConnectOptions::from_str(url).with_context(|| format!("bad database url {url}"))?;
+    let options = PgConnectOptions::from_str(url)
+        .with_context(|| format!("bad database url {}", redacted(url)))?;
     create_database_if_missing(&options).await?;
-    let pool = PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect_with(options.clone())
-        .await
-        .with_context(|| format!("connecting to database {:?}", options.get_database()))?;
+    let pool = connect_with(options, max_connections).await?;
     let mut migrations: Vec<_> = SHARED
         .migrations
         .iter()
@@ -45,6 +40,53 @@ pub async fn connect_and_migrate(
         .await
         .context("running database migrations")?;
     Ok(pool)
+}
+
+/// A pool of at most `max_connections` to the database of `url` (which must exist).
+pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::from_str(url)
+        .with_context(|| format!("bad database url {}", redacted(url)))?;
+    connect_with(options, max_connections).await
+}
+
+async fn connect_with(options: PgConnectOptions, max_connections: u32) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options.clone())
+        .await
+        .with_context(|| format!("connecting to database {:?}", options.get_database()))
+}
+
+/// `url` with its password replaced by `***`, for logs and errors.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len()));
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return format!("{scheme}://{authority}{}", redacted_query(tail));
+    };
+    let userinfo = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => userinfo.to_owned(),
+    };
+    format!("{scheme}://{userinfo}@{host}{}", redacted_query(tail))
+}
+
+/// A `password=` parameter of a URL's query, replaced by `***`.
+fn redacted_query(tail: &str) -> String {
+    let Some((path, query)) = tail.split_once('?') else {
+        return tail.to_owned();
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|p| match p.split_once('=') {
+            Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+            _ => p.to_owned(),
+        })
+        .collect();
+    format!("{path}?{}", params.join("&"))
 }
 
 async fn create_database_if_missing(options: &PgConnectOptions) -> anyhow::Result<()> {
@@ -109,7 +151,7 @@ pub fn is_transient_code(code: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::is_transient_code;
+    use super::{is_transient_code, redacted};
 
     #[test]
     fn codes_that_mean_later_are_transient() {
@@ -130,6 +172,28 @@ mod tests {
                 !is_transient_code(code),
                 "{code} will fail again the same way"
             );
+        }
+    }
+
+    #[test]
+    fn passwords_never_leave_a_url_in_logs() {
+        for (url, shown) in [
+            (
+                "postgres://app:s3cr%40t@db:5432/orders",
+                "postgres://app:***@db:5432/orders",
+            ),
+            (
+                "postgres://app:p@ss@db/orders?sslmode=require",
+                "postgres://app:***@db/orders?sslmode=require",
+            ),
+            ("postgres://app@db/orders", "postgres://app@db/orders"),
+            (
+                "postgres://db/orders?user=app&password=x&sslmode=verify-full",
+                "postgres://db/orders?user=app&password=***&sslmode=verify-full",
+            ),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redacted(url), shown);
         }
     }
 }

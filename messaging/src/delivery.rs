@@ -4,13 +4,27 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use rdkafka::Message;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use schemas::Event;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
+
+/// The largest payload a saga event can have: the biggest valid event (100 lines of 64-character
+/// skus, a reason of 1,000 characters) is about 12 KiB as JSON. Bigger records are dead-lettered
+/// as undecodable before anything else reads them.
+pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+/// The most headers a record may carry: ours carry at most 14 (7 saga headers, 7 `retry-*`).
+pub const MAX_HEADERS: usize = 32;
+/// The most bytes of header names and values together a record may carry (ours: under 2 KiB).
+pub const MAX_HEADER_BYTES: usize = 8 * 1024;
+/// The longest key: keys are order ids (36 characters).
+pub const MAX_KEY_BYTES: usize = 64;
+/// The longest `tracestate` carried on (W3C Trace Context asks for at least 512 characters to be
+/// propagated); a longer one is dropped, not copied into the events this record causes.
+pub const MAX_TRACESTATE_BYTES: usize = 512;
 
 /// A record read from Kafka (or from the parking table).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +55,56 @@ impl Delivery {
                 })
                 .unwrap_or_default(),
         }
+    }
+
+    /// Drops the `retry-*` headers of a record read from a subscribed topic: only the consumer's
+    /// own retry copies carry them, in the retry topics, so on a subscribed topic they are forged
+    /// (a claim to be on the last attempt, a far-future `retry-not-before`, another origin) and
+    /// are never read. Returns how many were dropped.
+    pub fn drop_retry_headers(&mut self) -> usize {
+        let before = self.headers.len();
+        self.headers.retain(|(k, _)| !k.starts_with("retry-"));
+        before - self.headers.len()
+    }
+
+    /// Whether the record is within the bounds every consumed record must keep (payload, key
+    /// and header sizes); the error says which it breaks. What is out of bounds is dead-lettered
+    /// (as a stub if even that copy would be too large), so no field of it is ever copied into an
+    /// event, a log line or a retry copy at full size.
+    pub fn check_bounds(&self) -> Result<(), String> {
+        let payload = self.payload.as_ref().map_or(0, Vec::len);
+        if payload > MAX_PAYLOAD_BYTES {
+            return Err(format!(
+                "the payload has {payload} bytes; a saga event has at most {MAX_PAYLOAD_BYTES}"
+            ));
+        }
+        let key = self.key.as_ref().map_or(0, Vec::len);
+        if key > MAX_KEY_BYTES {
+            return Err(format!(
+                "the key has {key} bytes; keys are order ids of at most {MAX_KEY_BYTES}"
+            ));
+        }
+        if self.headers.len() > MAX_HEADERS {
+            return Err(format!(
+                "the record has {} headers; at most {MAX_HEADERS} are accepted",
+                self.headers.len()
+            ));
+        }
+        let bytes = self.header_bytes();
+        if bytes > MAX_HEADER_BYTES {
+            return Err(format!(
+                "the headers have {bytes} bytes; at most {MAX_HEADER_BYTES} are accepted"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Bytes of header names and values.
+    pub fn header_bytes(&self) -> usize {
+        self.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len))
+            .sum()
     }
 
     /// The last value of header `name`, when present and UTF-8.
@@ -83,20 +147,22 @@ impl Delivery {
         producer: &FutureProducer,
         topic: &str,
         headers: OwnedHeaders,
-    ) -> anyhow::Result<()> {
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
-        if let Some(key) = &self.key {
-            record = record.key(key);
-        }
-        if let Some(payload) = &self.payload {
-            record = record.payload(payload);
-        }
-        producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .map_err(|(e, _)| anyhow::anyhow!("{e}"))
-            .with_context(|| format!("producing to {topic}"))?;
-        Ok(())
+    ) -> Result<(), KafkaError> {
+        send(
+            producer,
+            topic,
+            self.key.as_deref(),
+            self.payload.as_deref(),
+            headers,
+        )
+        .await
+    }
+
+    /// Bytes of key, payload and headers: about what a copy of the record weighs.
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len)
+            + self.payload.as_ref().map_or(0, Vec::len)
+            + self.header_bytes()
     }
 
     /// The headers for a copy of this record, without the headers named in `drop` (by prefix),
@@ -122,6 +188,36 @@ impl Delivery {
     }
 }
 
+/// Produces one record to `topic` and waits for the broker's acknowledgement.
+pub async fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    headers: OwnedHeaders,
+) -> Result<(), KafkaError> {
+    let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+    if let Some(key) = key {
+        record = record.key(key);
+    }
+    if let Some(payload) = payload {
+        record = record.payload(payload);
+    }
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| e)
+}
+
+/// Whether a produce failed because the record is larger than the client or the broker accepts.
+pub fn is_too_large(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge)
+    )
+}
+
 /// A decoded record with the headers the saga relies on.
 #[derive(Debug, Clone)]
 pub struct Envelope {
@@ -137,19 +233,37 @@ pub struct Envelope {
 }
 
 impl Envelope {
-    /// Decodes a delivery; the error says why it can never be applied.
+    /// Decodes a delivery and checks it against the contract ([`Delivery::check_bounds`],
+    /// [`schemas::limits`], the key is the event's order id); the error says why it can never be
+    /// applied.
     pub fn decode(delivery: &Delivery) -> Result<Envelope, String> {
+        delivery.check_bounds()?;
         let message_id = delivery
             .header("message-id")
             .ok_or_else(|| "the record has no message-id header".to_owned())?;
-        let message_id = Uuid::parse_str(message_id)
-            .map_err(|e| format!("the message-id header {message_id:?} is not a UUID: {e}"))?;
+        let message_id = Uuid::parse_str(message_id).map_err(|e| {
+            format!(
+                "the message-id header {:?} is not a UUID: {e}",
+                schemas::limits::truncate_chars(message_id, 64)
+            )
+        })?;
         let event = schemas::decode_with_content_type(
             delivery.header("content-type"),
             delivery.header("event-type"),
             delivery.payload.as_deref().unwrap_or_default(),
         )
         .map_err(|e| e.to_string())?;
+        // The key orders the order's events: an event keyed by another order could overtake or
+        // trail that order's own events.
+        if let Some(key) = &delivery.key
+            && Uuid::try_parse_ascii(key).ok() != Some(event.order_id())
+        {
+            return Err(format!(
+                "the record key {:?} is not the event's order id {}",
+                schemas::limits::truncate_chars(String::from_utf8_lossy(key), 64),
+                event.order_id()
+            ));
+        }
         let (topic, partition, offset) = delivery.origin();
         Ok(Envelope {
             message_id,
@@ -159,7 +273,10 @@ impl Envelope {
             offset,
             correlation_id: delivery.header("correlation-id").map(str::to_owned),
             traceparent: delivery.header("traceparent").map(str::to_owned),
-            tracestate: delivery.header("tracestate").map(str::to_owned),
+            tracestate: delivery
+                .header("tracestate")
+                .filter(|t| t.len() <= MAX_TRACESTATE_BYTES)
+                .map(str::to_owned),
         })
     }
 
@@ -171,5 +288,133 @@ impl Envelope {
             traceparent: Some(crate::trace_context::current()),
             tracestate: self.tracestate.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(headers: &[(&str, &[u8])], payload: Vec<u8>) -> Delivery {
+        Delivery {
+            topic: "orders.v1".into(),
+            partition: 0,
+            offset: 1,
+            key: None,
+            payload: Some(payload),
+            headers: headers
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), Some(v.to_vec())))
+                .collect(),
+        }
+    }
+
+    fn cancelled() -> (Uuid, Vec<u8>) {
+        let order_id = Uuid::new_v4();
+        let event = schemas::OrderCancelled {
+            order_id,
+            reason: schemas::CancelReason::CustomerRequest,
+            cancelled_at: 0,
+        };
+        (order_id, schemas::encode(&event.into()))
+    }
+
+    #[test]
+    fn a_tracestate_longer_than_the_w3c_minimum_is_not_carried_on() {
+        let (_, payload) = cancelled();
+        let id = Uuid::new_v4().to_string();
+        let short = "a".repeat(MAX_TRACESTATE_BYTES);
+        let long = "a".repeat(MAX_TRACESTATE_BYTES + 1);
+        for (tracestate, carried) in [(&short, true), (&long, false)] {
+            let d = delivery(
+                &[
+                    ("message-id", id.as_bytes()),
+                    ("tracestate", tracestate.as_bytes()),
+                ],
+                payload.clone(),
+            );
+            let envelope = Envelope::decode(&d).unwrap();
+            assert_eq!(envelope.tracestate.is_some(), carried);
+            assert_eq!(envelope.cause().tracestate.is_some(), carried);
+        }
+    }
+
+    #[test]
+    fn records_beyond_the_bounds_are_refused_before_decoding() {
+        let (order_id, payload) = cancelled();
+        let id = Uuid::new_v4().to_string();
+        let ok = delivery(&[("message-id", id.as_bytes())], payload.clone());
+        assert!(Envelope::decode(&ok).is_ok());
+
+        let mut keyed = ok.clone();
+        keyed.key = Some(order_id.to_string().into_bytes());
+        assert!(Envelope::decode(&keyed).is_ok());
+        keyed.key = Some(Uuid::new_v4().to_string().into_bytes());
+        assert!(
+            Envelope::decode(&keyed)
+                .unwrap_err()
+                .contains("not the event's order id")
+        );
+        keyed.key = Some(vec![b'k'; MAX_KEY_BYTES + 1]);
+        assert!(
+            Envelope::decode(&keyed)
+                .unwrap_err()
+                .contains("the key has")
+        );
+
+        let big = delivery(
+            &[("message-id", id.as_bytes())],
+            vec![0; MAX_PAYLOAD_BYTES + 1],
+        );
+        assert!(
+            Envelope::decode(&big)
+                .unwrap_err()
+                .contains("the payload has")
+        );
+
+        let many: Vec<(String, Vec<u8>)> = (0..=MAX_HEADERS)
+            .map(|n| (format!("h{n}"), vec![]))
+            .collect();
+        let many: Vec<(&str, &[u8])> = many
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
+            .collect();
+        assert!(
+            Envelope::decode(&delivery(&many, payload.clone()))
+                .unwrap_err()
+                .contains("headers")
+        );
+
+        let fat = vec![b'x'; MAX_HEADER_BYTES];
+        let err = Envelope::decode(&delivery(&[("message-id", &fat)], payload)).unwrap_err();
+        assert!(err.contains("the headers have"), "{err}");
+    }
+
+    #[test]
+    fn a_long_message_id_is_echoed_bounded() {
+        let (_, payload) = cancelled();
+        let long = "x".repeat(4_000);
+        let err =
+            Envelope::decode(&delivery(&[("message-id", long.as_bytes())], payload)).unwrap_err();
+        assert!(
+            err.contains("is not a UUID") && err.len() < 300,
+            "{} bytes",
+            err.len()
+        );
+    }
+
+    #[test]
+    fn retry_headers_are_dropped_from_records_of_subscribed_topics() {
+        let mut d = delivery(
+            &[
+                ("message-id", b"m"),
+                ("retry-attempt", b"9"),
+                ("retry-original-topic", b"x"),
+            ],
+            vec![],
+        );
+        assert_eq!(d.drop_retry_headers(), 2);
+        assert_eq!(d.origin(), ("orders.v1".to_owned(), 0, 1));
+        assert_eq!(d.header("message-id"), Some("m"));
     }
 }

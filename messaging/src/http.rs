@@ -81,6 +81,12 @@ impl IntoResponse for Problem {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        // Every 503 is "busy or briefly unavailable": say when to come back.
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         response
     }
 }
@@ -180,7 +186,12 @@ pub fn ops_routes(readiness: Readiness, metrics: PrometheusHandle) -> axum::Rout
 /// no route are `route="unmatched"`. Add it with `Router::layer(from_fn(track_requests))`.
 pub async fn track_requests(request: Request, next: Next) -> Response {
     let started = std::time::Instant::now();
-    let method = request.method().as_str().to_owned();
+    // The label takes the standard methods only: any other string a client sends would be a new
+    // series.
+    let method = match request.method().as_str() {
+        m @ ("GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "PATCH" | "OPTIONS") => m.to_owned(),
+        _ => "other".to_owned(),
+    };
     let route = request
         .extensions()
         .get::<MatchedPath>()

@@ -10,6 +10,7 @@ pub mod dead_letter;
 pub mod decision;
 pub mod delivery;
 pub mod http;
+pub mod http_server;
 pub mod inbox;
 pub mod kafka;
 pub mod offset_gaps;

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use rdkafka::producer::FutureProducer;
 
@@ -51,20 +52,29 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
+        "m" => n
+            .checked_mul(60)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("{text:?} is too long")),
         _ => Err(format!("{text:?}: unknown unit {unit:?}; use ms, s or m")),
     }
 }
 
-/// How many times a delivery has been retried so far (0 for one from the main topic).
-pub fn attempts_so_far(delivery: &Delivery) -> usize {
-    delivery
-        .header(ATTEMPT)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(0)
+/// The attempt (1-based) that retry topic `topic` of `group` holds: `orders.retry.2` → 2. A retry
+/// copy's attempt is where it is read from, never what its `retry-attempt` header claims (a
+/// forged header cannot skip retries or overflow a count).
+pub fn attempt_of_topic(group: &str, topic: &str) -> Option<usize> {
+    topic
+        .strip_prefix(group)?
+        .strip_prefix(".retry.")?
+        .parse()
+        .ok()
+        .filter(|&n| n > 0)
 }
 
-/// When a retry copy may run (Unix milliseconds); `None` for a first delivery.
+/// When a retry copy may run (Unix milliseconds), as its header says; `None` for a first
+/// delivery. The consumer never waits longer than the retry topic's delay from now, whatever
+/// the header says.
 pub fn not_before(delivery: &Delivery) -> Option<DateTime<Utc>> {
     delivery
         .header(NOT_BEFORE)
@@ -80,6 +90,8 @@ pub fn first_failure_at(delivery: &Delivery) -> Option<DateTime<Utc>> {
 }
 
 /// Copies `delivery` to the retry topic of `attempt`, to run after `delay`; waits for the ack.
+/// Only records within [`Delivery::check_bounds`] get here (others are undecodable and go to the
+/// DLQ), so a copy weighs at most about 73 KiB and no broker refuses it for its size.
 pub async fn send(
     producer: &FutureProducer,
     group: &str,
@@ -104,13 +116,24 @@ pub async fn send(
             (REASON, reason.to_owned()),
         ],
     );
-    delivery.send_copy(producer, &topic, headers).await?;
-    Ok(())
+    delivery
+        .send_copy(producer, &topic, headers)
+        .await
+        .with_context(|| format!("producing to {topic}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_attempt_comes_from_the_retry_topic_read() {
+        assert_eq!(attempt_of_topic("g", &retry_topic("g", 2)), Some(2));
+        assert_eq!(attempt_of_topic("g", "g.retry.0"), None);
+        assert_eq!(attempt_of_topic("g", "h.retry.1"), None);
+        assert_eq!(attempt_of_topic("g", "orders.v1"), None);
+        assert_eq!(attempt_of_topic("g", "g.retry.18446744073709551616"), None);
+    }
 
     #[test]
     fn delays_parse_with_units() {
@@ -125,5 +148,6 @@ mod tests {
         assert!(parse_delays("").is_err());
         assert!(parse_delays("10").is_err());
         assert!(parse_delays("1h").is_err());
+        assert!(parse_delays("999999999999999999m").is_err());
     }
 }

@@ -51,9 +51,17 @@ pub struct CommonSettings {
     /// Partitions of the topics this service creates when they are missing.
     #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 3)]
     pub topic_partitions: i32,
-    /// Most database connections the service holds.
+    /// Most database connections the HTTP API holds. A flood of requests waits for these (and
+    /// is answered 503 with Retry-After when none frees up in 5 s) without touching the
+    /// consumers' own connections.
     #[arg(long, env = "DB_MAX_CONNECTIONS", default_value_t = 10)]
     pub db_max_connections: u32,
+    /// Most database connections the consumers and background jobs hold (their own pool: the
+    /// saga keeps moving, and the deadline does not cancel good orders, however busy the API is).
+    #[arg(long, env = "DB_WORKER_CONNECTIONS", default_value_t = 8)]
+    pub db_worker_connections: u32,
+    #[command(flatten)]
+    pub http: crate::http_server::HttpLimits,
     /// Delays before each retry of a message that is not applicable yet (`ms`, `s` or `m`); after
     /// the last one it is dead-lettered. One retry topic per delay.
     #[arg(long, env = "RETRY_DELAYS", default_value = "1s,10s,60s", value_parser = parse_retry_delays)]
@@ -70,6 +78,11 @@ pub struct CommonSettings {
 impl CommonSettings {
     /// Checks what the flags cannot check one by one.
     pub fn validate(&self) -> anyhow::Result<()> {
+        self.http.validate()?;
+        anyhow::ensure!(
+            self.db_max_connections > 0 && self.db_worker_connections > 0,
+            "--db-max-connections and --db-worker-connections must be at least 1"
+        );
         let retries: std::time::Duration = self.retry_delays.0.iter().sum();
         anyhow::ensure!(
             self.parked_key_timeout > retries,
@@ -123,23 +136,26 @@ where
     let listener = tokio::net::TcpListener::bind(config.listen_addr)
         .await
         .with_context(|| format!("binding {}", config.listen_addr))?;
-    tracing::info!(database = %config.database_url, "connecting to the database and migrating");
+    tracing::info!(database = %crate::db::redacted(&config.database_url), "connecting to the database and migrating");
+    // Two pools: one for the HTTP API, one for the consumers and background jobs.
     let pool = crate::db::connect_and_migrate(
         &config.database_url,
         config.common.db_max_connections,
         spec.migrations,
     )
     .await?;
+    let workers =
+        crate::db::connect(&config.database_url, config.common.db_worker_connections).await?;
     let app = (spec.routes)(pool.clone())
         .merge(crate::http::ops_routes(readiness.clone(), metrics))
         .layer(axum::middleware::from_fn(crate::http::track_requests));
     tracing::info!("{name} listening on http://{}", listener.local_addr()?);
-    let server_shutdown = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { server_shutdown.wait().await })
-            .await
-    });
+    let server = tokio::spawn(crate::http_server::serve(
+        listener,
+        app,
+        config.common.http.clone(),
+        shutdown.clone(),
+    ));
     let mut own_topics = vec![kafka::dead_letter_topic(spec.group)];
     own_topics.extend(
         (1..=config.common.retry_delays.0.len()).map(|n| crate::retry::retry_topic(spec.group, n)),
@@ -154,7 +170,7 @@ where
     let background: Vec<_> = spec
         .background
         .into_iter()
-        .map(|job| tokio::spawn(job(pool.clone(), shutdown.clone())))
+        .map(|job| tokio::spawn(job(workers.clone(), shutdown.clone())))
         .collect();
     let consumer = tokio::spawn(consumer::run(
         ConsumerSettings {
@@ -164,7 +180,7 @@ where
             retry_delays: config.common.retry_delays.0.clone(),
             parked_key_timeout: config.common.parked_key_timeout,
         },
-        pool.clone(),
+        workers.clone(),
         spec.handler,
         shutdown.clone(),
     ));
@@ -176,6 +192,7 @@ where
     }
     server.await.context("server task")??;
     pool.close().await;
+    workers.close().await;
     tracing::info!("{name} stopped");
     Ok(())
 }

@@ -168,6 +168,14 @@ fn describe_metrics() {
         Unit::Seconds,
         "Time to answer an HTTP request, by method and route pattern"
     );
+    describe_counter!(
+        "http_requests_shed_total",
+        "HTTP requests answered 503 at once because --http-max-in-flight requests were in progress"
+    );
+    describe_counter!(
+        "http_requests_timed_out_total",
+        "HTTP requests answered 503 because they took longer than --http-request-timeout"
+    );
     // Consumers
     describe_counter!(
         "consumer_messages_processed_total",

@@ -18,8 +18,7 @@ use crate::domain::{Input, OrderStatus};
 use crate::store::{self, Item, NewOrder, OrderView};
 use crate::transition::{self, Applied};
 
-pub const MAX_ITEMS: usize = 100;
-pub const MAX_QUANTITY: i64 = 1_000_000;
+pub use schemas::limits::{MAX_ITEMS, MAX_QUANTITY};
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
 
 #[derive(Clone)]

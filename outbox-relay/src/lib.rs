@@ -93,6 +93,8 @@ pub struct Settings {
     /// Partitions of the topics the relay creates when they are missing.
     #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 3)]
     pub topic_partitions: i32,
+    #[command(flatten)]
+    pub http: messaging::http_server::HttpLimits,
 }
 
 /// Runs the relay until `shutdown` fires.
@@ -107,12 +109,12 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         listener.local_addr()?
     );
     let app = messaging::http::ops_routes(readiness.clone(), metrics);
-    let server_shutdown = shutdown.clone();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { server_shutdown.wait().await })
-            .await
-    });
+    let server = tokio::spawn(messaging::http_server::serve(
+        listener,
+        app,
+        settings.http.clone(),
+        shutdown.clone(),
+    ));
     tokio::select! {
         _ = messaging::kafka::ensure_topics_with_retry(
             &settings.kafka,

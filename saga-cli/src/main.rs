@@ -217,6 +217,15 @@ async fn redrive(
             );
             continue;
         };
+        if record.header("dlq-stub") == Some("true") {
+            eprintln!(
+                "skipping offset {}: a stub of a record too large to copy, without its value (read it at {topic} partition {} offset {})",
+                record.offset,
+                record.header("dlq-original-partition").unwrap_or("?"),
+                record.header("dlq-original-offset").unwrap_or("?"),
+            );
+            continue;
+        }
         let line = json!({
             "action": if dry_run { "would redrive" } else { "redriven" },
             "message_id": record.header("message-id"),
@@ -257,6 +266,7 @@ fn summary_json(record: &Record) -> Value {
         "attempts": record.header("dlq-attempts"),
         "first_failure_at": record.header("dlq-first-failure-at"),
         "last_failure_at": record.header("dlq-last-failure-at"),
+        "stub": record.header("dlq-stub") == Some("true"),
     })
 }
 

@@ -105,7 +105,7 @@ pub fn decode_json(event_type: &str, bytes: &[u8]) -> Result<Event, DecodeError>
         event_type,
         message: bounded(e.to_string()),
     };
-    let event = by_index!(index, typed_from_json(bytes)).map_err(invalid)?;
+    let event: Event = by_index!(index, typed_from_json(bytes)).map_err(invalid)?;
     // The typed parse succeeded, so the bytes are well-formed JSON; now check the same JSON
     // against the Avro schema itself (e.g. UUID syntax, enum symbols, number ranges).
     let raw: serde_json::Value = serde_json::from_slice(bytes).map_err(invalid)?;
@@ -115,7 +115,7 @@ pub fn decode_json(event_type: &str, bytes: &[u8]) -> Result<Event, DecodeError>
             event_type,
             message: bounded(e.to_string()),
         })?;
-    Ok(event)
+    within_bounds(event)
 }
 
 /// Decodes a consumed record from its `content-type` and `event-type` headers.
@@ -193,10 +193,20 @@ fn decode_body(index: usize, body: &[u8]) -> Result<Event, DecodeError> {
             count: rest.len(),
         });
     }
-    by_index!(index, typed_from_avro(&value)).map_err(|e| DecodeError::Mapping {
+    let event = by_index!(index, typed_from_avro(&value)).map_err(|e| DecodeError::Mapping {
         event_type,
         message: bounded(e.to_string()),
-    })
+    })?;
+    within_bounds(event)
+}
+
+/// Every decoded event is also checked against the contract's bounds ([`crate::limits`]).
+fn within_bounds(event: Event) -> Result<Event, DecodeError> {
+    crate::limits::validate(&event).map_err(|message| DecodeError::OutOfBounds {
+        event_type: event.event_type(),
+        message: bounded(message),
+    })?;
+    Ok(event)
 }
 
 fn typed_from_avro<T>(value: &Value) -> Result<Event, apache_avro::Error>

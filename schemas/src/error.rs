@@ -70,6 +70,15 @@ pub enum DecodeError {
         message: String,
     },
 
+    /// The event decoded but breaks a bound of the contract ([`crate::limits`]): a negative
+    /// quantity, too many lines, a price above the largest, a reservation whose total is not the
+    /// sum of its lines, ...
+    #[error("{event_type} is outside the contract: {message}")]
+    OutOfBounds {
+        event_type: &'static str,
+        message: String,
+    },
+
     /// An `event-type` header disagrees with the schema the Avro payload was written with.
     #[error("event-type header {header:?} does not match the payload's schema {actual}")]
     EventTypeMismatch {
@@ -80,11 +89,5 @@ pub enum DecodeError {
 
 /// Keeps messages that echo input (headers, library errors quoting values) to a sane length.
 pub(crate) fn bounded(text: impl Into<String>) -> String {
-    const MAX_CHARS: usize = 300;
-    let mut text = text.into();
-    if let Some((cut, _)) = text.char_indices().nth(MAX_CHARS) {
-        text.truncate(cut);
-        text.push('…');
-    }
-    text
+    crate::limits::truncate_chars(text, 300)
 }

@@ -6,6 +6,8 @@
 //! * [`codec`] owns the wire formats: Avro single-object encoding ([`encode`], [`decode`]), JSON
 //!   ([`encode_json`], [`decode_json`]) and the content-type dispatch
 //!   ([`decode_with_content_type`]).
+//! * [`limits`] owns the contract's bounds (money, stock, quantities, counts, text) and checks
+//!   every decoded event against them.
 //! * [`error`] owns [`DecodeError`].
 //!
 //! Type mapping: ids are `{"type":"string","logicalType":"uuid"}` in Avro and [`uuid::Uuid`] in
@@ -28,6 +30,7 @@
 pub mod codec;
 pub mod error;
 pub mod events;
+pub mod limits;
 pub mod registry;
 pub mod sku;
 

@@ -27,8 +27,8 @@ fn samples() -> Vec<Event> {
                     quantity: 2,
                 },
                 OrderItem {
-                    sku: "ümlaut-✓".into(),
-                    quantity: i64::MAX,
+                    sku: "a.b_C-9".into(),
+                    quantity: schemas::limits::MAX_QUANTITY,
                 },
             ],
             placed_at: T0,
@@ -43,7 +43,7 @@ fn samples() -> Vec<Event> {
         OrderRejected {
             order_id: id(4),
             reason: "no stock".into(),
-            rejected_at: -1,
+            rejected_at: 0,
         }
         .into(),
         OrderCancelled {
@@ -72,7 +72,7 @@ fn samples() -> Vec<Event> {
                 requested: 5,
                 available: 0,
             }],
-            rejected_at: i64::MIN,
+            rejected_at: schemas::limits::MAX_TIME_MILLIS,
         }
         .into(),
         StockReleased {
@@ -118,6 +118,26 @@ impl XorShift {
     fn bytes(&mut self, len: usize) -> Vec<u8> {
         (0..len).map(|_| self.next() as u8).collect()
     }
+}
+
+#[test]
+fn an_event_outside_the_contract_is_refused_by_both_decoders() {
+    let forged: Event = OrderPlaced {
+        order_id: id(1),
+        customer_id: id(2),
+        items: vec![OrderItem {
+            sku: "SKU-1".into(),
+            quantity: -5,
+        }],
+        placed_at: T0,
+    }
+    .into();
+    let expected = Err(DecodeError::OutOfBounds {
+        event_type: "OrderPlaced",
+        message: "items[0].quantity must be between 1 and 1000000, got -5".into(),
+    });
+    assert_eq!(decode(&encode(&forged)), expected);
+    assert_eq!(decode_json("OrderPlaced", &encode_json(&forged)), expected);
 }
 
 #[test]

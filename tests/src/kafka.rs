@@ -172,6 +172,50 @@ pub async fn produce(
     Ok(())
 }
 
+/// A record to produce with [`produce_many`]: raw bytes everywhere, as a hostile producer sends.
+#[derive(Debug, Clone, Default)]
+pub struct Outgoing {
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub payload: Option<Vec<u8>>,
+}
+
+/// Produces `records` with one producer, all in flight at once, and returns where each landed
+/// (partition, offset), in the order given.
+pub async fn produce_many(
+    bootstrap: &str,
+    records: &[Outgoing],
+) -> anyhow::Result<Vec<(i32, i64)>> {
+    let producer: FutureProducer = config(bootstrap)
+        .set("message.max.bytes", "2000000")
+        .create()?;
+    let sends = records.iter().map(|r| {
+        let mut owned = OwnedHeaders::new();
+        for (k, v) in &r.headers {
+            owned = owned.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&r.topic).headers(owned);
+        if let Some(k) = &r.key {
+            record = record.key(k);
+        }
+        if let Some(p) = &r.payload {
+            record = record.payload(p);
+        }
+        let topic = r.topic.clone();
+        let send = producer.send(record, Duration::from_secs(30));
+        async move {
+            send.await
+                .map(|d| (d.partition, d.offset))
+                .map_err(|(e, _)| anyhow::anyhow!("producing to {topic}: {e}"))
+        }
+    });
+    futures::future::try_join_all(sends).await
+}
+
 /// Commits `offsets` (partition, next offset to read) of `topic` for consumer group `group`, as
 /// an operator resetting a group's offsets would (the group should have no live member).
 pub async fn commit_offsets(

@@ -777,6 +777,21 @@ impl Stack {
         ));
     }
 
+    /// The stack's own processes that have exited (none to check on an external stack).
+    pub fn exited(&mut self) -> Vec<&'static str> {
+        let mut exited = Vec::new();
+        for (name, proc) in [
+            ("order-service", &mut self.order_service),
+            ("inventory-service", &mut self.inventory_service),
+            ("outbox-relay", &mut self.relay),
+        ] {
+            if proc.as_mut().is_some_and(|p| !p.is_running()) {
+                exited.push(name);
+            }
+        }
+        exited
+    }
+
     /// Waits until `<base>/readyz` answers 200 (at most 60 s).
     pub async fn wait_ready(&self, base: &str) {
         let deadline = Instant::now() + Duration::from_secs(60);

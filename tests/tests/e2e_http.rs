@@ -159,7 +159,7 @@ async fn bad_requests_get_a_problem_naming_the_problem_and_write_nothing() {
             .await
             .unwrap(),
         StatusCode::UNPROCESSABLE_ENTITY,
-        "available must not be negative",
+        "available must be between 0 and 1000000000000, got -1",
     )
     .await;
     assert_problem(

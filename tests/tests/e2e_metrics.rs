@@ -82,6 +82,8 @@ async fn every_metrics_endpoint_passes_promtool_and_has_the_documented_metrics()
                 "saga_duration_seconds",
                 "http_requests_total",
                 "http_request_duration_seconds",
+                "http_requests_shed_total",
+                "http_requests_timed_out_total",
                 "consumer_messages_processed_total",
                 "consumer_handler_duration_seconds",
                 "consumer_lag_messages",
@@ -101,6 +103,8 @@ async fn every_metrics_endpoint_passes_promtool_and_has_the_documented_metrics()
             &[
                 "http_requests_total",
                 "http_request_duration_seconds",
+                "http_requests_shed_total",
+                "http_requests_timed_out_total",
                 "consumer_messages_processed_total",
                 "consumer_handler_duration_seconds",
                 "consumer_lag_messages",

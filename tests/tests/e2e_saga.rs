@@ -7,7 +7,8 @@ use std::time::Duration;
 use e2e::kafka::{self, Record};
 use e2e::{Stack, eventually};
 use futures::future::join_all;
-use schemas::Event;
+use schemas::{Event, limits};
+use serde_json::json;
 use uuid::Uuid;
 
 const SAGA_TIMEOUT: Duration = Duration::from_secs(90);
@@ -250,24 +251,57 @@ async fn a_redelivered_event_with_the_same_message_id_has_no_second_effect() {
     assert_eq!(reserved, 1);
 }
 
-/// A price at the top of the range times a quantity of 2 does not fit in 64 bits: inventory
-/// rejects the order, naming why, instead of panicking (and crashing on every restart, the
-/// record never committed) or wrapping into a negative total.
+/// Money and quantities have upper bounds in the contract that no sum can overflow. A price
+/// beyond the bound is refused with 422 and nothing is stored; an order at every bound at once
+/// (100 lines of 1,000,000 units at the largest price) is reserved and confirmed with its exact
+/// total, 10^18 cents, where the unchecked arithmetic of old wrapped or panicked.
 #[tokio::test(flavor = "multi_thread")]
-async fn an_order_whose_total_overflows_is_rejected_not_crashed_on() {
-    let stack = Stack::start("saga_total_overflow").await;
-    stack.put_product("HUGE", i64::MAX, 10).await;
-    let id = stack.place_order(&[("HUGE", 2)]).await;
+async fn prices_beyond_the_bound_are_refused_and_an_order_at_every_bound_confirms_exactly() {
+    let stack = Stack::start("saga_bounds").await;
+    let url = format!("{}/products/{}", stack.inventory_url, stack.sku("HUGE"));
+    for (price, available) in [(i64::MAX, 10), (limits::MAX_PRICE_CENTS + 1, 10), (1, -1)] {
+        let r = stack
+            .http
+            .put(&url)
+            .json(&json!({"name": "huge", "price_cents": price, "available": available}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 422, "price {price}, available {available}");
+        assert_eq!(
+            r.headers()["content-type"],
+            "application/problem+json",
+            "price {price}"
+        );
+    }
+    let r = stack.http.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 404, "nothing was stored");
+
+    let units = limits::MAX_QUANTITY * limits::MAX_ITEMS as i64;
     stack
-        .wait_for_statuses(&[id], &["REJECTED"], Duration::from_secs(60))
+        .put_product("HUGE", limits::MAX_PRICE_CENTS, units)
+        .await;
+    let lines: Vec<_> = (0..limits::MAX_ITEMS)
+        .map(|_| ("HUGE", limits::MAX_QUANTITY))
+        .collect();
+    let id = stack.place_order(&lines).await;
+    stack
+        .wait_for_statuses(&[id], &["CONFIRMED"], Duration::from_secs(60))
         .await;
     let order = stack.order(id).await;
-    assert!(
-        order["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("order total exceeds")),
-        "{order}"
-    );
-    // inventory-service is still up and answers.
-    assert_eq!(stack.product("HUGE").await["available"], 10);
+    assert_eq!(order["total_cents"], limits::MAX_TOTAL_CENTS, "{order}");
+    assert_eq!(limits::MAX_TOTAL_CENTS, 1_000_000_000_000_000_000);
+    eventually(SAGA_TIMEOUT, || async {
+        let product = stack.product("HUGE").await;
+        Ok((product["sold"] == units).then_some(product))
+    })
+    .await
+    .map(|product| {
+        assert_eq!(
+            (&product["available"], &product["reserved"]),
+            (&json!(0), &json!(0)),
+            "{product}"
+        )
+    })
+    .expect("the confirmed order's stock is sold");
 }
