@@ -6,7 +6,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use messaging::http::{Problem, ValidJson};
+use messaging::http::{Admin, AdminToken, Problem, ValidJson};
 use schemas::limits::{MAX_PRICE_CENTS, MAX_STOCK};
 use serde::Deserialize;
 use sqlx::PgPool;
@@ -20,6 +20,14 @@ pub const MAX_RESERVATIONS: i64 = 500;
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
+    /// Required on `PUT /products/{sku}` when set: prices and stock are everyone's.
+    pub admin_token: AdminToken,
+}
+
+impl axum::extract::FromRef<AppState> for AdminToken {
+    fn from_ref(state: &AppState) -> AdminToken {
+        state.admin_token.clone()
+    }
 }
 
 pub fn routes(state: AppState) -> axum::Router {
@@ -44,6 +52,7 @@ fn validated_sku(sku: &str) -> Result<(), Problem> {
 }
 
 async fn put_product(
+    _: Admin,
     State(state): State<AppState>,
     Path(sku): Path<String>,
     ValidJson(body): ValidJson<PutProduct>,

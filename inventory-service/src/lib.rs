@@ -9,6 +9,7 @@ pub mod store;
 use std::net::SocketAddr;
 
 use clap::Parser;
+use messaging::retention::{Keep, PrunedTable};
 use messaging::service::{CommonSettings, ServiceConfig, ServiceSpec};
 use messaging::shutdown::Shutdown;
 
@@ -28,20 +29,40 @@ pub struct Settings {
         default_value = "postgres://postgres@127.0.0.1:5432/inventory"
     )]
     pub database_url: String,
+    /// A file whose first line is the bearer token that `PUT /products/{sku}` requires (or set
+    /// the ADMIN_TOKEN environment variable). Neither: the route is open, as on the local stack.
+    #[arg(long, env = "ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub common: CommonSettings,
 }
 
 /// Runs the service until `shutdown` fires.
 pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
+    let admin_token =
+        messaging::http::AdminToken::from_env_or_file(settings.admin_token_file.as_deref())?;
+    if admin_token.is_set() {
+        tracing::info!("PUT /products/{{sku}} requires the admin token");
+    } else {
+        tracing::warn!(
+            "PUT /products/{{sku}} is open to every client: set ADMIN_TOKEN or --admin-token-file to protect it"
+        );
+    }
     let spec = ServiceSpec {
         name: "inventory-service",
         migrations: &MIGRATIONS,
         group: consumer::GROUP,
         subscribe: schemas::ORDERS_TOPIC,
         handler: consumer::OrderEvents,
-        routes: |pool| http::routes(http::AppState { pool }),
+        routes: move |pool| http::routes(http::AppState { pool, admin_token }),
         background: Vec::new(),
+        // A cancellation seen before its OrderPlaced is kept as long as that OrderPlaced (or a
+        // copy of it) can still arrive.
+        pruned: vec![PrunedTable {
+            table: "cancelled_orders",
+            time_column: "cancelled_at",
+            keep: Keep::DuplicateWindow,
+        }],
         zero_counters: &[
             (
                 "inventory_reservations_total",

@@ -221,3 +221,111 @@ pub async fn track_requests(request: Request, next: Next) -> Response {
         .record(started.elapsed().as_secs_f64());
     response
 }
+
+/// The bearer token that operator-only routes require, when one is configured
+/// (`ADMIN_TOKEN` or `--admin-token-file`). `None`: those routes are open (the local stack).
+#[derive(Clone, Default)]
+pub struct AdminToken(Option<Arc<str>>);
+
+/// The shortest admin token accepted: a guessable one protects nothing.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
+
+impl AdminToken {
+    /// No token: operator routes are open.
+    pub fn open() -> AdminToken {
+        AdminToken(None)
+    }
+
+    /// From the `ADMIN_TOKEN` environment variable, or the first line of `file` (which wins);
+    /// a token shorter than [`MIN_ADMIN_TOKEN_LEN`] is refused. Never from a flag, so that it
+    /// does not show in `ps`.
+    pub fn from_env_or_file(file: Option<&std::path::Path>) -> anyhow::Result<AdminToken> {
+        let token = match file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        anyhow::anyhow!("reading the admin token file {}: {e}", path.display())
+                    })?
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned(),
+            ),
+            None => std::env::var("ADMIN_TOKEN").ok().filter(|t| !t.is_empty()),
+        };
+        match token {
+            None => Ok(AdminToken(None)),
+            Some(t) if t.len() < MIN_ADMIN_TOKEN_LEN => {
+                anyhow::bail!("the admin token must have at least {MIN_ADMIN_TOKEN_LEN} characters")
+            }
+            Some(t) => Ok(AdminToken(Some(t.into()))),
+        }
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Whether `presented` is the token, compared in time independent of where they differ.
+    fn accepts(&self, presented: &str) -> bool {
+        let Some(token) = &self.0 else {
+            return true;
+        };
+        let (a, b) = (token.as_bytes(), presented.as_bytes());
+        let mut diff = a.len() ^ b.len();
+        for (i, x) in a.iter().enumerate() {
+            diff |= usize::from(x ^ b.get(i).copied().unwrap_or(0));
+        }
+        diff == 0
+    }
+}
+
+/// An extractor for operator-only handlers: passes when no token is configured or the request
+/// carries `Authorization: Bearer <token>`; otherwise 401 (no credentials, with
+/// `WWW-Authenticate: Bearer`) or 403 (a wrong token), as problem+json.
+pub struct Admin;
+
+impl<S> axum::extract::FromRequestParts<S> for Admin
+where
+    AdminToken: axum::extract::FromRef<S>,
+    S: Send + Sync,
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let token = <AdminToken as axum::extract::FromRef<S>>::from_ref(state);
+        if !token.is_set() {
+            return Ok(Admin);
+        }
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match presented {
+            None => {
+                let mut response = Problem::new(
+                    StatusCode::UNAUTHORIZED,
+                    "this operation needs an admin token: Authorization: Bearer <token>",
+                )
+                .into_response();
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                Err(response)
+            }
+            Some(t) if token.accepts(t.trim()) => Ok(Admin),
+            Some(_) => {
+                tracing::warn!("an operator-only request with a wrong admin token was refused");
+                Err(
+                    Problem::new(StatusCode::FORBIDDEN, "the admin token is not valid")
+                        .into_response(),
+                )
+            }
+        }
+    }
+}

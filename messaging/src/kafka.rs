@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
@@ -249,19 +249,77 @@ impl KafkaSettings {
     }
 }
 
-/// Creates each topic that does not exist yet; topics that exist are left as they are.
+/// A topic and the retention it is created with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    pub name: String,
+    pub retention: Duration,
+}
+
+impl TopicSpec {
+    pub fn new(name: impl Into<String>, retention: Duration) -> TopicSpec {
+        TopicSpec {
+            name: name.into(),
+            retention,
+        }
+    }
+
+    /// `retention.ms`, and `segment.ms` no longer than it: Kafka deletes whole segments, so a
+    /// record lives at most retention + segment time, here at most twice the retention.
+    fn configs(&self) -> [(&'static str, String); 2] {
+        let retention = self.retention.as_millis().min(i64::MAX as u128) as i64;
+        let segment = retention.min(24 * 3600 * 1000);
+        [
+            ("retention.ms", retention.to_string()),
+            ("segment.ms", segment.to_string()),
+        ]
+    }
+}
+
+/// How long a topic keeps its records, as the broker says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// `retention.ms` of this many milliseconds.
+    Millis(u64),
+    /// `retention.ms=-1`: records are kept for ever.
+    Forever,
+    /// The broker did not say (no such topic, no `retention.ms` in its answer, or no answer).
+    Unknown,
+}
+
+impl Retention {
+    fn parse(value: Option<&str>) -> Retention {
+        match value.map(str::parse::<i64>) {
+            Some(Ok(-1)) => Retention::Forever,
+            Some(Ok(ms)) if ms >= 0 => Retention::Millis(ms as u64),
+            _ => Retention::Unknown,
+        }
+    }
+}
+
+/// Creates each topic that does not exist yet, with its retention; topics that exist are left
+/// as they are. Returns what the broker says each topic's retention is, and logs a warning for a
+/// topic that keeps records for another time than `topics` asks (an operator's choice, or a
+/// topic created before: the system does not change it).
 pub async fn ensure_topics(
     kafka: &KafkaSettings,
-    topics: &[&str],
+    topics: &[TopicSpec],
     partitions: i32,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<(String, Retention)>> {
     let admin: AdminClient<DefaultClientContext> = kafka
         .client(Role::Admin)
         .create()
         .context("creating Kafka admin client")?;
+    let configs: Vec<_> = topics.iter().map(TopicSpec::configs).collect();
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .zip(&configs)
+        .map(|(t, configs)| {
+            configs.iter().fold(
+                NewTopic::new(&t.name, partitions, TopicReplication::Fixed(1)),
+                |topic, (k, v)| topic.set(k, v),
+            )
+        })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin
@@ -275,15 +333,44 @@ pub async fn ensure_topics(
             Err((topic, code)) => anyhow::bail!("creating topic {topic}: {code}"),
         }
     }
-    Ok(())
+    let specifiers: Vec<ResourceSpecifier<'_>> = topics
+        .iter()
+        .map(|t| ResourceSpecifier::Topic(&t.name))
+        .collect();
+    let described = admin.describe_configs(specifiers.iter(), &options).await;
+    let mut retentions = Vec::new();
+    for (i, spec) in topics.iter().enumerate() {
+        let retention = match &described {
+            Ok(results) => match results.get(i) {
+                Some(Ok(resource)) => Retention::parse(
+                    resource
+                        .get("retention.ms")
+                        .and_then(|e| e.value.as_deref()),
+                ),
+                _ => Retention::Unknown,
+            },
+            Err(_) => Retention::Unknown,
+        };
+        let wanted = Retention::Millis(spec.retention.as_millis() as u64);
+        if retention != wanted {
+            tracing::warn!(topic = %spec.name, broker_says = ?retention, wanted = ?spec.retention,
+                "the topic keeps its records for another time than configured; leaving it as it is (change it with kafka-configs if that is not intended)");
+        }
+        retentions.push((spec.name.clone(), retention));
+    }
+    Ok(retentions)
 }
 
 /// Like [`ensure_topics`], retrying with backoff until the broker answers, logging each failure.
-pub async fn ensure_topics_with_retry(kafka: &KafkaSettings, topics: &[&str], partitions: i32) {
+pub async fn ensure_topics_with_retry(
+    kafka: &KafkaSettings,
+    topics: &[TopicSpec],
+    partitions: i32,
+) -> Vec<(String, Retention)> {
     let mut delay = Duration::from_millis(200);
     loop {
         match ensure_topics(kafka, topics, partitions).await {
-            Ok(()) => return,
+            Ok(retentions) => return retentions,
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), ?delay, "topics not ready; retrying");
                 tokio::time::sleep(delay).await;

@@ -17,6 +17,7 @@ pub mod offset_gaps;
 pub mod outbox;
 pub mod ownership;
 pub mod parking;
+pub mod retention;
 pub mod retry;
 pub mod service;
 pub mod shutdown;

@@ -40,23 +40,31 @@ pub fn parse_delays(text: &str) -> Result<Vec<Duration>, String> {
         })
 }
 
-/// Parses one duration such as `500ms`, `30s` or `2m`.
+/// Parses one duration such as `500ms`, `30s`, `2m`, `24h` or `7d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = text
         .find(|c: char| !c.is_ascii_digit())
         .map(|i| text.split_at(i))
-        .ok_or_else(|| format!("{text:?} needs a unit: ms, s or m"))?;
+        .ok_or_else(|| format!("{text:?} needs a unit: ms, s, m, h or d"))?;
     let n: u64 = number
         .parse()
         .map_err(|_| format!("{text:?} is not a whole number and a unit"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
-        "m" => n
-            .checked_mul(60)
-            .map(Duration::from_secs)
-            .ok_or_else(|| format!("{text:?} is too long")),
-        _ => Err(format!("{text:?}: unknown unit {unit:?}; use ms, s or m")),
+        "m" | "h" | "d" => {
+            let per = match unit {
+                "m" => 60,
+                "h" => 3600,
+                _ => 86_400,
+            };
+            n.checked_mul(per)
+                .map(Duration::from_secs)
+                .ok_or_else(|| format!("{text:?} is too long"))
+        }
+        _ => Err(format!(
+            "{text:?}: unknown unit {unit:?}; use ms, s, m, h or d"
+        )),
     }
 }
 
@@ -147,7 +155,9 @@ mod tests {
         );
         assert!(parse_delays("").is_err());
         assert!(parse_delays("10").is_err());
-        assert!(parse_delays("1h").is_err());
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert!(parse_delays("1w").is_err());
         assert!(parse_delays("999999999999999999m").is_err());
     }
 }

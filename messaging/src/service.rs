@@ -25,6 +25,8 @@ pub struct ServiceSpec<H, R> {
     /// Background work started once the database is ready (for example the saga deadline
     /// check); each runs until shutdown.
     pub background: Vec<Background>,
+    /// The service's own tables that the retention job prunes (the inbox is always pruned).
+    pub pruned: Vec<crate::retention::PrunedTable>,
     /// Counters the service sets to 0 at start (once the metrics recorder is installed), so that
     /// rates and alerts over rare events have a series to read before the first one happens.
     pub zero_counters: &'static [ZeroCounter],
@@ -62,6 +64,8 @@ pub struct CommonSettings {
     pub db_worker_connections: u32,
     #[command(flatten)]
     pub http: crate::http_server::HttpLimits,
+    #[command(flatten)]
+    pub retention: crate::retention::RetentionSettings,
     /// Delays before each retry of a message that is not applicable yet (`ms`, `s` or `m`); after
     /// the last one it is dead-lettered. One retry topic per delay.
     #[arg(long, env = "RETRY_DELAYS", default_value = "1s,10s,60s", value_parser = parse_retry_delays)]
@@ -84,6 +88,21 @@ impl CommonSettings {
             "--db-max-connections and --db-worker-connections must be at least 1"
         );
         let retries: std::time::Duration = self.retry_delays.0.iter().sum();
+        let longest = self
+            .retry_delays
+            .0
+            .iter()
+            .max()
+            .copied()
+            .unwrap_or_default();
+        let retry_retention = self.retention.retry_topic_retention;
+        anyhow::ensure!(
+            retry_retention >= longest.saturating_mul(10)
+                && retry_retention > self.parked_key_timeout,
+            "--retry-topic-retention ({retry_retention:?}) must be at least ten times the longest retry delay \
+             ({longest:?}) and longer than --parked-key-timeout ({:?}), or retry copies could expire while they wait",
+            self.parked_key_timeout
+        );
         anyhow::ensure!(
             self.parked_key_timeout > retries,
             "--parked-key-timeout ({:?}) must be longer than the retry delays together ({retries:?}), \
@@ -156,22 +175,55 @@ where
         config.common.http.clone(),
         shutdown.clone(),
     ));
-    let mut own_topics = vec![kafka::dead_letter_topic(spec.group)];
-    own_topics.extend(
-        (1..=config.common.retry_delays.0.len()).map(|n| crate::retry::retry_topic(spec.group, n)),
-    );
-    let mut topics: Vec<&str> = kafka::EVENT_TOPICS.to_vec();
-    topics.extend(own_topics.iter().map(String::as_str));
-    tracing::info!(?topics, "making sure the topics exist");
-    tokio::select! {
-        _ = kafka::ensure_topics_with_retry(&config.common.kafka, &topics, config.common.topic_partitions) => {}
-        _ = shutdown.wait() => {}
-    }
-    let background: Vec<_> = spec
+    let retention = &config.common.retention;
+    let mut topics: Vec<kafka::TopicSpec> = kafka::EVENT_TOPICS
+        .iter()
+        .map(|t| kafka::TopicSpec::new(*t, retention.topics.topic_retention))
+        .collect();
+    topics.push(kafka::TopicSpec::new(
+        kafka::dead_letter_topic(spec.group),
+        retention.dlq_retention,
+    ));
+    topics.extend((1..=config.common.retry_delays.0.len()).map(|n| {
+        kafka::TopicSpec::new(
+            crate::retry::retry_topic(spec.group, n),
+            retention.retry_topic_retention,
+        )
+    }));
+    tracing::info!(topics = ?topics.iter().map(|t| &t.name).collect::<Vec<_>>(), "making sure the topics exist");
+    let retentions = tokio::select! {
+        retentions = kafka::ensure_topics_with_retry(&config.common.kafka, &topics, config.common.topic_partitions) => retentions,
+        _ = shutdown.wait() => Vec::new(),
+    };
+    // A copy of a message can come back from the subscribed topic, the retry topics and the DLQ.
+    let sources: Vec<_> = retentions
+        .into_iter()
+        .filter(|(t, _)| t == spec.subscribe || t.starts_with(&format!("{}.", spec.group)))
+        .collect();
+    let window = match crate::retention::inbox_window(retention.inbox_retention, &sources) {
+        Ok(window) => Some(window),
+        Err(why) => {
+            tracing::warn!(%why, "the inbox is not pruned: how long a duplicate can still arrive is not known");
+            None
+        }
+    };
+    let mut pruned = vec![crate::retention::PrunedTable {
+        table: "inbox",
+        time_column: "processed_at",
+        keep: crate::retention::Keep::DuplicateWindow,
+    }];
+    pruned.extend(spec.pruned);
+    let mut background: Vec<_> = spec
         .background
         .into_iter()
         .map(|job| tokio::spawn(job(workers.clone(), shutdown.clone())))
         .collect();
+    background.push(tokio::spawn(crate::retention::run(
+        workers.clone(),
+        pruned,
+        window,
+        shutdown.clone(),
+    )));
     let consumer = tokio::spawn(consumer::run(
         ConsumerSettings {
             kafka: config.common.kafka.clone(),

@@ -168,6 +168,24 @@ fn describe_metrics() {
         Unit::Seconds,
         "Time to answer an HTTP request, by method and route pattern"
     );
+    describe_gauge!(
+        "db_table_rows",
+        "Rows of each table of the service's database (the statistics' live-row estimate)"
+    );
+    describe_gauge!(
+        "db_table_oldest_row_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest row of each pruned table"
+    );
+    describe_gauge!(
+        "db_table_retention_seconds",
+        Unit::Seconds,
+        "How long each pruned table keeps its rows; -1 when it is not pruned (the retention of the topics its messages come from is not known)"
+    );
+    describe_counter!(
+        "db_rows_pruned_total",
+        "Rows deleted by the retention job, by table"
+    );
     describe_counter!(
         "http_requests_shed_total",
         "HTTP requests answered 503 at once because --http-max-in-flight requests were in progress"

@@ -24,6 +24,8 @@ pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
 #[derive(Clone)]
 pub struct AppState {
     pub pool: PgPool,
+    /// How long an Idempotency-Key is remembered (`--idempotency-key-ttl`).
+    pub idempotency_key_ttl: std::time::Duration,
 }
 
 pub fn routes(state: AppState) -> axum::Router {
@@ -99,7 +101,8 @@ async fn place_order(
     };
     let mut tx = state.pool.begin().await?;
     if let Some(key) = &key
-        && let Some(earlier) = store::claim_idempotency_key(&mut tx, key).await?
+        && let Some(earlier) =
+            store::claim_idempotency_key(&mut tx, key, state.idempotency_key_ttl).await?
     {
         tx.rollback().await?;
         if earlier.request != normalized {

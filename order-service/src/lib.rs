@@ -11,6 +11,7 @@ pub mod transition;
 use std::net::SocketAddr;
 
 use clap::Parser;
+use messaging::retention::{Keep, PrunedTable};
 use messaging::service::{CommonSettings, ServiceConfig, ServiceSpec};
 use messaging::shutdown::Shutdown;
 
@@ -33,22 +34,37 @@ pub struct Settings {
     /// An order still PENDING this long after it was placed is cancelled (DEADLINE_EXCEEDED).
     #[arg(long, env = "SAGA_DEADLINE", default_value = "30s", value_parser = messaging::retry::parse_duration)]
     pub saga_deadline: std::time::Duration,
+    /// How long an Idempotency-Key is remembered: a request repeated with the same key within
+    /// this time gets the first answer; after it, the key is free again.
+    #[arg(long, env = "IDEMPOTENCY_KEY_TTL", default_value = "24h", value_parser = messaging::retry::parse_duration)]
+    pub idempotency_key_ttl: std::time::Duration,
     #[command(flatten)]
     pub common: CommonSettings,
 }
 
 /// Runs the service until `shutdown` fires.
 pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
+    let idempotency_key_ttl = settings.idempotency_key_ttl;
     let spec = ServiceSpec {
         name: "order-service",
         migrations: &MIGRATIONS,
         group: consumer::GROUP,
         subscribe: schemas::INVENTORY_TOPIC,
         handler: consumer::InventoryEvents,
-        routes: |pool| http::routes(http::AppState { pool }),
+        routes: move |pool| {
+            http::routes(http::AppState {
+                pool,
+                idempotency_key_ttl,
+            })
+        },
         background: vec![Box::new(move |pool, shutdown| {
             Box::pin(deadline::run(pool, settings.saga_deadline, shutdown))
         })],
+        pruned: vec![PrunedTable {
+            table: "idempotency_keys",
+            time_column: "created_at",
+            keep: Keep::For(idempotency_key_ttl),
+        }],
         zero_counters: &[
             ("saga_started_total", &[&[]]),
             (

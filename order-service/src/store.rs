@@ -227,16 +227,27 @@ pub struct Remembered {
 }
 
 /// Claims `key` for this request, waiting for a concurrent claim of the same key to finish.
-/// Returns `None` when the key is ours, or what an earlier request under the key got.
+/// Returns `None` when the key is ours, or what an earlier request under the key got within
+/// `ttl`. A key older than `ttl` is forgotten here (the retention job deletes it too): it is
+/// free again.
 pub async fn claim_idempotency_key(
     conn: &mut PgConnection,
     key: &str,
+    ttl: std::time::Duration,
 ) -> sqlx::Result<Option<Remembered>> {
     // The advisory lock makes a second request with the same key wait for the first to commit.
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
         .bind(key)
         .execute(&mut *conn)
         .await?;
+    sqlx::query(
+        "DELETE FROM idempotency_keys WHERE idempotency_key = $1 \
+         AND created_at < now() - make_interval(secs => $2)",
+    )
+    .bind(key)
+    .bind(ttl.as_secs_f64())
+    .execute(&mut *conn)
+    .await?;
     sqlx::query_as("SELECT request, response FROM idempotency_keys WHERE idempotency_key = $1")
         .bind(key)
         .fetch_optional(conn)

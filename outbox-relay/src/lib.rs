@@ -95,6 +95,8 @@ pub struct Settings {
     pub topic_partitions: i32,
     #[command(flatten)]
     pub http: messaging::http_server::HttpLimits,
+    #[command(flatten)]
+    pub retention: messaging::retention::TopicRetention,
 }
 
 /// Runs the relay until `shutdown` fires.
@@ -115,10 +117,12 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         settings.http.clone(),
         shutdown.clone(),
     ));
+    let topics = messaging::kafka::EVENT_TOPICS
+        .map(|t| messaging::kafka::TopicSpec::new(t, settings.retention.topic_retention));
     tokio::select! {
         _ = messaging::kafka::ensure_topics_with_retry(
             &settings.kafka,
-            &messaging::kafka::EVENT_TOPICS,
+            &topics,
             settings.topic_partitions,
         ) => {}
         _ = shutdown.wait() => {}

@@ -61,7 +61,11 @@ impl ExternalStack {
     /// service ports, Tansu on 9092, Postgres on 5432). `None` for another name.
     pub fn defaults(name: &str) -> Option<ExternalStack> {
         let (bootstrap, postgres_url) = match name {
-            "compose" => ("localhost:9094", "postgres://postgres@127.0.0.1:5433"),
+            // Compose's Postgres has a password (POSTGRES_PASSWORD, `saga-local-dev` unless set).
+            "compose" => (
+                "localhost:9094",
+                "postgres://postgres:saga-local-dev@127.0.0.1:5433",
+            ),
             "local" => ("127.0.0.1:9092", "postgres://postgres@127.0.0.1:5432"),
             _ => return None,
         };
@@ -125,6 +129,15 @@ pub fn needs_own_stack(what_it_does: &str) -> bool {
     }
 }
 
+/// The URL of database `db` on `server` (a URL without a database, perhaps with query
+/// parameters such as `?sslmode=verify-full&sslrootcert=…`, which stay at the end).
+pub fn db_url(server: &str, db: &str) -> String {
+    match server.split_once('?') {
+        Some((base, query)) => format!("{base}/{db}?{query}"),
+        None => format!("{server}/{db}"),
+    }
+}
+
 /// `host:port` of [`postgres_url`].
 pub fn postgres_host_port() -> String {
     host_port_of(&postgres_url())
@@ -134,7 +147,7 @@ pub fn postgres_host_port() -> String {
 pub fn host_port_of(url: &str) -> String {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
-    rest.split('/').next().unwrap_or(rest).to_owned()
+    rest.split(['/', '?']).next().unwrap_or(rest).to_owned()
 }
 
 /// `target/debug` or `target/release`: where the running test (in `deps/`) or benchmark was built.
@@ -485,7 +498,7 @@ impl Stack {
                 "--listen-addr".into(),
                 format!("127.0.0.1:{port}"),
                 "--database-url".into(),
-                format!("{pg}/{db}"),
+                db_url(pg, db),
                 "--kafka-bootstrap-servers".into(),
                 broker.bootstrap.clone(),
             ]);
@@ -740,9 +753,9 @@ impl Stack {
         let metrics_addr = self.relay_metrics_url.trim_start_matches("http://");
         let args = vec![
             "--source".into(),
-            format!("orders={pg}/{}", self.orders_db),
+            format!("orders={}", db_url(pg, &self.orders_db)),
             "--source".into(),
-            format!("inventory={inventory_pg}/{}", self.inventory_db),
+            format!("inventory={}", db_url(&inventory_pg, &self.inventory_db)),
             "--kafka-bootstrap-servers".into(),
             self.broker.bootstrap.clone(),
             "--metrics-addr".into(),
@@ -811,13 +824,13 @@ impl Stack {
     }
 
     pub async fn orders_pool(&self) -> PgPool {
-        PgPool::connect(&format!("{}/{}", self.pg, self.orders_db))
+        PgPool::connect(&db_url(&self.pg, &self.orders_db))
             .await
             .expect("orders db")
     }
 
     pub async fn inventory_pool(&self) -> PgPool {
-        PgPool::connect(&format!("{}/{}", self.pg, self.inventory_db))
+        PgPool::connect(&db_url(&self.pg, &self.inventory_db))
             .await
             .expect("inventory db")
     }
@@ -825,18 +838,29 @@ impl Stack {
     /// `PUT /products/{sku}` (the sku as the test names it; see [`Stack::sku`]).
     pub async fn put_product(&self, sku: &str, price_cents: i64, available: i64) {
         let sku = self.sku(sku);
-        let r = self
+        let mut request = self
             .http
             .put(format!("{}/products/{sku}", self.inventory_url))
-            .json(&json!({"name": format!("product {sku}"), "price_cents": price_cents, "available": available}))
-            .send()
-            .await
-            .expect("PUT product");
+            .json(&json!({"name": format!("product {sku}"), "price_cents": price_cents, "available": available}));
+        if let Some(token) = self.admin_token() {
+            request = request.bearer_auth(token);
+        }
+        let r = request.send().await.expect("PUT product");
         assert!(
             r.status().is_success(),
             "PUT /products/{sku}: {}",
             r.status()
         );
+    }
+
+    /// The admin token the stack's services were started with (`ADMIN_TOKEN` in
+    /// [`StackOptions::env`]), if any.
+    pub fn admin_token(&self) -> Option<&str> {
+        self.options
+            .env
+            .iter()
+            .find(|(k, _)| k == "ADMIN_TOKEN")
+            .map(|(_, v)| v.as_str())
     }
 
     /// `GET /products/{sku}` (the sku as the test names it; see [`Stack::sku`]).
@@ -1027,9 +1051,9 @@ impl Stack {
             ])
             .args([
                 "--orders-db".to_owned(),
-                format!("{}/{}", self.pg, self.orders_db),
+                db_url(&self.pg, &self.orders_db),
                 "--inventory-db".to_owned(),
-                format!("{}/{}", self.pg, self.inventory_db),
+                db_url(&self.pg, &self.inventory_db),
             ])
             .args(args)
             .env_remove("KAFKA_CONFIG")
@@ -1083,7 +1107,7 @@ impl Drop for Stack {
                 .build()
                 .expect("runtime");
             rt.block_on(async {
-                if let Ok(mut conn) = PgConnection::connect(&format!("{pg}/postgres")).await {
+                if let Ok(mut conn) = PgConnection::connect(&db_url(&pg, "postgres")).await {
                     for db in dbs {
                         let _ =
                             sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
@@ -1141,7 +1165,7 @@ where
 
 /// Connects to a database of the stack's server by name.
 pub async fn connect(db: &str) -> anyhow::Result<PgConnection> {
-    PgConnection::connect(&format!("{}/{db}", postgres_url()))
+    PgConnection::connect(&db_url(&postgres_url(), db))
         .await
         .with_context(|| format!("connecting to {db}"))
 }

@@ -8,6 +8,9 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
+/// The password of role `saga` on a [`PgCluster::start_with_tls`] cluster.
+pub const TLS_ROLE_PASSWORD: &str = "tls-role-secret-7f3a";
+
 pub struct PgCluster {
     pub port: u16,
     data: PathBuf,
@@ -58,6 +61,66 @@ impl PgCluster {
         )?;
         cluster.pg_ctl_start()?;
         Ok(cluster)
+    }
+
+    /// Like [`PgCluster::start`], with TLS: a certificate for `localhost` signed by a CA of the
+    /// cluster's own ([`PgCluster::ca_file`]), and role `saga` (a superuser with password
+    /// [`TLS_ROLE_PASSWORD`]) allowed in over TLS only, with SCRAM; `postgres` keeps plain
+    /// connections for the test's own housekeeping.
+    pub fn start_with_tls(dir: &Path, log_dir: &Path) -> anyhow::Result<PgCluster> {
+        let cluster = PgCluster::start(dir, log_dir)?;
+        let tls = dir.join("tls");
+        std::fs::create_dir_all(&tls)?;
+        make_ca_and_server_cert(&tls, "ca", Some("server"))?;
+        // The server's copies, owned by the server's user with the key private to it.
+        for (from, to) in [("server.crt", "server.crt"), ("server.key", "server.key")] {
+            let target = cluster.data.join(to);
+            std::fs::copy(tls.join(from), &target)?;
+            if let Some((uid, gid)) = cluster.user {
+                std::os::unix::fs::chown(&target, Some(uid), Some(gid))?;
+            }
+            std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        }
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(cluster.data.join("postgresql.conf"))?;
+        std::io::Write::write_all(
+            &mut conf,
+            b"\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+        )?;
+        std::fs::write(
+            cluster.data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all saga 127.0.0.1/32 scram-sha-256\n\
+             hostnossl all saga 127.0.0.1/32 reject\n\
+             host all postgres 127.0.0.1/32 trust\n",
+        )?;
+        cluster.run(
+            "pg_ctl",
+            &["-D", &cluster.data.to_string_lossy(), "-m", "fast", "stop"],
+        )?;
+        cluster.pg_ctl_start()?;
+        cluster.run(
+            "psql",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &cluster.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+                &format!("CREATE ROLE saga LOGIN SUPERUSER PASSWORD '{TLS_ROLE_PASSWORD}'"),
+            ],
+        )?;
+        Ok(cluster)
+    }
+
+    /// The CA that signed the TLS cluster's certificate (see [`PgCluster::start_with_tls`]).
+    pub fn ca_file(&self) -> PathBuf {
+        self.data.with_file_name("tls").join("ca.crt")
     }
 
     /// `postgres://postgres@127.0.0.1:<port>`, without a database.
@@ -132,6 +195,83 @@ impl Drop for PgCluster {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// In `dir`: `<ca>.crt` and `<ca>.key`, a self-signed CA, and with `server`, `<server>.crt` and
+/// `<server>.key`, a certificate for `localhost` (and 127.0.0.1) signed by it. With openssl's CLI.
+pub fn make_ca_and_server_cert(dir: &Path, ca: &str, server: Option<&str>) -> anyhow::Result<()> {
+    let openssl = |args: &[&str]| -> anyhow::Result<()> {
+        let output = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()
+            .context("running openssl")?;
+        if !output.status.success() {
+            bail!(
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    };
+    let (ca_key, ca_crt) = (format!("{ca}.key"), format!("{ca}.crt"));
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        &format!("/CN=test CA {ca}"),
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca_crt,
+    ])?;
+    if let Some(server) = server {
+        let (key, csr, crt) = (
+            format!("{server}.key"),
+            format!("{server}.csr"),
+            format!("{server}.crt"),
+        );
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+        ])?;
+        std::fs::write(
+            dir.join("san.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_crt,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            &crt,
+        ])?;
+    }
+    Ok(())
 }
 
 /// The newest `/usr/lib/postgresql/<version>/bin` that has `initdb` (Debian's layout).

@@ -54,6 +54,31 @@ fn env<'a>(service: &'a Value, name: &str) -> Option<&'a str> {
     service["environment"][name].as_str()
 }
 
+/// A published port as `docker-compose config` writes it, in either form: the long one
+/// (`{target, published, host_ip}`), or the short string `IP:PUBLISHED:TARGET/PROTO` that
+/// docker-compose 1.x writes when a host IP is given. Returns (host IP, published, target).
+fn port_parts(port: &Value) -> (Option<String>, Option<u64>, Option<u64>) {
+    if let Some(short) = port.as_str() {
+        let short = short.split('/').next().unwrap_or(short);
+        let parts: Vec<&str> = short.split(':').collect();
+        let (ip, published, target) = match parts.as_slice() {
+            [ip, published, target] => (Some((*ip).to_owned()), *published, *target),
+            [published, target] => (None, *published, *target),
+            [target] => (None, "", *target),
+            _ => return (None, None, None),
+        };
+        return (ip, published.parse().ok(), target.parse().ok());
+    }
+    let published = &port["published"];
+    (
+        port["host_ip"].as_str().map(str::to_owned),
+        published
+            .as_u64()
+            .or_else(|| published.as_str()?.parse().ok()),
+        port["target"].as_u64(),
+    )
+}
+
 fn port_of(addr: &str) -> u16 {
     addr.rsplit(':').next().unwrap().parse().unwrap()
 }
@@ -98,7 +123,7 @@ fn the_compose_file_agrees_with_the_binaries_ports_and_topics() {
             .as_sequence()
             .unwrap()
             .iter()
-            .filter_map(|p| p["target"].as_u64())
+            .filter_map(|p| port_parts(p).2)
             .collect();
         assert_eq!(published, [u64::from(port)], "{service}: published ports");
         let health = serde_yaml::to_string(&spec["healthcheck"]["test"]).unwrap();
@@ -178,12 +203,7 @@ fn the_compose_file_agrees_with_the_binaries_ports_and_topics() {
             .as_sequence()
             .unwrap()
             .iter()
-            .filter_map(|p| {
-                let published = &p["published"];
-                published
-                    .as_u64()
-                    .or_else(|| published.as_str()?.parse().ok())
-            })
+            .filter_map(|p| port_parts(p).1)
             .collect()
     };
     for (service, address) in [
@@ -208,6 +228,35 @@ fn the_compose_file_agrees_with_the_binaries_ports_and_topics() {
     );
     for db in [&pointed.orders_db, &pointed.inventory_db] {
         assert!(init.contains(&format!("CREATE DATABASE {db};")));
+    }
+
+    // A posture a team could deploy: nothing published beyond the host's loopback, Postgres
+    // with a password, Grafana's anonymous visitors only viewers, the processes restarted.
+    for (name, spec) in services.as_mapping().unwrap() {
+        for port in spec["ports"].as_sequence().into_iter().flatten() {
+            assert_eq!(
+                port_parts(port).0.as_deref(),
+                Some("127.0.0.1"),
+                "{name:?} publishes {port:?} beyond 127.0.0.1"
+            );
+        }
+    }
+    let postgres = &services["postgres"];
+    assert!(
+        env(postgres, "POSTGRES_HOST_AUTH_METHOD").is_none(),
+        "Postgres trusts every connection"
+    );
+    assert!(env(postgres, "POSTGRES_PASSWORD").is_some_and(|p| !p.is_empty()));
+    assert_ne!(
+        env(&services["grafana"], "GF_AUTH_ANONYMOUS_ORG_ROLE"),
+        Some("Admin"),
+        "anonymous Grafana visitors are admins"
+    );
+    for service in ["order-service", "inventory-service", "outbox-relay"] {
+        assert!(
+            services[service]["restart"].as_str().is_some(),
+            "{service} is designed to exit and be restarted, and has no restart policy"
+        );
     }
 
     // Every service with a healthcheck is waited for by what depends on it.
