@@ -109,6 +109,13 @@ ensure_promtool() {  # promtool, from Debian's prometheus package (the tests lin
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 }
 
+ensure_tls_tools() {  # socat (a TLS-terminating proxy in front of the broker) and openssl's CLI (test certificates)
+    command -v socat >/dev/null && command -v openssl >/dev/null && return
+    say "installing socat and openssl (Debian's packages; the TLS tests use them)"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends socat openssl >/dev/null
+}
+
 ensure_docker_compose() {  # Debian's docker-compose: the tests validate docker-compose.yml with it
     command -v docker-compose >/dev/null && return
     say "installing docker-compose (Debian's package; only to validate docker-compose.yml)"

@@ -3,7 +3,7 @@
 # Tansu broker; each end-to-end test starts its own broker and creates its own databases), then the
 # end-to-end suite again against a running stack (scripts/run.sh's, started here if none runs), the
 # way it runs against Docker Compose.
-# Installs what is missing first (Postgres, Tansu, kcat, promtool, docker-compose). Extra arguments
+# Installs what is missing first (Postgres, Tansu, kcat, promtool, docker-compose, socat, openssl). Extra arguments
 # go to the test runner.
 #
 # With E2E_STACK=compose (after `docker compose up --wait`) or E2E_STACK=local (after
@@ -44,6 +44,7 @@ ensure_kcat
 export KCAT_LIB_DIR
 ensure_promtool
 ensure_docker_compose
+ensure_tls_tools
 status=0
 if have_nextest; then
     say "running the tests with cargo-nextest"

@@ -306,6 +306,7 @@ pub async fn ensure_topics(
     topics: &[TopicSpec],
     partitions: i32,
 ) -> anyhow::Result<Vec<(String, Retention)>> {
+    probe(kafka).await?;
     let admin: AdminClient<DefaultClientContext> = kafka
         .client(Role::Admin)
         .create()
@@ -359,6 +360,26 @@ pub async fn ensure_topics(
         retentions.push((spec.name.clone(), retention));
     }
     Ok(retentions)
+}
+
+/// Asks the broker for its metadata with a client that surfaces why a connection fails (TLS,
+/// SASL, name resolution) as log lines at once: the admin client keeps librdkafka's logs and
+/// errors queued until it is dropped, so a broker with an untrusted certificate would otherwise
+/// look like one that is merely slow.
+async fn probe(kafka: &KafkaSettings) -> anyhow::Result<()> {
+    let config = kafka.client(Role::Admin);
+    tokio::task::spawn_blocking(move || {
+        let consumer: rdkafka::consumer::BaseConsumer = config
+            .create()
+            .context("creating a Kafka client to reach the broker")?;
+        let result =
+            rdkafka::consumer::Consumer::fetch_metadata(&consumer, None, Duration::from_secs(10));
+        // Serve what librdkafka queued meanwhile (the reason a connection failed) into the log.
+        let _ = consumer.poll(Duration::from_millis(100));
+        result.map(|_| ()).context("reaching the broker")
+    })
+    .await
+    .context("the broker probe")?
 }
 
 /// Like [`ensure_topics`], retrying with backoff until the broker answers, logging each failure.

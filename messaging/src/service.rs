@@ -236,8 +236,10 @@ where
         spec.handler,
         shutdown.clone(),
     ));
-    readiness.set_ready();
-    tracing::info!("{name} ready");
+    if !shutdown.is_fired() {
+        readiness.set_ready();
+        tracing::info!("{name} ready");
+    }
     consumer.await.context("consumer task")??;
     for job in background {
         job.await.context("background task")?;

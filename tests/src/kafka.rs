@@ -16,9 +16,25 @@ fn config(bootstrap: &str) -> ClientConfig {
 }
 
 pub async fn wait_for_broker(bootstrap: &str, timeout: Duration) -> anyhow::Result<()> {
+    wait_for_broker_with(bootstrap, &[], timeout).await
+}
+
+/// [`wait_for_broker`] for a client that needs `properties` (`KEY=VALUE`, TLS for example).
+pub async fn wait_for_broker_with(
+    bootstrap: &str,
+    properties: &[String],
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let bootstrap = bootstrap.to_owned();
+    let properties = properties.to_vec();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = config(&bootstrap).create()?;
+        let mut client = config(&bootstrap);
+        for p in &properties {
+            if let Some((k, v)) = p.split_once('=') {
+                client.set(k, v);
+            }
+        }
+        let consumer: BaseConsumer = client.create()?;
         let deadline = Instant::now() + timeout;
         loop {
             match consumer.fetch_metadata(None, Duration::from_secs(2)) {

@@ -17,6 +17,7 @@ pub mod chaos;
 pub mod kafka;
 pub mod pg_cluster;
 pub mod proxy;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -328,6 +329,11 @@ impl Drop for Proc {
 pub struct Broker {
     pub bootstrap: String,
     proc: Option<Proc>,
+    /// The librdkafka properties a client needs to talk to it (TLS: `security.protocol=ssl`
+    /// and the CA), as `KEY=VALUE`.
+    pub client_config: Vec<String>,
+    /// The TLS-terminating proxy in front of it ([`Broker::start_tls`]).
+    _tls_proxy: Option<Proc>,
 }
 
 impl Broker {
@@ -367,8 +373,76 @@ impl Broker {
         Broker {
             bootstrap,
             proc: Some(proc),
+            client_config: Vec::new(),
+            _tls_proxy: None,
         }
     }
+
+    /// A broker reachable over TLS only, the way a secured Kafka is: Tansu on a plaintext port
+    /// of its own (its own TLS is not usable), advertising `localhost:<tls port>`, where socat
+    /// terminates TLS with a certificate for `localhost` signed by a CA made here (in
+    /// `<log_dir>/kafka-tls/ca.crt`). Clients need [`Broker::client_config`].
+    pub async fn start_tls(log_dir: &Path) -> Broker {
+        let tls_dir = log_dir.join("kafka-tls");
+        std::fs::create_dir_all(&tls_dir).expect("tls dir");
+        tls::make_ca_and_server_cert(&tls_dir, "ca", Some("server")).expect("certificates");
+        let (plain, tls_port) = (free_port(), free_port());
+        let listener = format!("tcp://127.0.0.1:{plain}");
+        let advertised = format!("tcp://localhost:{tls_port}");
+        let args: Vec<String> = [
+            "broker",
+            "--listener-url",
+            &listener,
+            "--advertised-listener-url",
+            &advertised,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let log_level = std::env::var("E2E_BROKER_LOG").unwrap_or_else(|_| "warn".into());
+        let proc = Proc::spawn_logging("broker", &tansu_binary(), &args, log_dir, &log_level, &[]);
+        let socat = which("socat").expect("socat (Debian's package; scripts/test.sh installs it)");
+        let proxy = Proc::spawn_logging(
+            "kafka-tls-proxy",
+            &socat,
+            &[
+                format!(
+                    "openssl-listen:{tls_port},bind=127.0.0.1,reuseaddr,fork,verify=0,cert={},key={}",
+                    tls_dir.join("server.crt").display(),
+                    tls_dir.join("server.key").display()
+                ),
+                format!("tcp:127.0.0.1:{plain}"),
+            ],
+            log_dir,
+            "warn",
+            &[],
+        );
+        let client_config = vec![
+            "security.protocol=ssl".to_owned(),
+            format!("ssl.ca.location={}", tls_dir.join("ca.crt").display()),
+        ];
+        let bootstrap = format!("localhost:{tls_port}");
+        kafka::wait_for_broker_with(&bootstrap, &client_config, Duration::from_secs(30))
+            .await
+            .expect("broker did not come up behind its TLS proxy");
+        Broker {
+            bootstrap,
+            proc: Some(proc),
+            client_config,
+            _tls_proxy: Some(proxy),
+        }
+    }
+}
+
+/// The path of `program` on `PATH`.
+pub fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| p.is_file())
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -391,6 +465,9 @@ pub struct StackOptions {
     /// write one record per batch, which the local broker needs to fetch correctly from any
     /// offset. Only a test of what happens without it turns this off.
     pub one_record_per_batch: bool,
+    /// Put the broker behind a TLS-terminating proxy ([`Broker::start_tls`]): every process
+    /// talks to it over TLS only.
+    pub kafka_tls: bool,
     /// Start inventory-service with the stack (otherwise call [`Stack::start_inventory`]).
     pub inventory: bool,
     /// The Postgres server of the stack's databases (a URL without a database), when not the
@@ -415,18 +492,22 @@ impl Default for StackOptions {
             one_record_per_batch: true,
             inventory: true,
             postgres_url: None,
+            kafka_tls: false,
         }
     }
 }
 
 impl StackOptions {
-    /// The `--kafka-config` arguments of every process.
-    fn kafka_config_args(&self) -> Vec<String> {
+    /// The `--kafka-config` arguments of every process talking to `broker`.
+    fn kafka_config_args(&self, broker: &Broker) -> Vec<String> {
+        let mut properties = broker.client_config.clone();
         if self.one_record_per_batch {
-            vec!["--kafka-config".into(), LOCAL_BROKER_KAFKA_CONFIG.into()]
-        } else {
-            Vec::new()
+            properties.push(LOCAL_BROKER_KAFKA_CONFIG.into());
         }
+        properties
+            .into_iter()
+            .flat_map(|p| ["--kafka-config".to_owned(), p])
+            .collect()
     }
 }
 
@@ -471,7 +552,11 @@ impl Stack {
         if let Some(external) = external_stack() {
             return Stack::on_external(external, options, log_dir).await;
         }
-        let broker = Broker::start(&log_dir).await;
+        let broker = if options.kafka_tls {
+            Broker::start_tls(&log_dir).await
+        } else {
+            Broker::start(&log_dir).await
+        };
         let pg = options.postgres_url.clone().unwrap_or_else(postgres_url);
         let suffix = Uuid::new_v4().simple().to_string()[..12].to_owned();
         let orders_db = format!("e2e_orders_{suffix}");
@@ -502,7 +587,7 @@ impl Stack {
                 "--kafka-bootstrap-servers".into(),
                 broker.bootstrap.clone(),
             ]);
-            args.extend(options.kafka_config_args());
+            args.extend(options.kafka_config_args(&broker));
             args
         };
         let mut order_args = service_args(order_port, &pg, &orders_db);
@@ -574,6 +659,8 @@ impl Stack {
             broker: Broker {
                 bootstrap: external.bootstrap.clone(),
                 proc: None,
+                client_config: Vec::new(),
+                _tls_proxy: None,
             },
             orders_db: external.orders_db.clone(),
             inventory_db: external.inventory_db.clone(),
@@ -764,7 +851,7 @@ impl Stack {
             self.options.relay_batch_size.to_string(),
         ];
         args.into_iter()
-            .chain(self.options.kafka_config_args())
+            .chain(self.options.kafka_config_args(&self.broker))
             .collect()
     }
 
@@ -1041,14 +1128,14 @@ impl Stack {
     /// `args`: the exit status, the JSON report (`Null` when there is none) and stderr.
     pub fn audit(&self, grace: &str, args: &[&str]) -> (i32, Value, String) {
         let output = Command::new(binary("saga"))
-            .args([
-                "-b",
-                &self.broker.bootstrap,
-                "audit",
-                "--json",
-                "--grace",
-                grace,
-            ])
+            .args(["-b", &self.broker.bootstrap])
+            .args(
+                self.broker
+                    .client_config
+                    .iter()
+                    .flat_map(|p| ["--kafka-config", p.as_str()]),
+            )
+            .args(["audit", "--json", "--grace", grace])
             .args([
                 "--orders-db".to_owned(),
                 db_url(&self.pg, &self.orders_db),

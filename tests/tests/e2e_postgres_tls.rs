@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use e2e::pg_cluster::{PgCluster, TLS_ROLE_PASSWORD, make_ca_and_server_cert};
+use e2e::pg_cluster::{PgCluster, TLS_ROLE_PASSWORD};
+use e2e::tls::make_ca_and_server_cert;
 use e2e::{Stack, StackOptions, binary, target_dir};
 use sqlx::Connection;
 use uuid::Uuid;
