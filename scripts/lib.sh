@@ -116,6 +116,13 @@ ensure_tls_tools() {  # socat (a TLS-terminating proxy in front of the broker) a
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends socat openssl >/dev/null
 }
 
+ensure_cargo_deny() {  # cargo-deny, built from crates.io once (about 2.5 minutes on 2 cores)
+    cargo deny --version >/dev/null 2>&1 && return
+    say "installing cargo-deny from crates.io (once; about 2.5 minutes)"
+    cargo install --locked cargo-deny --version 0.20.2 2>&1 | grep --line-buffered -E '^\s*(Installed|error)' >&2 || true
+    cargo deny --version >/dev/null 2>&1 || die "installing cargo-deny failed; run cargo install --locked cargo-deny by hand to see why"
+}
+
 ensure_docker_compose() {  # Debian's docker-compose: the tests validate docker-compose.yml with it
     command -v docker-compose >/dev/null && return
     say "installing docker-compose (Debian's package; only to validate docker-compose.yml)"

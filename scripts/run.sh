@@ -41,6 +41,15 @@ wait_ready() {  # name, url
 if port_open 127.0.0.1 9092 && [ ! -f "$RUN_DIR/pids/broker.pid" ]; then
     say "a broker already listens on $BROKER; using it"
 else
+    running() { [ -f "$RUN_DIR/pids/$1.pid" ] && kill -0 "$(cat "$RUN_DIR/pids/$1.pid")" 2>/dev/null; }
+    if ! running broker && ! running order-service && ! running inventory-service; then
+        # The broker keeps its topics in memory, so it starts empty: so do the databases, or their
+        # orders would refer to events no topic holds any more (and `saga audit` would say so).
+        say "starting from empty databases orders and inventory (the in-memory broker starts empty too)"
+        for db in orders inventory; do
+            psql -q "$PG_URL/postgres" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null
+        done
+    fi
     # Tansu logs every request's spans at info; warn keeps its log readable.
     RUST_LOG="${BROKER_LOG:-warn}" start broker "$TANSU_BIN" broker --listener-url "tcp://$BROKER" --advertised-listener-url "tcp://$BROKER" \
         --storage-engine memory://tansu/

@@ -64,6 +64,12 @@ async fn put_product(
             "name must be 1 to {MAX_NAME_LEN} characters"
         )));
     }
+    // Postgres text cannot hold NUL, and no product name needs a control character.
+    if name.chars().any(char::is_control) {
+        return Err(Problem::unprocessable(
+            "name must not contain control characters",
+        ));
+    }
     if !(0..=MAX_PRICE_CENTS).contains(&body.price_cents) {
         return Err(Problem::unprocessable(format!(
             "price_cents must be between 0 and {MAX_PRICE_CENTS}, got {}",

@@ -164,6 +164,9 @@ fn reason(text: &str) -> Result<(), String> {
         Err(format!(
             "reason must have at most {MAX_REASON_CHARS} characters, got {chars}"
         ))
+    } else if text.contains('\0') {
+        // Postgres text cannot hold NUL: the consumer that stores the reason would fail.
+        Err("reason must not contain NUL characters".to_owned())
     } else {
         Ok(())
     }
@@ -285,6 +288,7 @@ mod tests {
         assert_eq!(validate(&rejected("no".into(), 0)), Ok(()));
         assert!(validate(&rejected("x".repeat(MAX_REASON_CHARS + 1), 0)).is_err());
         assert!(validate(&rejected("no".into(), -1)).is_err());
+        assert!(validate(&rejected("no\0stock".into(), 0)).is_err());
         assert!(validate(&rejected("no".into(), i64::MAX)).is_err());
     }
 

@@ -162,6 +162,23 @@ async fn bad_requests_get_a_problem_naming_the_problem_and_write_nothing() {
         "available must be between 0 and 1000000000000, got -1",
     )
     .await;
+    // Found by the HTTP fuzzing: a NUL in a name was a 500 (Postgres text cannot hold it).
+    assert_problem(
+        stack
+            .http
+            .put(format!(
+                "{}/products/{}",
+                stack.inventory_url,
+                stack.sku("A")
+            ))
+            .json(&json!({"name": "\u{0}!\u{f}", "price_cents": 10, "available": 1}))
+            .send()
+            .await
+            .unwrap(),
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "name must not contain control characters",
+    )
+    .await;
     assert_problem(
         stack
             .http
