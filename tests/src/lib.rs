@@ -351,21 +351,7 @@ impl Broker {
     pub async fn start(log_dir: &Path) -> Broker {
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
-        let args: Vec<String> = [
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-            "--storage-engine",
-            "memory://tansu/",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        // Tansu logs every request's spans at info: millions of lines per test, and CPU with them.
-        let log_level = std::env::var("E2E_BROKER_LOG").unwrap_or_else(|_| "warn".into());
-        let proc = Proc::spawn_logging("broker", &tansu_binary(), &args, log_dir, &log_level, &[]);
+        let proc = spawn_tansu(log_dir, &url, &url);
         let bootstrap = format!("127.0.0.1:{port}");
         kafka::wait_for_broker(&bootstrap, Duration::from_secs(30))
             .await
@@ -389,20 +375,7 @@ impl Broker {
         let (plain, tls_port) = (free_port(), free_port());
         let listener = format!("tcp://127.0.0.1:{plain}");
         let advertised = format!("tcp://localhost:{tls_port}");
-        let args: Vec<String> = [
-            "broker",
-            "--listener-url",
-            &listener,
-            "--advertised-listener-url",
-            &advertised,
-            "--storage-engine",
-            "memory://tansu/",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let log_level = std::env::var("E2E_BROKER_LOG").unwrap_or_else(|_| "warn".into());
-        let proc = Proc::spawn_logging("broker", &tansu_binary(), &args, log_dir, &log_level, &[]);
+        let proc = spawn_tansu(log_dir, &listener, &advertised);
         let socat = which("socat").expect("socat (Debian's package; scripts/test.sh installs it)");
         let proxy = Proc::spawn_logging(
             "kafka-tls-proxy",
@@ -434,6 +407,25 @@ impl Broker {
             _tls_proxy: Some(proxy),
         }
     }
+}
+
+/// Tansu with memory storage, listening on `listener` and advertising `advertised`.
+fn spawn_tansu(log_dir: &Path, listener: &str, advertised: &str) -> Proc {
+    let args: Vec<String> = [
+        "broker",
+        "--listener-url",
+        listener,
+        "--advertised-listener-url",
+        advertised,
+        "--storage-engine",
+        "memory://tansu/",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // Tansu logs every request's spans at info: millions of lines per test, and CPU with them.
+    let log_level = std::env::var("E2E_BROKER_LOG").unwrap_or_else(|_| "warn".into());
+    Proc::spawn_logging("broker", &tansu_binary(), &args, log_dir, &log_level, &[])
 }
 
 /// The path of `program` on `PATH`.
