@@ -23,7 +23,7 @@ async fn a_duplicate_inside_the_window_is_skipped_and_rows_past_it_are_deleted()
         ("DLQ_RETENTION", "10s"),
         ("PARKED_KEY_TIMEOUT", "5s"),
         ("INBOX_RETENTION", "1s"),
-        ("IDEMPOTENCY_KEY_TTL", "3s"),
+        ("IDEMPOTENCY_KEY_TTL", "10s"),
     ];
     let stack = Stack::start_with(
         "retention",
@@ -37,14 +37,16 @@ async fn a_duplicate_inside_the_window_is_skipped_and_rows_past_it_are_deleted()
         },
     )
     .await;
-    // The window: twice the longest retention of orders.v1, the retry topic and the DLQ.
-    let window = stack
-        .metric(
-            &stack.inventory_url,
-            "db_table_retention_seconds",
-            &[("table", "inbox")],
-        )
-        .await;
+    // The window: twice the longest retention of orders.v1, the retry topic and the DLQ (the
+    // retention job exports it as it starts, next to readiness).
+    let window = eventually(TIMEOUT, || async {
+        let text = stack.metrics_text(&stack.inventory_url).await;
+        Ok(text
+            .contains("db_table_retention_seconds{table=\"inbox\"}")
+            .then(|| e2e::sum_metric(&text, "db_table_retention_seconds", &[("table", "inbox")])))
+    })
+    .await
+    .expect("the inbox's retention is exported");
     assert_eq!(window, 20.0, "the inbox keeps a message for 2 × 10 s");
 
     // An OrderPlaced produced by hand, applied once: one unit reserved.
