@@ -497,11 +497,9 @@ impl<H> Worker<H> {
 
     /// The delay of the retry topic `delivery` was read from.
     fn retry_delay_of(&self, delivery: &Delivery) -> Duration {
-        let attempt = self
-            .attempt_of(delivery)
-            .clamp(1, self.retry_delays.len().max(1));
+        let attempt = self.attempt_of(delivery);
         self.retry_delays
-            .get(attempt - 1)
+            .get(attempt.saturating_sub(1))
             .copied()
             .unwrap_or_default()
     }

@@ -29,8 +29,9 @@ pub const STUB: &str = "dlq-stub";
 
 /// The largest record the DLQ holds a full copy of (key, value and headers). Kafka's default
 /// limits are about 1 MB per record; half of that leaves room for the `dlq-*` headers and for
-/// brokers configured tighter. A larger record, or one the client or broker refuses for its
-/// size, is dead-lettered as a stub, never retried forever.
+/// brokers configured tighter. A larger record, or one the client refuses for its size, is
+/// dead-lettered as a stub, never retried forever. (A copy the broker refuses for good makes the
+/// gapless producer fail fatally instead: the DLQ topics must accept records of this size.)
 pub const MAX_FULL_COPY_BYTES: usize = 512 * 1024;
 
 /// The saga headers a stub keeps, when their value is short.

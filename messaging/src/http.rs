@@ -231,11 +231,6 @@ pub struct AdminToken(Option<Arc<str>>);
 pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
 
 impl AdminToken {
-    /// No token: operator routes are open.
-    pub fn open() -> AdminToken {
-        AdminToken(None)
-    }
-
     /// From the `ADMIN_TOKEN` environment variable, or the first line of `file` (which wins);
     /// a token shorter than [`MIN_ADMIN_TOKEN_LEN`] is refused. Never from a flag, so that it
     /// does not show in `ps`.

@@ -74,6 +74,16 @@ pub struct TopicRetention {
     pub topic_retention: Duration,
 }
 
+impl TopicRetention {
+    /// The event topics, as a process creates them when they are missing.
+    pub fn event_topics(&self) -> Vec<crate::kafka::TopicSpec> {
+        crate::kafka::EVENT_TOPICS
+            .iter()
+            .map(|t| crate::kafka::TopicSpec::new(*t, self.topic_retention))
+            .collect()
+    }
+}
+
 /// How long the inbox must remember a message, given the retention of every topic a copy of it
 /// can come from: `max(floor, 2 × the longest)`. `Err` says why it cannot be known (a retention
 /// the broker did not report, or records kept for ever): then nothing may be pruned.

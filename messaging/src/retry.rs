@@ -49,23 +49,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let n: u64 = number
         .parse()
         .map_err(|_| format!("{text:?} is not a whole number and a unit"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" | "h" | "d" => {
-            let per = match unit {
-                "m" => 60,
-                "h" => 3600,
-                _ => 86_400,
-            };
-            n.checked_mul(per)
-                .map(Duration::from_secs)
-                .ok_or_else(|| format!("{text:?} is too long"))
+    let seconds_per = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => {
+            return Err(format!(
+                "{text:?}: unknown unit {unit:?}; use ms, s, m, h or d"
+            ));
         }
-        _ => Err(format!(
-            "{text:?}: unknown unit {unit:?}; use ms, s, m, h or d"
-        )),
-    }
+    };
+    n.checked_mul(seconds_per)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{text:?} is too long"))
 }
 
 /// The attempt (1-based) that retry topic `topic` of `group` holds: `orders.retry.2` → 2. A retry

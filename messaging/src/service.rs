@@ -176,10 +176,7 @@ where
         shutdown.clone(),
     ));
     let retention = &config.common.retention;
-    let mut topics: Vec<kafka::TopicSpec> = kafka::EVENT_TOPICS
-        .iter()
-        .map(|t| kafka::TopicSpec::new(*t, retention.topics.topic_retention))
-        .collect();
+    let mut topics = retention.topics.event_topics();
     topics.push(kafka::TopicSpec::new(
         kafka::dead_letter_topic(spec.group),
         retention.dlq_retention,

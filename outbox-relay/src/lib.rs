@@ -117,8 +117,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         settings.http.clone(),
         shutdown.clone(),
     ));
-    let topics = messaging::kafka::EVENT_TOPICS
-        .map(|t| messaging::kafka::TopicSpec::new(t, settings.retention.topic_retention));
+    let topics = settings.retention.event_topics();
     tokio::select! {
         _ = messaging::kafka::ensure_topics_with_retry(
             &settings.kafka,
