@@ -2,9 +2,9 @@
 # shellcheck shell=bash
 
 TANSU_VERSION=0.6.0
-# The project's patches to Tansu (scripts/tansu/*.patch); the number names the cached build, so
-# changing the patches means bumping it.
-TANSU_PATCHLEVEL=1
+# The project's patches to Tansu (scripts/tansu/<crate>/*.patch); the number names the cached
+# build, so changing the patches means bumping it.
+TANSU_PATCHLEVEL=2
 CACHE_DIR="${ORDER_SAGA_CACHE:-$HOME/.cache/order-saga}"
 TANSU_BIN="${TANSU_BIN:-$CACHE_DIR/tansu-$TANSU_VERSION-p$TANSU_PATCHLEVEL/bin/tansu}"
 export TANSU_BIN
@@ -63,7 +63,7 @@ ensure_postgres() {
 }
 
 # The Tansu broker, built once with cargo from crates.io's sources with the project's patches
-# (scripts/tansu/: its group coordinator kept a member that left during a rebalance as the
+# (scripts/tansu/<crate>/: its group coordinator kept a member that left during a rebalance as the
 # group's leader, wedging the group for good) and cached in $CACHE_DIR.
 ensure_tansu() {
     if [ -x "$TANSU_BIN" ]; then
@@ -77,16 +77,21 @@ ensure_tansu() {
     build="$CACHE_DIR/build-tansu-$TANSU_VERSION-p$TANSU_PATCHLEVEL"
     rm -rf "$build"
     mkdir -p "$build"
-    for crate in tansu tansu-broker; do
+    curl -fsSL "https://static.crates.io/crates/tansu/tansu-$TANSU_VERSION.crate" |
+        tar -xz -C "$build" || die "downloading tansu $TANSU_VERSION from crates.io failed"
+    printf '\n[patch.crates-io]\n' >>"$build/tansu-$TANSU_VERSION/Cargo.toml"
+    local dir crate patch
+    for dir in "$here"/scripts/tansu/*/; do
+        crate=$(basename "$dir")
         curl -fsSL "https://static.crates.io/crates/$crate/$crate-$TANSU_VERSION.crate" |
             tar -xz -C "$build" || die "downloading $crate $TANSU_VERSION from crates.io failed"
+        for patch in "$dir"*.patch; do
+            (cd "$build/$crate-$TANSU_VERSION" && git apply "$patch") || die "applying $patch failed"
+        done
+        printf '%s = { path = "../%s-%s" }\n' "$crate" "$crate" "$TANSU_VERSION" \
+            >>"$build/tansu-$TANSU_VERSION/Cargo.toml"
     done
-    for patch in "$here"/scripts/tansu/*.patch; do
-        (cd "$build/tansu-broker-$TANSU_VERSION" && git apply "$patch") || die "applying $patch failed"
-    done
-    printf '\n[patch.crates-io]\ntansu-broker = { path = "../tansu-broker-%s" }\n' "$TANSU_VERSION" \
-        >>"$build/tansu-$TANSU_VERSION/Cargo.toml"
-    # The crate's own Cargo.lock pins every other dependency; only the patched one changes.
+    # The crate's own Cargo.lock pins every other dependency; only the patched ones change.
     (cd "$build/tansu-$TANSU_VERSION" &&
         cargo build --release --features dynostore 2>&1 |
         grep --line-buffered -E '^\s*(Compiling tansu|Finished|error|warning: build failed)' >&2) || true

@@ -198,9 +198,11 @@ fn stream_consumer(
             ("auto.offset.reset", "earliest"),
             ("session.timeout.ms", "10000"),
             ("heartbeat.interval.ms", "1000"),
-            // The broker answers a fetch when data arrives or this wait ends: bounds delivery
-            // latency.
-            ("fetch.wait.max.ms", "50"),
+            // The broker answers a fetch as soon as records arrive, or when this wait ends with
+            // none: it bounds how often an idle consumer asks, not how late a record comes.
+            // (Kafka's default. The local Tansu broker does the same with the project's patch;
+            // unpatched, it held every fetch for this whole wait.)
+            ("fetch.wait.max.ms", "500"),
             // A transient outage or a retry delay is waited out inside one record; stay in the
             // group.
             ("max.poll.interval.ms", "86400000"),

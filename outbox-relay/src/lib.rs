@@ -4,12 +4,15 @@
 //!
 //! # Tailing design, and why
 //!
-//! **No cursor.** Each poll reads the oldest rows still in the table (`ORDER BY id LIMIT n`);
-//! published rows are deleted, so the table holds exactly the unpublished ones. A relay that
-//! remembered "the highest id published so far" would skip a row whose transaction took its id
-//! early but committed late (the late-commit problem: ids are handed out at insert, rows become
-//! visible at commit). Without a cursor, such a row is simply found by the first poll after its
-//! commit. The cost is a delete per row, batched into one statement per batch.
+//! **No cursor that could skip a row.** An idle relay reads the oldest rows still in the table
+//! (`ORDER BY id LIMIT n`); published rows are deleted, so the table holds exactly the
+//! unpublished ones. A relay that remembered "the highest id published so far" would skip a row
+//! whose transaction took its id early but committed late (the late-commit problem: ids are
+//! handed out at insert, rows become visible at commit). While earlier rows are still being
+//! acknowledged, the relay reads ahead with a cursor that remembers every id it has not seen
+//! below its position (a *hole*) and asks for those again, so a late commit is still found by the
+//! first read that can see it (see [`pipeline`]). The cost is a delete per row, batched into one
+//! statement for everything acknowledged since the last one.
 //!
 //! **Per-order order.** Every transaction that changes an order locks that order's row (orders) or
 //! its reservation and stock rows (inventory) before appending to the outbox, so two outbox rows
@@ -19,20 +22,27 @@
 //! retries, and with `message.timeout.ms=0` it never gives up on a row during a broker outage, so
 //! no later row of the same order can overtake one that failed.
 //!
+//! **Throughput.** Reads start at 16 rows and double while each read comes back full (a
+//! backlog), up to `--batch-size` (2,000); the relay reads on while up to `--max-rows-in-flight`
+//! (8,000) rows of a source are with the producer, and deletes what has been acknowledged in
+//! one statement per round. So the producer is never left idle waiting for a delete or a read.
+//!
 //! **Waking up quickly without NOTIFY.** `pg_notify` in the writers' transactions would take a
-//! cluster-wide lock at commit and serialize every committing writer. Instead an idle relay polls
-//! with an index-only probe (`SELECT ... ORDER BY id LIMIT n` on a table that is usually empty) every
-//! `--idle-poll-ms` (default 5 ms): about 200 trivial queries a second per source, no lock taken,
-//! and a median commit→produce delay of a few milliseconds. After a non-empty batch it polls again
-//! at once, so a backlog drains at full speed. Logical decoding would avoid polling entirely but
-//! needs a replication slot per source and its own operations story; polling keeps the relay a
-//! plain SQL client.
+//! cluster-wide lock at commit and serialize every committing writer. Instead the relay polls
+//! with an index probe (`SELECT ... ORDER BY id LIMIT n` on a table that is usually empty): every
+//! `--active-poll-ms` (2 ms) while rows flow, backing off to every `--idle-poll-ms` (100 ms) when
+//! no source has had a row for a few seconds (the interval is a twentieth of the time since the
+//! last row). One row from either source tightens both: a saga bounces between the two outboxes,
+//! so the second hop never waits for the idle interval. Logical decoding would avoid polling
+//! entirely but needs a replication slot per source and its own operations story; polling keeps
+//! the relay a plain SQL client.
 //!
 //! **Crash safety.** A row is deleted only after its delivery report says the broker has it, so a
 //! crash (even `kill -9`) between produce and delete republishes rows: at-least-once, and the
 //! consumers' inboxes make the duplicates harmless. **One relay per source**: a session advisory
 //! lock makes a second relay instance wait as a standby instead of publishing the same rows.
 
+pub mod pipeline;
 pub mod relay;
 
 use std::net::SocketAddr;
@@ -81,11 +91,20 @@ pub struct Settings {
     pub sources: Vec<Source>,
     #[command(flatten)]
     pub kafka: messaging::kafka::KafkaSettings,
-    /// Most rows read and produced per batch.
-    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 500)]
+    /// Most rows per read of an outbox. Reads start small and double while there is a backlog,
+    /// up to this.
+    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 2000)]
     pub batch_size: i64,
-    /// How often an idle relay looks for new rows, in milliseconds.
-    #[arg(long, env = "RELAY_IDLE_POLL_MS", default_value_t = 5)]
+    /// Most rows per source handed to the Kafka client and not yet acknowledged: the relay reads
+    /// on while earlier rows are being acknowledged, up to this many.
+    #[arg(long, env = "RELAY_MAX_ROWS_IN_FLIGHT", default_value_t = 8000)]
+    pub max_rows_in_flight: usize,
+    /// How often a source is read while rows are flowing, in milliseconds.
+    #[arg(long, env = "RELAY_ACTIVE_POLL_MS", default_value_t = 2)]
+    pub active_poll_ms: u64,
+    /// How often a source is read once the relay has been idle for a few seconds, in
+    /// milliseconds: the longest a first row after a quiet spell waits.
+    #[arg(long, env = "RELAY_IDLE_POLL_MS", default_value_t = 100)]
     pub idle_poll_ms: u64,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:8082")]
@@ -130,9 +149,12 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     let producer = relay::producer(&settings.kafka)?;
     relay::warm_up(&producer, &shutdown).await;
     let options = relay::Options {
-        batch_size: settings.batch_size,
+        max_batch: settings.batch_size,
+        max_in_flight: settings.max_rows_in_flight,
+        active_poll: Duration::from_millis(settings.active_poll_ms),
         idle_poll: Duration::from_millis(settings.idle_poll_ms),
     };
+    let activity = std::sync::Arc::new(relay::Activity::default());
     let mut tasks = Vec::new();
     for source in settings.sources {
         tracing::info!(source = %source.name, "tailing outbox");
@@ -146,6 +168,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
             source,
             producer.clone(),
             options.clone(),
+            activity.clone(),
             shutdown.clone(),
         )));
     }
@@ -160,4 +183,18 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     server.await.context("metrics server")??;
     tracing::info!("outbox-relay stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn the_defaults_parse_and_the_flags_are_unique() {
+        Settings::command().debug_assert();
+        let settings = Settings::try_parse_from(["outbox-relay"]).expect("defaults");
+        assert_eq!(settings.batch_size, 2000);
+        assert_eq!(settings.sources.len(), 2);
+    }
 }

@@ -13,6 +13,7 @@
 //! and tests that must stop processes, restart them or start them with other settings are skipped
 //! ([`needs_own_stack`]).
 
+pub mod bench;
 pub mod chaos;
 pub mod kafka;
 pub mod pg_cluster;
@@ -178,7 +179,7 @@ pub fn tansu_binary() -> PathBuf {
     }
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
     // scripts/lib.sh's TANSU_BIN: Tansu 0.6.0 with the project's patches (scripts/tansu/).
-    let cached = PathBuf::from(home).join(".cache/order-saga/tansu-0.6.0-p1/bin/tansu");
+    let cached = PathBuf::from(home).join(".cache/order-saga/tansu-0.6.0-p2/bin/tansu");
     if cached.exists() {
         return cached;
     }
@@ -312,6 +313,11 @@ impl Proc {
         }
     }
 
+    /// The process id, while the process has not been stopped or killed.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child
             .as_mut()
@@ -341,6 +347,11 @@ impl Broker {
     /// partitioned broker does.
     pub fn pause(&mut self) {
         self.proc.as_mut().expect("own broker").signal("STOP");
+    }
+
+    /// The broker's process id (none for an external stack's broker).
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().and_then(Proc::pid)
     }
 
     /// SIGCONT after [`Broker::pause`].
@@ -476,7 +487,7 @@ impl Default for StackOptions {
     fn default() -> Self {
         StackOptions {
             relay: true,
-            relay_batch_size: 500,
+            relay_batch_size: 2000,
             inventory_db_proxy: false,
             retry_delays: None,
             saga_deadline: Some("10m".into()),
@@ -683,6 +694,24 @@ impl Stack {
             stack.metrics_at_start.insert(url, text);
         }
         stack
+    }
+
+    /// The name and process id of each process the stack started and still runs: the broker,
+    /// both services and the relay.
+    pub fn processes(&self) -> Vec<(String, u32)> {
+        let mut all = Vec::new();
+        if let Some(pid) = self.broker.pid() {
+            all.push(("broker".to_owned(), pid));
+        }
+        for proc in [&self.order_service, &self.inventory_service, &self.relay]
+            .into_iter()
+            .flatten()
+        {
+            if let Some(pid) = proc.pid() {
+                all.push((proc.name.clone(), pid));
+            }
+        }
+        all
     }
 
     /// Whether this stack is an [`external_stack`] (shared, not started by the test).

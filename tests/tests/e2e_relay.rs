@@ -182,6 +182,123 @@ async fn a_row_that_commits_after_later_rows_were_published_is_still_published()
     assert_eq!(placed_late, 1);
 }
 
+/// The relay reads ahead while earlier rows are being acknowledged. Here it always has a backlog
+/// to read ahead on, while 40 orders each write 15 rows one transaction after another, many of
+/// which hold their outbox id uncommitted for a while (so rows of higher ids commit first): on
+/// the topic, every order's rows come first in commit order, and none is missing.
+#[tokio::test(flavor = "multi_thread")]
+async fn reading_ahead_under_late_commits_keeps_every_order_in_commit_order() {
+    if e2e::needs_own_stack("writes outbox rows by hand") {
+        return;
+    }
+    const ORDERS: usize = 40;
+    const ROWS_PER_ORDER: usize = 15;
+    let stack = Stack::start_with(
+        "relay_read_ahead",
+        StackOptions {
+            inventory: false,
+            relay_batch_size: 200,
+            ..StackOptions::default()
+        },
+    )
+    .await;
+    let orders_db = stack.orders_pool().await;
+    let insert = "INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, \
+                  content_type, payload) VALUES ($1, 'order', $2, 'OrderPlaced', 'avro/binary', '\\x00')";
+    // A backlog of other rows, refilled until the orders are written.
+    let filling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let filler = {
+        let (db, filling) = (orders_db.clone(), filling.clone());
+        tokio::spawn(async move {
+            while filling.load(std::sync::atomic::Ordering::Relaxed) {
+                sqlx::query(
+                    "INSERT INTO outbox (message_id, aggregate_type, aggregate_id, event_type, \
+                     content_type, payload) SELECT gen_random_uuid(), 'order', \
+                     gen_random_uuid()::text, 'OrderPlaced', 'avro/binary', '\\x00' \
+                     FROM generate_series(1, 300)",
+                )
+                .execute(&db)
+                .await
+                .expect("filler rows");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let writers: Vec<_> = (0..ORDERS)
+        .map(|_| {
+            let db = orders_db.clone();
+            tokio::spawn(async move {
+                let order = Uuid::new_v4().to_string();
+                let mut written = Vec::new();
+                for n in 0..ROWS_PER_ORDER {
+                    let message_id = Uuid::new_v4();
+                    let mut tx = db.begin().await.expect("begin");
+                    sqlx::query(insert)
+                        .bind(message_id)
+                        .bind(&order)
+                        .execute(&mut *tx)
+                        .await
+                        .expect("insert");
+                    // Half the rows commit late: ids taken after this one commit first.
+                    if rand::random_bool(0.5) {
+                        tokio::time::sleep(Duration::from_millis(rand::random_range(1..60))).await;
+                    }
+                    tx.commit().await.expect("commit");
+                    written.push((n, message_id));
+                }
+                (order, written)
+            })
+        })
+        .collect();
+    let mut expected: HashMap<String, Vec<Uuid>> = HashMap::new();
+    for writer in writers {
+        let (order, written) = writer.await.unwrap();
+        expected.insert(order, written.into_iter().map(|(_, id)| id).collect());
+    }
+    filling.store(false, std::sync::atomic::Ordering::Relaxed);
+    filler.await.unwrap();
+    eventually(TIMEOUT, || async {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(&orders_db)
+            .await?;
+        Ok((left == 0).then_some(()))
+    })
+    .await
+    .expect("the relay published every row");
+    let batches = stack
+        .metric(&stack.relay_metrics_url, "relay_batch_size_count", &[])
+        .await;
+    assert!(
+        batches >= 20.0,
+        "the relay read {batches} times: no read-ahead happened"
+    );
+
+    let records = kafka::read_topic(&stack.broker.bootstrap, schemas::ORDERS_TOPIC)
+        .await
+        .unwrap();
+    let mut seen: HashMap<String, Vec<Uuid>> = HashMap::new();
+    let mut sorted = records.iter().collect::<Vec<_>>();
+    sorted.sort_by_key(|r| (r.partition, r.offset));
+    for record in sorted {
+        let Some(key) = record.key.as_ref().filter(|k| expected.contains_key(*k)) else {
+            continue;
+        };
+        let id: Uuid = record.header("message-id").unwrap().parse().unwrap();
+        let ids = seen.entry(key.clone()).or_default();
+        // Duplicates may follow (at least once); first copies must come in commit order.
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    for (order, ids) in &expected {
+        assert_eq!(
+            seen.get(order),
+            Some(ids),
+            "order {order}: its rows on the topic (first copies, in offset order) differ from its commit order"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn outbox_rows_without_a_topic_are_left_aside_and_do_not_stall_the_source() {
     if e2e::needs_own_stack("writes unpublishable rows into the outbox") {

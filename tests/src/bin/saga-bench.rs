@@ -1,155 +1,350 @@
-//! Measures the saga on the real binaries and prints the numbers (nothing is asserted):
-//! - commit→produce: an order's outbox row commit (its created_at) to the relay producing it
-//!   (the Kafka record's CreateTime), with an idle relay, orders placed one at a time;
-//! - placed→confirmed: the whole saga per order (both services, the relay twice, the broker);
-//! - throughput: orders accepted per second over HTTP at a given concurrency, and the time until
-//!   every one of them is confirmed.
+//! `saga-bench`: in one run on one machine, measures the machine's own ceilings and the system
+//! against them, prints the ratios and writes a JSON report. Nothing is asserted.
 //!
-//! Run: `cargo build --release --bins && cargo run --release -p e2e --bin saga-bench`
-//! (options: `--sequential N`, `--burst N`, `--concurrency N`).
+//! - ceilings: an idempotent `acks=all` producer sending outbox-sized records straight to the
+//!   broker; Postgres commits of small transactions, and `pgbench`, at 8 clients (the services'
+//!   worker pool);
+//! - relay: drain rate of a pre-filled outbox (both sources), and commit→acknowledged latency at
+//!   fixed offered rates;
+//! - saga: placed→terminal latency at fixed offered rates, open loop, and the highest rate the
+//!   stack sustains (p99 under 1 s, no backlog left);
+//! - resources: CPU and RSS of every process under load, and of the whole stack when idle.
+//!
+//! Run it with `scripts/bench.sh` (release build; options after `--`):
+//! `--quick` (smaller sizes, a minute or two), `--drain-rows N`, `--produce-records N`,
+//! `--window-seconds S`, `--saga-rates 50,200,500`, `--report PATH`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use e2e::{Stack, kafka};
-use futures::StreamExt;
-use schemas::Event;
-use uuid::Uuid;
+use e2e::bench::{self, ceilings, progress, relay::RelayBench, resources, saga};
+use serde_json::{Value, json};
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+struct Options {
+    drain_rows: usize,
+    produce_records: usize,
+    window: Duration,
+    pg_seconds: Duration,
+    relay_rates: Vec<f64>,
+    saga_rates: Vec<f64>,
+    search_steps: usize,
+    idle: Duration,
+    report: std::path::PathBuf,
 }
 
-fn percentiles(mut values: Vec<f64>) -> String {
-    values.sort_by(|a, b| a.total_cmp(b));
-    let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
-    format!(
-        "n={:<5} p50={:>7.1} ms  p90={:>7.1} ms  p99={:>7.1} ms  max={:>7.1} ms",
-        values.len(),
-        at(0.5),
-        at(0.9),
-        at(0.99),
-        at(1.0)
-    )
+fn options() -> Options {
+    let args: Vec<String> = std::env::args().collect();
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let number = |name: &str, default: f64| {
+        value(name)
+            .map(|v| {
+                v.parse::<f64>()
+                    .unwrap_or_else(|_| panic!("{name} wants a number, got {v:?}"))
+            })
+            .unwrap_or(default)
+    };
+    let quick = args.iter().any(|a| a == "--quick");
+    let rates = |name: &str, default: &str| -> Vec<f64> {
+        value(name)
+            .unwrap_or_else(|| default.to_owned())
+            .split(',')
+            .map(|r| {
+                r.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{name}: {r:?} is not a rate"))
+            })
+            .collect()
+    };
+    Options {
+        drain_rows: number("--drain-rows", if quick { 20_000.0 } else { 100_000.0 }) as usize,
+        produce_records: number(
+            "--produce-records",
+            if quick { 20_000.0 } else { 100_000.0 },
+        ) as usize,
+        window: Duration::from_secs_f64(number("--window-seconds", if quick { 5.0 } else { 15.0 })),
+        pg_seconds: Duration::from_secs(if quick { 3 } else { 10 }),
+        relay_rates: rates("--relay-rates", "100,1000,5000"),
+        saga_rates: rates("--saga-rates", "50,200,500"),
+        search_steps: if quick { 1 } else { 4 },
+        idle: Duration::from_secs(if quick { 5 } else { 20 }),
+        report: value("--report")
+            .map(Into::into)
+            .unwrap_or_else(|| e2e::target_dir().join("bench/report.json")),
+    }
 }
 
 #[tokio::main]
-async fn main() {
-    let sequential = arg("--sequential", 300);
-    let burst = arg("--burst", 3000);
-    let concurrency = arg("--concurrency", 32);
-    eprintln!(
-        "starting broker, services and relay ({})",
-        e2e::target_dir().display()
-    );
-    let stack = Stack::start("saga-bench").await;
-    stack.put_product("BENCH", 100, 10_000_000).await;
-
-    eprintln!("placing {sequential} orders one at a time, 20 ms apart (idle relay)");
-    let mut ids = Vec::new();
-    let mut post_latency = Vec::new();
-    for _ in 0..sequential {
-        let t = Instant::now();
-        ids.push(stack.place_order(&[("BENCH", 1)]).await);
-        post_latency.push(t.elapsed().as_secs_f64() * 1000.0);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    stack
-        .wait_for_statuses(&ids, &["CONFIRMED"], Duration::from_secs(120))
-        .await;
-    let records = kafka::read_topic(&stack.broker.bootstrap, schemas::ORDERS_TOPIC)
-        .await
-        .expect("read orders.v1");
-    let mut commit_to_produce = Vec::new();
-    let mut placed_to_confirmed = Vec::new();
-    for record in &records {
-        if let Ok(Event::OrderPlaced(placed)) = record.event()
-            && let Some(ts) = record.timestamp
-        {
-            commit_to_produce.push((ts - placed.placed_at) as f64);
-        }
-    }
-    for id in &ids {
-        let order = stack.order(*id).await;
-        let at = |i: usize| {
-            order["history"][i]["at"]
-                .as_str()
-                .and_then(chrono_millis)
-                .expect("history time")
-        };
-        placed_to_confirmed.push((at(1) - at(0)) as f64);
-    }
-
-    let relay_metrics = stack
-        .http
-        .get(format!("{}/metrics", stack.relay_metrics_url))
-        .send()
-        .await
-        .expect("relay metrics")
-        .text()
-        .await
-        .expect("relay metrics text");
-    let within = |name: &str, le: &str| {
-        let total = e2e::sum_metric(
-            &relay_metrics,
-            name,
-            &[("source", "orders"), ("le", "+Inf")],
+async fn main() -> anyhow::Result<()> {
+    let options = options();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let profile = e2e::target_dir();
+    if !profile.ends_with("release") {
+        eprintln!(
+            "warning: these are not release binaries ({}); scripts/bench.sh builds and runs the release ones",
+            profile.display()
         );
-        let fast = e2e::sum_metric(&relay_metrics, name, &[("source", "orders"), ("le", le)]);
-        format!("{:.1}% of {total}", 100.0 * fast / total.max(1.0))
+    }
+    let server = e2e::postgres_url();
+    let log_dir = e2e::target_dir().join("bench-logs");
+    let _ = std::fs::remove_dir_all(&log_dir);
+    let mut report = json!({
+        "machine": {"cores": cores, "binaries": profile.display().to_string()},
+        "started_at": chrono::Utc::now().to_rfc3339(),
+    });
+
+    // Ceilings.
+    progress(format!(
+        "Postgres ceiling: one-row transactions on 8 connections for {:?}",
+        options.pg_seconds
+    ));
+    let commits = ceilings::commit_rate(&server, 8, options.pg_seconds).await?;
+    progress(format!(
+        "Postgres ceiling: pgbench -c 8 for {:?}",
+        options.pg_seconds
+    ));
+    let pgbench = match ceilings::pgbench_tps(&server, 8, options.pg_seconds).await {
+        Ok(tps) => Some(tps),
+        Err(e) => {
+            eprintln!("warning: pgbench could not run: {e:#}");
+            None
+        }
     };
-    let relay_summary = format!(
-        "within 20 ms: commit→ack {}; send→ack {} (batches)",
-        within("relay_commit_to_ack_seconds_bucket", "0.02"),
-        within("relay_send_to_ack_seconds_bucket", "0.02"),
-    );
+    report["ceilings"] = json!({
+        "postgres_one_row_commits_per_second_8_clients": commits.round(),
+        "pgbench_tps_8_clients_scale_10": pgbench.map(f64::round),
+    });
 
-    eprintln!("placing {burst} orders, {concurrency} at a time");
-    let started = Instant::now();
-    let burst_ids: Vec<Uuid> = futures::stream::iter(0..burst)
-        .map(|_| stack.place_order(&[("BENCH", 1)]))
-        .buffer_unordered(concurrency)
-        .collect()
-        .await;
-    let accepted = started.elapsed();
-    stack
-        .wait_for_statuses(&burst_ids, &["CONFIRMED"], Duration::from_secs(600))
-        .await;
-    let finished = started.elapsed();
+    let mut relay = RelayBench::start(&server, &log_dir.join("relay")).await?;
+    let payload = bench::order_placed_payload();
+    progress(format!(
+        "broker ceiling: {} records from an idempotent producer with the relay's settings",
+        options.produce_records
+    ));
+    let produce_relay_settings = ceilings::produce_rate(
+        &relay.broker.bootstrap,
+        &[("batch.num.messages", "1")],
+        options.produce_records,
+        &payload,
+        3,
+    )
+    .await?;
+    progress("broker ceiling: the same with librdkafka's default batching");
+    let produce_batched = ceilings::produce_rate(
+        &relay.broker.bootstrap,
+        &[],
+        options.produce_records,
+        &payload,
+        3,
+    )
+    .await?;
+    report["ceilings"]["produce_records_per_second_relay_settings"] =
+        json!(produce_relay_settings.round());
+    report["ceilings"]["produce_records_per_second_default_batching"] =
+        json!(produce_batched.round());
 
+    let (drain, drain_usage) = relay.drain(options.drain_rows).await?;
+    let drain_rate = drain["rows_per_second"].as_f64().unwrap_or(0.0);
+    let mut latencies = Vec::new();
+    for rate in &options.relay_rates {
+        progress(format!(
+            "relay: commit→ack at {rate} rows/s for {:?}",
+            options.window
+        ));
+        latencies.push(relay.latency_at(*rate, options.window).await?);
+    }
+    report["relay"] = json!({"drain": drain, "commit_to_ack": latencies});
+    drop(relay);
+
+    // The saga.
+    progress("saga: starting broker, services and relay");
+    let stack = e2e::Stack::start("saga-bench").await;
+    saga::stock(&stack).await;
+    let orders = stack.orders_pool().await;
+    let admin = messaging::db::connect(&e2e::db_url(&server, "postgres"), 2).await?;
+    let watched = || async {
+        let mut watched = resources::Watched::default();
+        for (name, pid) in stack.processes() {
+            watched.add(&name, pid);
+        }
+        watched
+            .add_postgres_backends(&admin, &[&stack.orders_db, &stack.inventory_db])
+            .await;
+        watched
+    };
+    progress("saga: warming up (40 orders at 20/s)");
+    saga::open_loop(
+        &stack,
+        &orders,
+        20.0,
+        Duration::from_secs(2),
+        &watched().await,
+    )
+    .await?;
+    let mut results = Vec::new();
+    for rate in &options.saga_rates {
+        progress(format!(
+            "saga: {rate} orders/s offered for {:?}",
+            options.window
+        ));
+        let result =
+            saga::open_loop(&stack, &orders, *rate, options.window, &watched().await).await?;
+        progress(result.describe());
+        results.push(result);
+    }
+    // The highest sustained rate: grow past the best sustained rate until one fails, then
+    // bisect between the two.
+    let best = |results: &[saga::RateResult]| {
+        results
+            .iter()
+            .filter(|r| r.sustained())
+            .map(|r| r.offered_per_second)
+            .fold(0.0, f64::max)
+    };
+    let lowest_failed = |results: &[saga::RateResult]| {
+        results
+            .iter()
+            .filter(|r| !r.sustained())
+            .map(|r| r.offered_per_second)
+            .fold(f64::INFINITY, f64::min)
+    };
+    for _ in 0..options.search_steps {
+        let (ok, failed) = (best(&results), lowest_failed(&results));
+        let next = if failed.is_infinite() {
+            (ok * 1.5).max(50.0)
+        } else {
+            ((ok + failed) / 2.0 / 10.0).round() * 10.0
+        };
+        if next <= ok || next >= failed || (failed - ok) < 20.0 {
+            break;
+        }
+        progress(format!(
+            "saga: looking for the highest sustained rate: {next} orders/s"
+        ));
+        let result =
+            saga::open_loop(&stack, &orders, next, options.window, &watched().await).await?;
+        progress(result.describe());
+        results.push(result);
+    }
+    let sustained = best(&results);
+
+    progress(format!(
+        "idle: measuring the stack doing nothing for {:?}",
+        options.idle
+    ));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ((), idle) = resources::measure(&watched().await, tokio::time::sleep(options.idle)).await;
+    report["saga"] = json!({
+        "open_loop": results.iter().map(saga::RateResult::json).collect::<Vec<_>>(),
+        "highest_sustained_orders_per_second": sustained,
+    });
+    report["idle"] = idle.json();
+
+    // The summary: each measure against its ceiling or target.
+    let at_200 = results.iter().find(|r| r.offered_per_second == 200.0);
+    let max_rss = |name: &str| {
+        results
+            .iter()
+            .map(|r| r.usage.max_rss(name))
+            .chain([drain_usage.max_rss(name)])
+            .fold(0.0, f64::max)
+    };
+    let process_rss: Vec<(String, f64)> = [
+        "order-service",
+        "inventory-service",
+        "outbox-relay",
+        "broker",
+    ]
+    .iter()
+    .map(|n| (n.to_string(), max_rss(n)))
+    .collect();
+    let ceiling_for_sagas = pgbench.unwrap_or(commits);
+    let summary = json!({
+        "relay_drain_over_produce_ceiling": ratio(drain_rate, produce_relay_settings),
+        "saga_p99_ms_at_200_per_second": at_200.map(|r| bench::stats::round(r.placed_to_terminal.p99())),
+        "sustained_sagas_over_pgbench_tps": ratio(sustained, ceiling_for_sagas),
+        "idle_stack_cpu_percent_of_one_core": bench::stats::round(idle.total_cpu_percent()),
+        "max_rss_mib": process_rss.iter().map(|(n, r)| (n.clone(), bench::stats::round(*r))).collect::<serde_json::Map<_, _>>(),
+    });
+    report["summary"] = summary;
+
+    println!("\nsaga-bench on {cores} cores ({})", profile.display());
+    println!("ceilings");
+    println!("  Postgres one-row commits, 8 clients   {commits:>9.0} /s");
+    match pgbench {
+        Some(tps) => println!("  pgbench -c 8 (scale 10)               {tps:>9.0} tps"),
+        None => println!("  pgbench                                  (not run)"),
+    }
+    println!("  produce, relay's settings              {produce_relay_settings:>9.0} records/s");
+    println!("  produce, default batching              {produce_batched:>9.0} records/s");
+    println!("relay");
     println!(
-        "saga-bench ({} cores)",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "  drain of {} rows                   {drain_rate:>9.0} rows/s = {:.2} × the produce ceiling (target ≥ 0.6)",
+        drain["rows"],
+        drain_rate / produce_relay_settings
+    );
+    for l in &report["relay"]["commit_to_ack"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        println!(
+            "  commit→ack at {:>5}/s offered          p50 {} ms, p99 {} ms",
+            l["offered_per_second"], l["commit_to_ack_p50_ms"], l["commit_to_ack_p99_ms"]
+        );
+    }
+    println!("saga (open loop, placed→terminal)");
+    for r in &results {
+        println!("  {}", r.describe());
+    }
+    println!(
+        "  highest sustained                     {sustained:>9.0} orders/s = {:.2} × the Postgres ceiling {ceiling_for_sagas:.0} (target ≥ 0.8)",
+        sustained / ceiling_for_sagas
+    );
+    if let Some(r) = at_200 {
+        println!(
+            "  p99 at 200/s                          {:>9.1} ms (target ≤ 100)",
+            r.placed_to_terminal.p99()
+        );
+    }
+    println!("resources");
+    for r in &results {
+        println!(
+            "  at {:>5.0}/s: {}",
+            r.offered_per_second,
+            r.usage.describe()
+        );
+    }
+    println!(
+        "  idle: {:.1}% of one core in all (target ≤ 2): {}",
+        idle.total_cpu_percent(),
+        idle.describe()
     );
     println!(
-        "POST /orders (one by one)     {}",
-        percentiles(post_latency)
+        "  largest RSS under load: {} (target ≤ 50 MiB per process)",
+        process_rss
+            .iter()
+            .map(|(n, r)| format!("{n} {r:.0} MiB"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
-    println!(
-        "commit→produce (idle relay)   {}",
-        percentiles(commit_to_produce)
-    );
-    println!(
-        "placed→confirmed (one by one) {}",
-        percentiles(placed_to_confirmed)
-    );
-    println!("relay (orders source)         {relay_summary}");
-    println!(
-        "burst of {burst}: accepted over HTTP in {:.2} s ({:.0} orders/s at concurrency {concurrency}); all confirmed after {:.2} s ({:.0} sagas/s)",
-        accepted.as_secs_f64(),
-        burst as f64 / accepted.as_secs_f64(),
-        finished.as_secs_f64(),
-        burst as f64 / finished.as_secs_f64()
-    );
+    if let Some(dir) = options.report.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&options.report, serde_json::to_string_pretty(&report)?)?;
+    println!("report: {}", options.report.display());
+    Ok(())
 }
 
-/// RFC 3339 with milliseconds ("2026-11-22T05:39:06.204Z") to Unix milliseconds.
-fn chrono_millis(s: &str) -> Option<i64> {
-    s.parse::<chrono::DateTime<chrono::Utc>>()
-        .ok()
-        .map(|t| t.timestamp_millis())
+/// `a / b` to two decimals (null when it is not a number).
+fn ratio(a: f64, b: f64) -> Value {
+    let r = a / b;
+    if r.is_finite() {
+        json!((r * 100.0).round() / 100.0)
+    } else {
+        Value::Null
+    }
 }
