@@ -120,4 +120,17 @@ impl OutboxRow {
         }
         headers
     }
+
+    /// [`OutboxRow::headers`] as the Kafka client takes them.
+    pub fn kafka_headers(&self, traceparent: &str) -> rdkafka::message::OwnedHeaders {
+        self.headers(traceparent).iter().fold(
+            rdkafka::message::OwnedHeaders::new(),
+            |headers, (key, value)| {
+                headers.insert(rdkafka::message::Header {
+                    key,
+                    value: Some(value.as_str()),
+                })
+            },
+        )
+    }
 }

@@ -13,9 +13,7 @@ use futures::stream::FuturesUnordered;
 use messaging::outbox::OutboxRow;
 use messaging::shutdown::Shutdown;
 use metrics::{counter, gauge, histogram};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::types::RDKafkaErrorCode;
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
@@ -315,35 +313,19 @@ impl Publisher<'_> {
                 return total - sent;
             };
             let span = send_span(source, &row, topic);
-            let headers = row
-                .headers(&messaging::trace_context::of(&span))
-                .iter()
-                .fold(OwnedHeaders::new(), |h, (key, value)| {
-                    h.insert(Header {
-                        key,
-                        value: Some(value.as_str()),
-                    })
-                });
             let record = FutureRecord::to(topic)
                 .key(row.aggregate_id.as_str())
                 .payload(row.payload.as_slice())
-                .headers(headers);
-            let mut record = record;
-            let delivery = loop {
-                match self.producer.send_result(record) {
-                    Ok(delivery) => break delivery,
-                    Err((e, back))
-                        if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) =>
-                    {
-                        // The client's queue is full (a long broker outage): let it drain.
-                        record = back;
-                        self.producer.poll(Duration::from_millis(100));
-                    }
-                    Err((e, _)) => {
-                        tracing::warn!(source = %source.name, id = row.id, error = %e, "could not enqueue; will retry");
-                        counter!("relay_publish_errors_total", "source" => source.name.clone(), "reason" => "enqueue").increment(1);
-                        return total - sent;
-                    }
+                .headers(row.kafka_headers(&messaging::trace_context::of(&span)));
+            // Any refusal, a full client queue included (the rows in flight are capped far
+            // below the queue's size), stalls the pipeline: the rows are read again once what
+            // was sent has been acknowledged.
+            let delivery = match self.producer.send_result(record) {
+                Ok(delivery) => delivery,
+                Err((e, _)) => {
+                    tracing::warn!(source = %source.name, id = row.id, error = %e, "could not enqueue; will retry");
+                    counter!("relay_publish_errors_total", "source" => source.name.clone(), "reason" => "enqueue").increment(1);
+                    return total - sent;
                 }
             };
             let sent_at = Instant::now();

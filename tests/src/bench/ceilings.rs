@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use sqlx::{Connection, PgConnection};
@@ -56,25 +55,23 @@ async fn send_all(
     payload: &[u8],
 ) -> anyhow::Result<()> {
     let mut pending = VecDeque::new();
-    let (message_id, correlation_id) = (uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4());
-    let correlation_id = correlation_id.to_string();
+    // The relay's headers, from a row like the ones it publishes.
+    let row = messaging::outbox::OutboxRow {
+        id: 0,
+        message_id: uuid::Uuid::new_v4(),
+        aggregate_type: schemas::events::AGGREGATES[0].to_owned(),
+        aggregate_id: uuid::Uuid::new_v4().to_string(),
+        event_type: "OrderPlaced".to_owned(),
+        content_type: schemas::AVRO_CONTENT_TYPE.to_owned(),
+        payload: Vec::new(),
+        causation_id: Some(uuid::Uuid::new_v4()),
+        traceparent: Some(super::TRACEPARENT.to_owned()),
+        tracestate: None,
+        created_at: chrono::Utc::now(),
+    };
     for _ in 0..records {
         let key = uuid::Uuid::new_v4().to_string();
-        let headers = [
-            ("message-id", message_id.as_str()),
-            ("event-type", "OrderPlaced"),
-            ("content-type", schemas::AVRO_CONTENT_TYPE),
-            ("correlation-id", correlation_id.as_str()),
-            ("causation-id", message_id.as_str()),
-            ("traceparent", super::TRACEPARENT),
-        ]
-        .into_iter()
-        .fold(OwnedHeaders::new(), |h, (key, value)| {
-            h.insert(Header {
-                key,
-                value: Some(value),
-            })
-        });
+        let headers = row.kafka_headers(super::TRACEPARENT);
         let mut record = FutureRecord::to(topic)
             .key(key.as_str())
             .payload(payload)

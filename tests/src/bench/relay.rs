@@ -267,18 +267,9 @@ impl RelayBench {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let after = metrics(http).await?;
         let name = "relay_commit_to_ack_seconds";
-        let mut before_buckets = Vec::new();
-        let mut after_buckets = Vec::new();
-        for (source, _, _) in SOURCES {
-            merge(
-                &mut before_buckets,
-                stats::buckets(&before, name, &[("source", source)]),
-            );
-            merge(
-                &mut after_buckets,
-                stats::buckets(&after, name, &[("source", source)]),
-            );
-        }
+        // Both sources' series, summed.
+        let before_buckets = stats::buckets(&before, name, &[]);
+        let after_buckets = stats::buckets(&after, name, &[]);
         let (p50, n) = stats::histogram_quantile(&before_buckets, &after_buckets, 0.5);
         let (p99, _) = stats::histogram_quantile(&before_buckets, &after_buckets, 0.99);
         let total: usize = inserted.iter().sum();
@@ -291,16 +282,6 @@ impl RelayBench {
             "commit_to_ack_p99_ms": stats::round(p99),
         }))
     }
-}
-
-fn merge(into: &mut Vec<(f64, f64)>, from: Vec<(f64, f64)>) {
-    for (le, count) in from {
-        match into.iter_mut().find(|(b, _)| *b == le) {
-            Some((_, c)) => *c += count,
-            None => into.push((le, count)),
-        }
-    }
-    into.sort_by(|a, b| a.0.total_cmp(&b.0));
 }
 
 impl Drop for RelayBench {

@@ -202,18 +202,13 @@ async fn wait_terminal(
 ) -> anyhow::Result<Instant> {
     let deadline = Instant::now() + timeout;
     loop {
-        let open: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM order_status_view WHERE order_id = ANY($1) \
-             AND status NOT IN ('CONFIRMED', 'REJECTED', 'CANCELLED')",
+        let (open, found): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status NOT IN ('CONFIRMED', 'REJECTED', 'CANCELLED')), \
+             count(*) FROM order_status_view WHERE order_id = ANY($1)",
         )
         .bind(ids)
         .fetch_one(orders)
         .await?;
-        let found: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM order_status_view WHERE order_id = ANY($1)")
-                .bind(ids)
-                .fetch_one(orders)
-                .await?;
         if open == 0 && found == ids.len() as i64 {
             return Ok(Instant::now());
         }
