@@ -15,14 +15,18 @@ pub struct PgCluster {
     pub port: u16,
     data: PathBuf,
     bin: PathBuf,
+    /// The server's log, in `dir`: the server's user may not be able to reach `log_dir` (a
+    /// checkout in a private directory, as `mktemp -d` makes).
     log: PathBuf,
+    /// Where the log is copied when the cluster is dropped, beside the test's other logs.
+    log_copy: PathBuf,
     /// uid and gid to run the server as (the `postgres` user when the test runs as root).
     user: Option<(u32, u32)>,
 }
 
 impl PgCluster {
     /// Creates a cluster under `dir` (trust authentication, user `postgres`) and starts it on a
-    /// free port on 127.0.0.1. Its log is `<log_dir>/postgres.log`.
+    /// free port on 127.0.0.1. Its log ends up in `<log_dir>/postgres.log`.
     pub fn start(dir: &Path, log_dir: &Path) -> anyhow::Result<PgCluster> {
         let bin = server_bin_dir()?;
         let user = if running_as_root() {
@@ -33,7 +37,7 @@ impl PgCluster {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         std::fs::create_dir_all(log_dir)?;
-        let log = log_dir.join("postgres.log");
+        let log = dir.join("postgres.log");
         std::fs::write(&log, "")?;
         if let Some((uid, gid)) = user {
             std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
@@ -44,6 +48,7 @@ impl PgCluster {
             data: dir.join("data"),
             bin,
             log,
+            log_copy: log_dir.join("postgres.log"),
             user,
         };
         cluster.run(
@@ -171,6 +176,10 @@ impl PgCluster {
     fn run(&self, program: &str, args: &[&str]) -> anyhow::Result<()> {
         let mut command = Command::new(self.bin.join(program));
         command.args(args).stdin(Stdio::null());
+        if let Some(dir) = self.data.parent() {
+            // A working directory the server's user can enter (the test's may be private).
+            command.current_dir(dir);
+        }
         if let Some((uid, gid)) = self.user {
             command.uid(uid).gid(gid).env("HOME", "/tmp");
         }
@@ -191,6 +200,7 @@ impl PgCluster {
 impl Drop for PgCluster {
     fn drop(&mut self) {
         let _ = self.stop_immediate();
+        let _ = std::fs::copy(&self.log, &self.log_copy);
         if let Some(dir) = self.data.parent() {
             let _ = std::fs::remove_dir_all(dir);
         }
