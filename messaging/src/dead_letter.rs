@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureProducer;
+use schemas::headers;
 use schemas::limits::truncate_chars;
 
 use crate::delivery::{self, Delivery};
@@ -22,10 +23,10 @@ pub struct Failure {
     pub first_failure_at: DateTime<Utc>,
 }
 
-pub const ERROR_CLASS: &str = "dlq-error-class";
-pub const ERROR_MESSAGE: &str = "dlq-error-message";
+pub const ERROR_CLASS: &str = headers::DLQ_ERROR_CLASS;
+pub const ERROR_MESSAGE: &str = headers::DLQ_ERROR_MESSAGE;
 /// `true` on a stub: a dead letter without the record's value, for a record too large to copy.
-pub const STUB: &str = "dlq-stub";
+pub const STUB: &str = headers::DLQ_STUB;
 
 /// The largest record the DLQ holds a full copy of (key, value and headers). Kafka's default
 /// limits are about 1 MB per record; half of that leaves room for the `dlq-*` headers and for
@@ -36,12 +37,12 @@ pub const MAX_FULL_COPY_BYTES: usize = 512 * 1024;
 
 /// The saga headers a stub keeps, when their value is short.
 const STUB_KEEPS: [&str; 6] = [
-    "message-id",
-    "event-type",
-    "content-type",
-    "correlation-id",
-    "causation-id",
-    "traceparent",
+    headers::MESSAGE_ID,
+    headers::EVENT_TYPE,
+    headers::CONTENT_TYPE,
+    headers::CORRELATION_ID,
+    headers::CAUSATION_ID,
+    headers::TRACEPARENT,
 ];
 const STUB_MAX_HEADER_BYTES: usize = 128;
 /// The longest `dlq-error-message`.
@@ -64,7 +65,7 @@ pub async fn send(
         ))
     } else {
         let headers = delivery.headers_with(
-            &["retry-", "dlq-"],
+            &[headers::RETRY_PREFIX, headers::DLQ_PREFIX],
             &dlq_headers(group, delivery, failure, None),
         );
         match delivery.send_copy(producer, &topic, headers).await {
@@ -139,22 +140,31 @@ fn dlq_headers(
         None => failure.reason.clone(),
     };
     let mut headers = vec![
-        ("dlq-original-topic", truncate_chars(origin_topic, 256)),
-        ("dlq-original-partition", origin_partition.to_string()),
-        ("dlq-original-offset", origin_offset.to_string()),
-        ("dlq-consumer-group", group.to_owned()),
-        (ERROR_CLASS, failure.class.to_owned()),
-        (ERROR_MESSAGE, truncate_chars(reason, MAX_REASON_CHARS)),
-        ("dlq-attempts", failure.attempts.to_string()),
         (
-            "dlq-first-failure-at",
+            headers::DLQ_ORIGINAL_TOPIC,
+            truncate_chars(origin_topic, 256),
+        ),
+        (
+            headers::DLQ_ORIGINAL_PARTITION,
+            origin_partition.to_string(),
+        ),
+        (headers::DLQ_ORIGINAL_OFFSET, origin_offset.to_string()),
+        (headers::DLQ_CONSUMER_GROUP, group.to_owned()),
+        (headers::DLQ_ERROR_CLASS, failure.class.to_owned()),
+        (
+            headers::DLQ_ERROR_MESSAGE,
+            truncate_chars(reason, MAX_REASON_CHARS),
+        ),
+        (headers::DLQ_ATTEMPTS, failure.attempts.to_string()),
+        (
+            headers::DLQ_FIRST_FAILURE_AT,
             failure.first_failure_at.to_rfc3339(),
         ),
-        ("dlq-last-failure-at", Utc::now().to_rfc3339()),
+        (headers::DLQ_LAST_FAILURE_AT, Utc::now().to_rfc3339()),
     ];
     if stub.is_some() {
-        headers.push((STUB, "true".to_owned()));
-        headers.push(("dlq-original-bytes", delivery.size().to_string()));
+        headers.push((headers::DLQ_STUB, "true".to_owned()));
+        headers.push((headers::DLQ_ORIGINAL_BYTES, delivery.size().to_string()));
     }
     headers
 }

@@ -2,6 +2,7 @@
 //! copied to a retry or dead-letter topic), with its headers, and its decoding into an
 //! [`Envelope`].
 
+use schemas::headers;
 use std::time::Duration;
 
 use rdkafka::Message;
@@ -63,7 +64,8 @@ impl Delivery {
     /// are never read. Returns how many were dropped.
     pub fn drop_retry_headers(&mut self) -> usize {
         let before = self.headers.len();
-        self.headers.retain(|(k, _)| !k.starts_with("retry-"));
+        self.headers
+            .retain(|(k, _)| !k.starts_with(headers::RETRY_PREFIX));
         before - self.headers.len()
     }
 
@@ -121,18 +123,18 @@ impl Delivery {
     pub fn key_text(&self) -> String {
         match &self.key {
             Some(k) => String::from_utf8_lossy(k).into_owned(),
-            None => self.header("message-id").unwrap_or("").to_owned(),
+            None => self.header(headers::MESSAGE_ID).unwrap_or("").to_owned(),
         }
     }
 
     /// Where the record was first consumed from: its own place, unless it is a retry copy.
     pub fn origin(&self) -> (String, i32, i64) {
-        let topic = self.header(crate::retry::ORIGINAL_TOPIC);
+        let topic = self.header(headers::RETRY_ORIGINAL_TOPIC);
         let partition = self
-            .header(crate::retry::ORIGINAL_PARTITION)
+            .header(headers::RETRY_ORIGINAL_PARTITION)
             .and_then(|p| p.parse().ok());
         let offset = self
-            .header(crate::retry::ORIGINAL_OFFSET)
+            .header(headers::RETRY_ORIGINAL_OFFSET)
             .and_then(|o| o.parse().ok());
         match (topic, partition, offset) {
             (Some(t), Some(p), Some(o)) => (t.to_owned(), p, o),
@@ -239,7 +241,7 @@ impl Envelope {
     pub fn decode(delivery: &Delivery) -> Result<Envelope, String> {
         delivery.check_bounds()?;
         let message_id = delivery
-            .header("message-id")
+            .header(headers::MESSAGE_ID)
             .ok_or_else(|| "the record has no message-id header".to_owned())?;
         let message_id = Uuid::parse_str(message_id).map_err(|e| {
             format!(
@@ -248,8 +250,8 @@ impl Envelope {
             )
         })?;
         let event = schemas::decode_with_content_type(
-            delivery.header("content-type"),
-            delivery.header("event-type"),
+            delivery.header(headers::CONTENT_TYPE),
+            delivery.header(headers::EVENT_TYPE),
             delivery.payload.as_deref().unwrap_or_default(),
         )
         .map_err(|e| e.to_string())?;
@@ -271,10 +273,10 @@ impl Envelope {
             topic,
             partition,
             offset,
-            correlation_id: delivery.header("correlation-id").map(str::to_owned),
-            traceparent: delivery.header("traceparent").map(str::to_owned),
+            correlation_id: delivery.header(headers::CORRELATION_ID).map(str::to_owned),
+            traceparent: delivery.header(headers::TRACEPARENT).map(str::to_owned),
             tracestate: delivery
-                .header("tracestate")
+                .header(headers::TRACESTATE)
                 .filter(|t| t.len() <= MAX_TRACESTATE_BYTES)
                 .map(str::to_owned),
         })

@@ -2,6 +2,7 @@
 //! event exists if and only if the state change that produced it commits. outbox-relay publishes it.
 
 use schemas::Event;
+use schemas::headers;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
@@ -106,17 +107,17 @@ impl OutboxRow {
     /// the publisher (its own span, a child of the row's).
     pub fn headers(&self, traceparent: &str) -> Vec<(&'static str, String)> {
         let mut headers = vec![
-            ("message-id", self.message_id.to_string()),
-            ("event-type", self.event_type.clone()),
-            ("content-type", self.content_type.clone()),
-            ("correlation-id", self.aggregate_id.clone()),
+            (headers::MESSAGE_ID, self.message_id.to_string()),
+            (headers::EVENT_TYPE, self.event_type.clone()),
+            (headers::CONTENT_TYPE, self.content_type.clone()),
+            (headers::CORRELATION_ID, self.aggregate_id.clone()),
         ];
         if let Some(c) = self.causation_id {
-            headers.push(("causation-id", c.to_string()));
+            headers.push((headers::CAUSATION_ID, c.to_string()));
         }
-        headers.push(("traceparent", traceparent.to_owned()));
+        headers.push((headers::TRACEPARENT, traceparent.to_owned()));
         if let Some(t) = &self.tracestate {
-            headers.push(("tracestate", t.clone()));
+            headers.push((headers::TRACESTATE, t.clone()));
         }
         headers
     }

@@ -5,6 +5,7 @@
 //! is released. All of it happens in transactions that lock the key's `parked_keys` row, so the
 //! main consumer and the retry consumers never interleave on one key.
 
+use schemas::headers;
 use sqlx::types::Json;
 use sqlx::{FromRow, PgConnection};
 use uuid::Uuid;
@@ -21,6 +22,22 @@ pub async fn lock(conn: &mut PgConnection, group: &str, key: &str) -> sqlx::Resu
     .bind(key)
     .fetch_optional(conn)
     .await
+}
+
+/// Which of `keys` are parked, without locking anything.
+pub async fn parked_among(
+    conn: &mut PgConnection,
+    group: &str,
+    keys: &[String],
+) -> sqlx::Result<std::collections::HashSet<String>> {
+    let parked: Vec<String> = sqlx::query_scalar(
+        "SELECT message_key FROM parked_keys WHERE consumer_group = $1 AND message_key = ANY($2)",
+    )
+    .bind(group)
+    .bind(keys)
+    .fetch_all(conn)
+    .await?;
+    Ok(parked.into_iter().collect())
 }
 
 /// The key's parking head without locking anything; `None` when the key is not parked.
@@ -212,7 +229,7 @@ pub async fn park_message(
     delivery: &Delivery,
 ) -> sqlx::Result<()> {
     let message_id = delivery
-        .header("message-id")
+        .header(headers::MESSAGE_ID)
         .and_then(|id| Uuid::parse_str(id).ok());
     sqlx::query(
         "INSERT INTO parked_messages (consumer_group, message_key, topic, kafka_partition, kafka_offset, headers, payload, message_id) \

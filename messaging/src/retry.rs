@@ -3,6 +3,7 @@
 //! configured delay (default 1 s, 10 s, 60 s), and after the last one to the dead-letter topic.
 //! A retry copy carries where it came from and when it may run again in `retry-*` headers.
 
+use schemas::headers;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -10,14 +11,6 @@ use chrono::{DateTime, Utc};
 use rdkafka::producer::FutureProducer;
 
 use crate::delivery::Delivery;
-
-pub const ATTEMPT: &str = "retry-attempt";
-pub const NOT_BEFORE: &str = "retry-not-before";
-pub const ORIGINAL_TOPIC: &str = "retry-original-topic";
-pub const ORIGINAL_PARTITION: &str = "retry-original-partition";
-pub const ORIGINAL_OFFSET: &str = "retry-original-offset";
-pub const FIRST_FAILURE_AT: &str = "retry-first-failure-at";
-pub const REASON: &str = "retry-reason";
 
 /// The retry topic of attempt `attempt` (1-based) of consumer group `group`.
 pub fn retry_topic(group: &str, attempt: usize) -> String {
@@ -83,14 +76,14 @@ pub fn attempt_of_topic(group: &str, topic: &str) -> Option<usize> {
 /// the header says.
 pub fn not_before(delivery: &Delivery) -> Option<DateTime<Utc>> {
     delivery
-        .header(NOT_BEFORE)
+        .header(headers::RETRY_NOT_BEFORE)
         .and_then(|t| t.parse::<i64>().ok())
         .and_then(DateTime::from_timestamp_millis)
 }
 
 pub fn first_failure_at(delivery: &Delivery) -> Option<DateTime<Utc>> {
     delivery
-        .header(FIRST_FAILURE_AT)
+        .header(headers::RETRY_FIRST_FAILURE_AT)
         .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
         .map(|t| t.with_timezone(&Utc))
 }
@@ -111,15 +104,21 @@ pub async fn send(
     let first = first_failure_at(delivery).unwrap_or_else(Utc::now);
     let not_before = Utc::now() + delay;
     let headers = delivery.headers_with(
-        &["retry-"],
+        &[headers::RETRY_PREFIX],
         &[
-            (ATTEMPT, attempt.to_string()),
-            (NOT_BEFORE, not_before.timestamp_millis().to_string()),
-            (ORIGINAL_TOPIC, origin_topic),
-            (ORIGINAL_PARTITION, origin_partition.to_string()),
-            (ORIGINAL_OFFSET, origin_offset.to_string()),
-            (FIRST_FAILURE_AT, first.to_rfc3339()),
-            (REASON, reason.to_owned()),
+            (headers::RETRY_ATTEMPT, attempt.to_string()),
+            (
+                headers::RETRY_NOT_BEFORE,
+                not_before.timestamp_millis().to_string(),
+            ),
+            (headers::RETRY_ORIGINAL_TOPIC, origin_topic),
+            (
+                headers::RETRY_ORIGINAL_PARTITION,
+                origin_partition.to_string(),
+            ),
+            (headers::RETRY_ORIGINAL_OFFSET, origin_offset.to_string()),
+            (headers::RETRY_FIRST_FAILURE_AT, first.to_rfc3339()),
+            (headers::RETRY_REASON, reason.to_owned()),
         ],
     );
     delivery

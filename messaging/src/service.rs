@@ -77,6 +77,12 @@ pub struct CommonSettings {
     /// the sum of the retry delays.
     #[arg(long, env = "PARKED_KEY_TIMEOUT", default_value = "30m", value_parser = crate::retry::parse_duration)]
     pub parked_key_timeout: std::time::Duration,
+    /// The most records of the subscribed topic one transaction applies (group commit). Only
+    /// records already fetched are grouped, so a quiet consumer applies each at once; 1 applies
+    /// every record in its own transaction.
+    #[arg(long, env = "CONSUMER_MAX_BATCH", default_value_t = 100,
+          value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub consumer_max_batch: u16,
 }
 
 impl CommonSettings {
@@ -228,6 +234,7 @@ where
             topics: vec![spec.subscribe.to_owned()],
             retry_delays: config.common.retry_delays.0.clone(),
             parked_key_timeout: config.common.parked_key_timeout,
+            max_batch: config.common.consumer_max_batch.into(),
         },
         workers.clone(),
         spec.handler,

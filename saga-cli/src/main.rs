@@ -13,6 +13,7 @@
 mod audit;
 mod read;
 
+use schemas::headers;
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -109,10 +110,10 @@ impl Selection {
             return true;
         }
         if let Some(event_type) = &self.event_type {
-            return record.header("event-type") == Some(event_type.as_str());
+            return record.header(headers::EVENT_TYPE) == Some(event_type.as_str());
         }
         record
-            .header("message-id")
+            .header(headers::MESSAGE_ID)
             .is_some_and(|id| self.message_ids.iter().any(|m| m == id))
     }
 }
@@ -146,7 +147,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             let found: Vec<Record> = dead_letters(kafka, &group.group)
                 .await?
                 .into_iter()
-                .filter(|r| r.header("message-id") == Some(message_id.as_str()))
+                .filter(|r| r.header(headers::MESSAGE_ID) == Some(message_id.as_str()))
                 .collect();
             if found.is_empty() {
                 bail!(
@@ -192,7 +193,7 @@ async fn redrive(
     let selected: Vec<&Record> = letters
         .iter()
         .filter(|r| select.matches(r))
-        .filter(|r| seen.insert(r.header("message-id").unwrap_or_default().to_owned()))
+        .filter(|r| seen.insert(r.header(headers::MESSAGE_ID).unwrap_or_default().to_owned()))
         .collect();
     eprintln!(
         "{} of {} dead letters in {group}.dlq selected{}",
@@ -210,31 +211,36 @@ async fn redrive(
         .context("creating Kafka producer")?;
     let pause = Duration::from_secs_f64(1.0 / rate);
     for record in selected {
-        let Some(topic) = record.header("dlq-original-topic").map(str::to_owned) else {
+        let Some(topic) = record
+            .header(headers::DLQ_ORIGINAL_TOPIC)
+            .map(str::to_owned)
+        else {
             eprintln!(
                 "skipping offset {}: no dlq-original-topic header",
                 record.offset
             );
             continue;
         };
-        if record.header("dlq-stub") == Some("true") {
+        if record.header(headers::DLQ_STUB) == Some("true") {
             eprintln!(
                 "skipping offset {}: a stub of a record too large to copy, without its value (read it at {topic} partition {} offset {})",
                 record.offset,
-                record.header("dlq-original-partition").unwrap_or("?"),
-                record.header("dlq-original-offset").unwrap_or("?"),
+                record
+                    .header(headers::DLQ_ORIGINAL_PARTITION)
+                    .unwrap_or("?"),
+                record.header(headers::DLQ_ORIGINAL_OFFSET).unwrap_or("?"),
             );
             continue;
         }
         let line = json!({
             "action": if dry_run { "would redrive" } else { "redriven" },
-            "message_id": record.header("message-id"),
-            "event_type": record.header("event-type"),
+            "message_id": record.header(headers::MESSAGE_ID),
+            "event_type": record.header(headers::EVENT_TYPE),
             "to": topic,
             "dlq_offset": record.offset,
         });
         if !dry_run {
-            let headers = record.headers_without("dlq-");
+            let headers = record.headers_without(headers::DLQ_PREFIX);
             let mut out: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic)
                 .headers(headers)
                 .payload(&record.payload);
@@ -255,18 +261,18 @@ async fn redrive(
 fn summary_json(record: &Record) -> Value {
     json!({
         "dlq_offset": record.offset,
-        "message_id": record.header("message-id"),
-        "event_type": record.header("event-type"),
+        "message_id": record.header(headers::MESSAGE_ID),
+        "event_type": record.header(headers::EVENT_TYPE),
         "key": record.key_text(),
-        "original_topic": record.header("dlq-original-topic"),
-        "original_partition": record.header("dlq-original-partition"),
-        "original_offset": record.header("dlq-original-offset"),
-        "error_class": record.header("dlq-error-class"),
-        "error_message": record.header("dlq-error-message"),
-        "attempts": record.header("dlq-attempts"),
-        "first_failure_at": record.header("dlq-first-failure-at"),
-        "last_failure_at": record.header("dlq-last-failure-at"),
-        "stub": record.header("dlq-stub") == Some("true"),
+        "original_topic": record.header(headers::DLQ_ORIGINAL_TOPIC),
+        "original_partition": record.header(headers::DLQ_ORIGINAL_PARTITION),
+        "original_offset": record.header(headers::DLQ_ORIGINAL_OFFSET),
+        "error_class": record.header(headers::DLQ_ERROR_CLASS),
+        "error_message": record.header(headers::DLQ_ERROR_MESSAGE),
+        "attempts": record.header(headers::DLQ_ATTEMPTS),
+        "first_failure_at": record.header(headers::DLQ_FIRST_FAILURE_AT),
+        "last_failure_at": record.header(headers::DLQ_LAST_FAILURE_AT),
+        "stub": record.header(headers::DLQ_STUB) == Some("true"),
     })
 }
 
@@ -285,8 +291,8 @@ fn record_json(record: &Record) -> Value {
         "headers": headers,
     });
     match schemas::decode_with_content_type(
-        record.header("content-type"),
-        record.header("event-type"),
+        record.header(headers::CONTENT_TYPE),
+        record.header(headers::EVENT_TYPE),
         &record.payload,
     ) {
         Ok(event) => {

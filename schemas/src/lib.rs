@@ -9,6 +9,7 @@
 //! * [`limits`] owns the contract's bounds (money, stock, quantities, counts, text) and checks
 //!   every decoded event against them.
 //! * [`error`] owns [`DecodeError`].
+//! * [`headers`] owns the names of the Kafka record headers.
 //!
 //! Type mapping: ids are `{"type":"string","logicalType":"uuid"}` in Avro and [`uuid::Uuid`] in
 //! Rust. apache-avro 0.20 round-trips them cleanly through serde (a `Uuid` serializes as a string,
@@ -30,6 +31,7 @@
 pub mod codec;
 pub mod error;
 pub mod events;
+pub mod headers;
 pub mod limits;
 pub mod registry;
 pub mod sku;

@@ -14,6 +14,7 @@
 
 pub mod checks;
 
+use schemas::headers;
 use std::collections::HashSet;
 use std::str::FromStr;
 use std::time::Duration;
@@ -223,8 +224,8 @@ async fn topic_records(kafka: &KafkaSettings, topic: &str) -> anyhow::Result<Vec
         .await?
         .into_iter()
         .map(|r| TopicRecord {
-            message_id: r.header("message-id").and_then(|m| m.parse().ok()),
-            event_type: r.header("event-type").map(str::to_owned),
+            message_id: r.header(headers::MESSAGE_ID).and_then(|m| m.parse().ok()),
+            event_type: r.header(headers::EVENT_TYPE).map(str::to_owned),
             key: r.key_text(),
             topic: r.topic,
             partition: r.partition,
@@ -242,13 +243,13 @@ async fn dead_letters(kafka: &KafkaSettings, group: &str) -> anyhow::Result<Vec<
         .map(|r| {
             let original = (|| {
                 Some((
-                    r.header("dlq-original-topic")?.to_owned(),
-                    r.header("dlq-original-partition")?.parse().ok()?,
-                    r.header("dlq-original-offset")?.parse().ok()?,
+                    r.header(headers::DLQ_ORIGINAL_TOPIC)?.to_owned(),
+                    r.header(headers::DLQ_ORIGINAL_PARTITION)?.parse().ok()?,
+                    r.header(headers::DLQ_ORIGINAL_OFFSET)?.parse().ok()?,
                 ))
             })();
             DeadLetter {
-                message_id: r.header("message-id").and_then(|m| m.parse().ok()),
+                message_id: r.header(headers::MESSAGE_ID).and_then(|m| m.parse().ok()),
                 original,
             }
         })

@@ -1,0 +1,213 @@
+//! The parking side of the runtime: applying a released key's parked messages in arrival order
+//! ([`Worker::resolve`]) and giving up on heads whose retry copy never comes back
+//! ([`Worker::sweep`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::counter;
+use schemas::headers;
+
+use super::backoff::{Interrupted, backoff};
+use super::{Handler, HandlerError, Worker};
+use crate::decision::{self, Attempt, Gate, Route, Stage};
+use crate::delivery::Envelope;
+use crate::{inbox, parking, retry};
+
+/// What one step of draining a released key came to.
+enum Drain {
+    Continue,
+    /// The key is no longer parked.
+    Released,
+    /// A parked message said "not yet" and is now the key's head in the retry chain.
+    Reparked,
+}
+
+impl<H: Handler> Worker<H> {
+    /// Applies the parked messages of `key`, oldest first, and releases the key.
+    pub(super) async fn resolve(&self, key: &str) -> Result<(), Interrupted> {
+        let mut transient_attempt = 0;
+        loop {
+            let step = tokio::select! {
+                step = self.drain_one(key) => step,
+                _ = self.shutdown.wait() => return Err(Interrupted),
+            };
+            match step {
+                Ok(Drain::Continue) => transient_attempt = 0,
+                Ok(Drain::Released | Drain::Reparked) => return Ok(()),
+                Err(_) if self.producer_failed() => return Err(Interrupted),
+                Err(e) => {
+                    transient_attempt += 1;
+                    let delay = backoff(transient_attempt);
+                    tracing::warn!(%key, error = %e, ?delay, "could not apply parked messages yet; retrying");
+                    if self.shutdown.sleep(delay).await.is_err() {
+                        return Err(Interrupted);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies (or retries, or dead-letters) the oldest parked message of `key`, in one
+    /// transaction with the removal of its parking row; releases the key when none is left.
+    async fn drain_one(&self, key: &str) -> Result<Drain, HandlerError> {
+        let mut tx = self.pool.begin().await?;
+        if parking::lock(&mut tx, &self.group, key).await?.is_none() {
+            tx.rollback().await?;
+            return Ok(Drain::Released);
+        }
+        let Some((id, delivery)) = parking::first(&mut tx, &self.group, key).await? else {
+            parking::release_key(&mut tx, &self.group, key).await?;
+            tx.commit().await?;
+            tracing::info!(%key, "key released");
+            return Ok(Drain::Released);
+        };
+        // The key's lock is held to the end; the attempt runs in a savepoint, so that a "not yet"
+        // or a failure undoes its effects without letting another path in on this key.
+        let (envelope, attempt, reason) = match Envelope::decode(&delivery) {
+            Err(reason) => (None, Attempt::Undecodable, reason),
+            Ok(envelope) => {
+                let mut attempt_tx = sqlx::Connection::begin(&mut *tx).await?;
+                if !inbox::claim(&mut attempt_tx, &self.group, &envelope).await? {
+                    attempt_tx.rollback().await?;
+                    (Some(envelope), Attempt::Duplicate, String::new())
+                } else {
+                    match self.handler.handle(&mut attempt_tx, &envelope).await {
+                        Ok(after_commit) => {
+                            attempt_tx.commit().await?;
+                            parking::remove_message(&mut tx, id).await?;
+                            tx.commit().await?;
+                            after_commit.run();
+                            let event_type = envelope.event.event_type();
+                            self.count("consumer_messages_processed_total", &delivery, event_type);
+                            tracing::info!(message_id = %envelope.message_id, event_type, %key, "parked message applied");
+                            return Ok(Drain::Continue);
+                        }
+                        Err(HandlerError::Retryable(reason)) => {
+                            attempt_tx.rollback().await?;
+                            (Some(envelope), Attempt::NotYet, reason)
+                        }
+                        Err(HandlerError::Permanent(reason)) => {
+                            attempt_tx.rollback().await?;
+                            (Some(envelope), Attempt::Permanent, reason)
+                        }
+                        Err(e @ HandlerError::Transient(_)) => return Err(e),
+                    }
+                }
+            }
+        };
+        let event_type = envelope
+            .as_ref()
+            .map_or("unknown", |e| e.event.event_type());
+        let action = decision::after(
+            Stage::Parked,
+            Gate::Apply,
+            attempt,
+            0,
+            self.retry_delays.len(),
+        );
+        match action.route {
+            Route::Done => {
+                parking::remove_message(&mut tx, id).await?;
+                tx.commit().await?;
+                self.count("consumer_messages_duplicate_total", &delivery, event_type);
+                Ok(Drain::Continue)
+            }
+            Route::Retry { attempt: next } => {
+                // It becomes the key's head: re-park and send in the same transaction as its
+                // removal from the parking table, the key's lock held throughout.
+                let message_id = envelope.as_ref().map(|e| e.message_id).unwrap_or_default();
+                parking::park_key(&mut tx, &self.group, key, message_id, &reason, &delivery)
+                    .await?;
+                parking::remove_message(&mut tx, id).await?;
+                let delay = self.retry_delays[next - 1];
+                retry::send(&self.producer, &self.group, &delivery, next, delay, &reason)
+                    .await
+                    .map_err(HandlerError::Transient)?;
+                tx.commit().await?;
+                tracing::info!(%message_id, event_type, %key, %reason,
+                    "parked message not applicable yet; it now heads the key in the retry chain");
+                Ok(Drain::Reparked)
+            }
+            Route::DeadLetter { class, attempts } => {
+                self.dead_letter_now(&delivery, event_type, class.as_str(), reason, attempts)
+                    .await?;
+                parking::remove_message(&mut tx, id).await?;
+                tx.commit().await?;
+                Ok(Drain::Continue)
+            }
+        }
+    }
+
+    /// At start and then every `timeout / 10` (1 s to 1 min): measures the parked keys and gives up on heads that
+    /// have headed their key for longer than `timeout` (see [`Worker::sweep_once`]).
+    pub(super) async fn sweep(self: Arc<Self>, timeout: Duration) {
+        let every = (timeout / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        loop {
+            if let Err(e) = self.sweep_once(timeout).await {
+                tracing::warn!(group = %self.group, error = %format!("{e:#}"),
+                    "could not check the parked keys; trying again later");
+            }
+            if self.shutdown.sleep(every).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// A head whose retry copy never came back (its retry topic is no longer read after
+    /// `--retry-delays` was shortened, or the copy expired with the topic's retention) would hold
+    /// its key, and every later event of that order, forever. After `timeout` the head is
+    /// dead-lettered from its stored record (class `retryable`, so `saga dlq redrive` can bring
+    /// it back) and the key's parked messages are applied. A copy that arrives after all is a
+    /// stray ([`decision::Gate::Stray`]): never applied out of order.
+    async fn sweep_once(&self, timeout: Duration) -> Result<(), HandlerError> {
+        let mut conn = self.pool.acquire().await?;
+        let (parked, oldest) = parking::stats(&mut conn, &self.group).await?;
+        metrics::gauge!("consumer_parked_keys", "group" => self.group.clone()).set(parked as f64);
+        metrics::gauge!("consumer_parked_key_oldest_age_seconds", "group" => self.group.clone())
+            .set(oldest);
+        let secs = timeout.as_secs_f64();
+        let keys = parking::expired(&mut conn, &self.group, secs, 100).await?;
+        drop(conn);
+        for key in keys {
+            let mut tx = self.pool.begin().await?;
+            let Some((head, record)) =
+                parking::lock_expired(&mut tx, &self.group, &key, secs).await?
+            else {
+                continue;
+            };
+            // A head applied just now, whose drain has not run yet, is not given up on: its key
+            // is only drained.
+            let applied =
+                head != parking::NO_HEAD && inbox::applied(&mut tx, &self.group, head).await?;
+            if head != parking::NO_HEAD && !applied {
+                let reason = format!(
+                    "its retry copy did not come back within {timeout:?} (--parked-key-timeout): \
+                     its retry topic is no longer read, or the copy expired"
+                );
+                match &record {
+                    Some(delivery) => {
+                        let event_type = delivery
+                            .header(headers::EVENT_TYPE)
+                            .unwrap_or("unknown")
+                            .to_owned();
+                        self.dead_letter_now(delivery, &event_type, "retryable", reason, 1)
+                            .await?;
+                    }
+                    None => tracing::error!(group = %self.group, %key, message_id = %head,
+                        "a parked key's head was given up on, but its record was not stored (parked by an older version): it is not dead-lettered; find it in the retry topics"),
+                }
+                parking::drop_head(&mut tx, &self.group, &key).await?;
+                counter!("consumer_parked_heads_expired_total", "group" => self.group.clone())
+                    .increment(1);
+                tracing::error!(group = %self.group, %key, message_id = %head, ?timeout,
+                    "a parked key's head never came back from its retry topic; dead-lettered it, applying the key's parked messages");
+            }
+            tx.commit().await?;
+            if self.resolve(&key).await.is_err() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}

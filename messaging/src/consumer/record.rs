@@ -1,0 +1,362 @@
+//! One record at a time: decode it, ask its key's parking whether it may apply, apply it with its
+//! inbox claim in one transaction, and carry out what [`decision::after`] says about the outcome
+//! (nothing, a retry topic, the DLQ, releasing its key).
+
+use std::time::Instant;
+
+use chrono::Utc;
+use metrics::{counter, histogram};
+
+use super::backoff::Interrupted;
+use super::{Handler, HandlerError, Worker};
+use crate::dead_letter::{self, Failure};
+use crate::decision::{self, Attempt, Gate, Route, Stage};
+use crate::delivery::{Delivery, Envelope};
+use crate::{inbox, parking, retry};
+use schemas::headers;
+
+/// The OpenTelemetry consumer span of one record (`process orders.v1`), a child of the span
+/// that sent it (the record's `traceparent`); what the handler writes continues this trace. Its
+/// fields follow the OpenTelemetry messaging conventions; `order_id` (the key) and `trace_id`
+/// go on every log line written while the record is handled.
+pub(super) fn process_span(group: &str, delivery: &Delivery) -> tracing::Span {
+    // Every field echoes the record: bounded, so a hostile key or header cannot bloat each log
+    // line and span written while the record is handled.
+    let short = |text: &str| schemas::limits::truncate_chars(text, 64);
+    let original_topic = short(&delivery.origin().0);
+    let key = short(&String::from_utf8_lossy(
+        delivery.key.as_deref().unwrap_or_default(),
+    ));
+    let span = tracing::info_span!("process",
+        otel.name = %format!("process {}", delivery.topic),
+        otel.kind = "consumer",
+        messaging.system = "kafka",
+        messaging.operation.type = "process",
+        messaging.destination.name = %delivery.topic,
+        messaging.destination.partition.id = delivery.partition,
+        messaging.kafka.offset = delivery.offset,
+        messaging.kafka.message.key = %key,
+        messaging.consumer.group.name = %group,
+        messaging.message.id = %short(delivery.header(headers::MESSAGE_ID).unwrap_or("")),
+        messaging.kafka.original_topic = %original_topic,
+        order_id = %key,
+        trace_id = tracing::field::Empty,
+    );
+    crate::trace_context::continue_from(&span, delivery.header(headers::TRACEPARENT));
+    span
+}
+
+impl<H: Handler> Worker<H> {
+    /// Takes one record to its end: applied, skipped, parked, sent to a retry topic or
+    /// dead-lettered. `Err` only when shutdown came first (its offset must not be stored).
+    pub(super) async fn process(
+        &self,
+        delivery: &Delivery,
+        stage: Stage,
+    ) -> Result<(), Interrupted> {
+        let key = delivery.key_text();
+        let envelope = match Envelope::decode(delivery) {
+            Ok(envelope) => envelope,
+            Err(reason) => {
+                tracing::warn!(topic = %delivery.topic, partition = delivery.partition, offset = delivery.offset,
+                    %reason, "undecodable record; dead-lettering it");
+                // In a retry topic it ends its key's chain only if it heads the key.
+                let id = delivery
+                    .header(headers::MESSAGE_ID)
+                    .and_then(|id| uuid::Uuid::parse_str(id).ok());
+                let gate = match stage {
+                    Stage::Retry => {
+                        let head = self
+                            .until_done_with(|| async {
+                                let mut conn = self.pool.acquire().await?;
+                                Ok(parking::head(&mut conn, &self.group, &key).await?)
+                            })
+                            .await?;
+                        decision::gate(stage, head, id)
+                    }
+                    _ => Gate::Apply,
+                };
+                return self
+                    .carry_out(
+                        delivery,
+                        "unknown",
+                        &key,
+                        stage,
+                        gate,
+                        Attempt::Undecodable,
+                        reason,
+                    )
+                    .await;
+            }
+        };
+        let event_type = envelope.event.event_type();
+        if stage == Stage::Retry
+            && let Some(due) = retry::not_before(delivery)
+        {
+            // Never longer than this retry topic's delay: a forged far-future time cannot hold
+            // the retry consumer.
+            let wait = (due - Utc::now())
+                .to_std()
+                .unwrap_or_default()
+                .min(self.retry_delay_of(delivery));
+            if self.shutdown.sleep(wait).await.is_err() {
+                return Err(Interrupted);
+            }
+        }
+        let started = Instant::now();
+        let mut transient_attempt = 0;
+        loop {
+            let (gate, attempt, reason) = match self
+                .apply_once(&envelope, delivery, &key, stage)
+                .await
+            {
+                Ok((gate, attempt)) => (gate, attempt, String::new()),
+                Err(HandlerError::Retryable(reason)) => (Gate::Apply, Attempt::NotYet, reason),
+                Err(HandlerError::Permanent(reason)) => (Gate::Apply, Attempt::Permanent, reason),
+                Err(HandlerError::Transient(e)) => {
+                    transient_attempt += 1;
+                    self.transient_pause(delivery, event_type, transient_attempt, &e)
+                        .await?;
+                    continue;
+                }
+            };
+            match attempt {
+                Attempt::Applied => {
+                    self.count("consumer_messages_processed_total", delivery, event_type);
+                    histogram!("consumer_handler_duration_seconds", "group" => self.group.clone(),
+                        "topic" => envelope.topic.clone(), "event_type" => event_type)
+                    .record(started.elapsed().as_secs_f64());
+                    tracing::debug!(message_id = %envelope.message_id, event_type, %key, "applied");
+                }
+                Attempt::Duplicate => {
+                    self.count("consumer_messages_duplicate_total", delivery, event_type);
+                    tracing::info!(message_id = %envelope.message_id, event_type, "duplicate message skipped: already applied");
+                }
+                Attempt::Parked if gate == Gate::Stray => {
+                    tracing::info!(message_id = %envelope.message_id, event_type, %key,
+                        "a retry copy of a message still waiting behind its key's head; it will be applied from the parking table");
+                }
+                Attempt::Parked => {
+                    self.count("consumer_messages_parked_total", delivery, event_type);
+                    tracing::info!(message_id = %envelope.message_id, event_type, %key,
+                        "key is waiting for a retry; message parked behind it");
+                }
+                Attempt::Withheld => {
+                    tracing::warn!(message_id = %envelope.message_id, event_type, %key,
+                        "a retry copy of a message that no longer heads its key, never applied: its chain ended through another copy; dead-lettering this one");
+                }
+                Attempt::Permanent => {
+                    tracing::warn!(message_id = %envelope.message_id, event_type, %reason,
+                        "message can never apply; dead-lettering it");
+                }
+                Attempt::NotYet | Attempt::Undecodable => {}
+            }
+            let reason = match (gate, attempt) {
+                (Gate::ResumeRetry, _) => "resumed after a restart".to_owned(),
+                (_, Attempt::Withheld) => {
+                    "a retry copy whose chain already ended through another copy".to_owned()
+                }
+                _ => reason,
+            };
+            return self
+                .carry_out(delivery, event_type, &key, stage, gate, attempt, reason)
+                .await;
+        }
+    }
+
+    /// One try at `envelope` in one transaction: what its key's parking says ([`decision::gate`])
+    /// and what came of it. The key's parking row stays locked until the transaction ends, so the
+    /// main consumer, the retry consumers and a drain never interleave on one key.
+    async fn apply_once(
+        &self,
+        envelope: &Envelope,
+        delivery: &Delivery,
+        key: &str,
+        stage: Stage,
+    ) -> Result<(Gate, Attempt), HandlerError> {
+        // Database errors outside the handler are never the message's fault: they are retried
+        // in place (transient), so they cannot dead-letter a message or release its key.
+        let infra = |e: sqlx::Error| HandlerError::Transient(e.into());
+        let mut tx = self.pool.begin().await.map_err(infra)?;
+        let head = parking::lock(&mut tx, &self.group, key)
+            .await
+            .map_err(infra)?;
+        let gate = decision::gate(stage, head, Some(envelope.message_id));
+        match gate {
+            Gate::Park => {
+                parking::park_message(&mut tx, &self.group, key, delivery)
+                    .await
+                    .map_err(infra)?;
+                tx.commit().await.map_err(infra)?;
+                return Ok((gate, Attempt::Parked));
+            }
+            Gate::ResumeRetry => {
+                tx.rollback().await.map_err(infra)?;
+                return Ok((gate, Attempt::NotYet));
+            }
+            Gate::Stray => {
+                // Never apply a stray; only find out whether it was applied.
+                let never_applied = inbox::claim(&mut tx, &self.group, envelope)
+                    .await
+                    .map_err(infra)?;
+                // A copy of a message still waiting in the parking table (a drain sent it to a
+                // retry topic and then failed to commit) will be applied from there.
+                let still_parked = never_applied
+                    && parking::is_parked(&mut tx, &self.group, key, envelope.message_id)
+                        .await
+                        .map_err(infra)?;
+                tx.rollback().await.map_err(infra)?;
+                let attempt = if still_parked {
+                    Attempt::Parked
+                } else if never_applied {
+                    Attempt::Withheld
+                } else {
+                    Attempt::Duplicate
+                };
+                return Ok((gate, attempt));
+            }
+            Gate::Apply => {}
+        }
+        if !inbox::claim(&mut tx, &self.group, envelope)
+            .await
+            .map_err(infra)?
+        {
+            tx.rollback().await.map_err(infra)?;
+            return Ok((gate, Attempt::Duplicate));
+        }
+        let after_commit = self.handler.handle(&mut tx, envelope).await?;
+        tx.commit().await?;
+        after_commit.run();
+        Ok((gate, Attempt::Applied))
+    }
+
+    /// Does what [`decision::after`] says: nothing, a retry topic (parking the key when the
+    /// message comes from a subscribed topic), or the DLQ; then, when the message headed its key
+    /// and its chain ended, applies the key's parked messages and releases it.
+    #[allow(clippy::too_many_arguments)]
+    async fn carry_out(
+        &self,
+        delivery: &Delivery,
+        event_type: &'static str,
+        key: &str,
+        stage: Stage,
+        gate: Gate,
+        attempt: Attempt,
+        reason: String,
+    ) -> Result<(), Interrupted> {
+        let so_far = match stage {
+            Stage::Retry => self.attempt_of(delivery),
+            Stage::Main | Stage::Parked => 0,
+        };
+        let action = decision::after(stage, gate, attempt, so_far, self.retry_delays.len());
+        match action.route {
+            Route::Done => {}
+            Route::Retry { attempt: next } => {
+                let delay = self.retry_delays[next - 1];
+                let message_id = delivery
+                    .header(headers::MESSAGE_ID)
+                    .and_then(|id| uuid::Uuid::parse_str(id).ok());
+                // A fresh "not yet" parks its key. A head read again from its topic
+                // (ResumeRetry) already heads it: re-parking could put it back over a newer head
+                // a concurrent drain just set. A head moving on to its next retry topic restarts
+                // its --parked-key-timeout clock.
+                if let Some(message_id) = message_id {
+                    match (stage, gate) {
+                        (Stage::Main, Gate::Apply) => {
+                            self.until_done(|| async {
+                                let mut conn = self.pool.acquire().await?;
+                                parking::park_key(
+                                    &mut conn,
+                                    &self.group,
+                                    key,
+                                    message_id,
+                                    &reason,
+                                    delivery,
+                                )
+                                .await?;
+                                Ok(())
+                            })
+                            .await?;
+                        }
+                        (Stage::Retry, _) => {
+                            self.until_done(|| async {
+                                let mut conn = self.pool.acquire().await?;
+                                parking::touch_head(&mut conn, &self.group, key, message_id)
+                                    .await?;
+                                Ok(())
+                            })
+                            .await?;
+                        }
+                        _ => {}
+                    }
+                }
+                self.until_done(|| async {
+                    retry::send(&self.producer, &self.group, delivery, next, delay, &reason)
+                        .await
+                        .map_err(HandlerError::Transient)
+                })
+                .await?;
+                counter!("consumer_messages_retried_total", "group" => self.group.clone(),
+                    "topic" => self.topic_label(delivery), "event_type" => event_type, "attempt" => next.to_string())
+                .increment(1);
+                tracing::info!(message_id = ?message_id, event_type, %key, attempt = next, ?delay, %reason,
+                    "not applicable yet; sent to a retry topic, its key waits");
+            }
+            Route::DeadLetter { class, attempts } => {
+                if attempt == Attempt::NotYet {
+                    tracing::warn!(event_type, %key, %reason, attempts,
+                        "still not applicable after its last retry; dead-lettering it");
+                }
+                self.dead_letter(delivery, event_type, class.as_str(), reason, attempts)
+                    .await?;
+            }
+        }
+        if action.release_key {
+            if attempt == Attempt::Applied {
+                tracing::info!(event_type, %key, attempt = so_far, "retried message applied; releasing its key");
+            }
+            self.resolve(key).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        event_type: &str,
+        class: &'static str,
+        reason: String,
+        attempts: usize,
+    ) -> Result<(), Interrupted> {
+        let failure = Failure {
+            class,
+            reason,
+            attempts,
+            first_failure_at: retry::first_failure_at(delivery).unwrap_or_else(Utc::now),
+        };
+        self.until_done(|| async {
+            dead_letter::send(&self.producer, &self.group, delivery, &failure)
+                .await
+                .map_err(HandlerError::Transient)
+        })
+        .await?;
+        counter!("consumer_messages_dead_lettered_total", "group" => self.group.clone(),
+            "topic" => self.topic_label(delivery), "event_type" => event_type.to_owned(), "error_class" => class)
+        .increment(1);
+        Ok(())
+    }
+
+    /// [`Self::dead_letter`] for use inside a drain step: a failure to write is transient.
+    pub(super) async fn dead_letter_now(
+        &self,
+        delivery: &Delivery,
+        event_type: &str,
+        class: &'static str,
+        reason: String,
+        attempts: usize,
+    ) -> Result<(), HandlerError> {
+        self.dead_letter(delivery, event_type, class, reason, attempts)
+            .await
+            .map_err(|Interrupted| HandlerError::Transient(anyhow::anyhow!("shutting down")))
+    }
+}
