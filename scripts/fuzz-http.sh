@@ -71,7 +71,8 @@ for url in http://127.0.0.1:8080 http://127.0.0.1:8081 http://127.0.0.1:8082; do
 done
 
 say "auditing the saga after the fuzzing (saga audit, 60 s grace for sagas still in flight)"
-if ! target/debug/saga audit --grace 60s; then
+# The saga tool of the builds the stack runs (scripts/run.sh builds release by default).
+if ! "target/${SAGA_PROFILE:-release}/saga" audit --grace 60s; then
     status=1
 fi
 exit "$status"

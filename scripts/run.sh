@@ -2,6 +2,8 @@
 # Runs the whole system locally in the background: Postgres (installed and started if needed), the
 # Tansu broker on 127.0.0.1:9092, order-service (:8080), inventory-service (:8081) and outbox-relay
 # (metrics on :8082). Seeds a few products. Logs and pids go to .run/. Stop it with scripts/stop.sh.
+# Release builds (the first build takes about 10 minutes on 2 cores); SAGA_PROFILE=debug runs the
+# debug builds instead (quicker to build, several times slower under load: scripts/test.sh uses them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -14,9 +16,17 @@ PG_URL="postgres://postgres@$PG_HOST:$PG_PORT"
 ensure_curl
 ensure_postgres
 ensure_tansu
-say "building the services"
-cargo build --workspace --bins
-BIN=target/debug
+PROFILE=${SAGA_PROFILE:-release}
+case "$PROFILE" in
+    release)
+        say "building the services (release; the first build takes about 10 minutes on 2 cores)"
+        cargo build --release --workspace --bins ;;
+    debug)
+        say "building the services (debug)"
+        cargo build --workspace --bins ;;
+    *) die "SAGA_PROFILE must be release or debug, not $PROFILE" ;;
+esac
+BIN=target/$PROFILE
 
 start() {  # name, command...
     local name=$1; shift
@@ -82,7 +92,7 @@ The order saga is running.
   outbox-relay       http://127.0.0.1:8082/metrics
   Kafka broker       $BROKER (Tansu, in memory)   Postgres $PG_URL (databases orders, inventory)
   logs               $RUN_DIR/logs/
-  tools              target/debug/saga (topics as JSON, dead letters), scripts/kcat.sh
+  tools              $BIN/saga (topics as JSON, dead letters), scripts/kcat.sh
   traces             exported when OTEL_EXPORTER_OTLP_ENDPOINT is set (e.g. http://localhost:4318, a Jaeger)
   dashboards         deploy/grafana (Prometheus config and alerts in deploy/prometheus); docker compose up --wait runs them all
 

@@ -66,7 +66,9 @@ if curl -fsS http://127.0.0.1:8080/readyz >/dev/null 2>&1; then
 else
     say "starting the local stack (scripts/run.sh) to run the end-to-end suite against it"
     trap 'say "stopping the local stack"; scripts/stop.sh >&2 || true' EXIT
-    scripts/run.sh >/dev/null
+    # The debug builds made above: the same code as the release builds scripts/run.sh makes
+    # by default, without a second build of the workspace.
+    SAGA_PROFILE=debug scripts/run.sh >/dev/null
     started_stack=yes
 fi
 # Hostile HTTP input first, while the stack holds only what it was seeded with (the audit that
@@ -75,7 +77,7 @@ fi
 # (scripts/fuzz-http.sh 1500 is the long run the README reports).
 if [ "$#" -eq 0 ] && [ -n "${started_stack:-}" ]; then
     say "fuzzing both HTTP APIs from their /openapi.json (short run)"
-    scripts/fuzz-http.sh 30 || status=$?
+    SAGA_PROFILE=debug scripts/fuzz-http.sh 30 || status=$?
 elif [ "$#" -eq 0 ]; then
     say "not fuzzing the HTTP APIs: the running stack was not started here, and its audit would judge what ran before"
 fi

@@ -27,6 +27,9 @@ use crate::shutdown::Shutdown;
 
 /// How often a consumer writes its assignment and checks the group's.
 pub const CHECK_EVERY: Duration = Duration::from_secs(5);
+/// How often the topic's partition count is read again from the broker (it changes only when an
+/// operator adds partitions).
+const PARTITIONS_EVERY: Duration = Duration::from_secs(60);
 /// A member is live while its last write is this recent (three missed writes).
 pub const LIVE_WITHIN: Duration = Duration::from_secs(15);
 /// Checks in a row with a partition read by no live member before the group is rebalanced.
@@ -166,12 +169,21 @@ pub async fn watch<C: ConsumerContext + 'static>(
     shutdown: Shutdown,
 ) {
     let mut watchdog = Watchdog::default();
+    let mut partitions = PartitionCount::default();
     metrics::counter!("consumer_forced_rebalances_total", "group" => group.clone()).absolute(0);
     loop {
         if shutdown.sleep(CHECK_EVERY).await.is_err() {
             break;
         }
-        let verdict = match check(&consumer, &pool, &group, &topic, me, &mut watchdog).await {
+        let checked = check(
+            &consumer,
+            &pool,
+            (&group, &topic),
+            me,
+            &mut partitions,
+            &mut watchdog,
+        );
+        let verdict = match checked.await {
             Ok(verdict) => verdict,
             Err(e) => {
                 tracing::debug!(%group, error = %format!("{e:#}"), "could not check the group's partition owners");
@@ -209,12 +221,43 @@ pub async fn watch<C: ConsumerContext + 'static>(
     }
 }
 
+/// The partition count of a topic, read from the broker at most every [`PARTITIONS_EVERY`].
+#[derive(Default)]
+struct PartitionCount(Option<(usize, std::time::Instant)>);
+
+impl PartitionCount {
+    async fn get<C: ConsumerContext + 'static>(
+        &mut self,
+        consumer: &Arc<StreamConsumer<C>>,
+        topic: &str,
+    ) -> anyhow::Result<usize> {
+        if let Some((count, at)) = self.0
+            && at.elapsed() < PARTITIONS_EVERY
+        {
+            return Ok(count);
+        }
+        let consumer = consumer.clone();
+        let topic = topic.to_owned();
+        let count = tokio::task::spawn_blocking(move || {
+            consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(5))
+                .map(|m| m.topics().first().map_or(0, |t| t.partitions().len()))
+        })
+        .await??;
+        // A topic not created yet has no partitions: asked again at the next check.
+        if count > 0 {
+            self.0 = Some((count, std::time::Instant::now()));
+        }
+        Ok(count)
+    }
+}
+
 async fn check<C: ConsumerContext + 'static>(
     consumer: &Arc<StreamConsumer<C>>,
     pool: &PgPool,
-    group: &str,
-    topic: &str,
+    (group, topic): (&str, &str),
     me: Uuid,
+    partitions: &mut PartitionCount,
     watchdog: &mut Watchdog,
 ) -> anyhow::Result<Verdict> {
     let mine: Vec<i32> = consumer
@@ -223,16 +266,7 @@ async fn check<C: ConsumerContext + 'static>(
         .iter()
         .map(|e| e.partition())
         .collect();
-    let partition_count = {
-        let consumer = consumer.clone();
-        let topic = topic.to_owned();
-        tokio::task::spawn_blocking(move || {
-            consumer
-                .fetch_metadata(Some(&topic), Duration::from_secs(5))
-                .map(|m| m.topics().first().map_or(0, |t| t.partitions().len()))
-        })
-        .await??
-    };
+    let partition_count = partitions.get(consumer, topic).await?;
     let mut conn = pool.acquire().await?;
     record(&mut conn, group, topic, me, &mine).await?;
     let live = live_members(&mut conn, group, topic).await?;

@@ -96,8 +96,10 @@ pub struct Settings {
     #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 2000)]
     pub batch_size: i64,
     /// Most rows per source handed to the Kafka client and not yet acknowledged: the relay reads
-    /// on while earlier rows are being acknowledged, up to this many.
-    #[arg(long, env = "RELAY_MAX_ROWS_IN_FLIGHT", default_value_t = 8000)]
+    /// on while earlier rows are being acknowledged, up to this many. 2,000 keeps the local
+    /// broker's produce ceiling (a drain at 0.99 of it) with the relay under 50 MiB; 8,000 gave
+    /// no more and 144 MiB (`scripts/bench.sh`).
+    #[arg(long, env = "RELAY_MAX_ROWS_IN_FLIGHT", default_value_t = 2000)]
     pub max_rows_in_flight: usize,
     /// How often a source is read while rows are flowing, in milliseconds.
     #[arg(long, env = "RELAY_ACTIVE_POLL_MS", default_value_t = 2)]

@@ -45,8 +45,13 @@ impl<H: Handler> Worker<H> {
     ) -> Result<(), Interrupted> {
         let mut next = 0;
         while next < records.len() {
+            // A group that has not committed when shutdown comes is rolled back (dropped): its
+            // records' offsets are not stored, and they are read again after the restart.
             let grouped = if records.len() - next > 1 {
-                self.group_commit(&records[next..]).await
+                tokio::select! {
+                    grouped = self.group_commit(&records[next..]) => grouped,
+                    _ = self.shutdown.wait() => return Err(Interrupted),
+                }
             } else {
                 0
             };

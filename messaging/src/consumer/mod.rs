@@ -206,11 +206,16 @@ async fn consume<H: Handler>(worker: Arc<Worker<H>>, consumer: Arc<GroupConsumer
                 continue;
             }
         }
-        // What the client has already fetched; an error is left for the next `recv` to report.
-        while messages.len() < limit
-            && let Some(Ok(m)) = consumer.recv().now_or_never()
-        {
-            messages.push(m);
+        // What the client has already fetched, without waiting for more.
+        while messages.len() < limit {
+            match consumer.recv().now_or_never() {
+                Some(Ok(m)) => messages.push(m),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "Kafka consumer error; continuing");
+                    break;
+                }
+                None => break,
+            }
         }
         let mut deliveries = Vec::with_capacity(messages.len());
         for message in &messages {
