@@ -12,8 +12,11 @@
 //! group and the record that ended it come before everything read after them), and an offset is
 //! still stored only after the transaction that applied its record committed.
 //!
-//! A group whose commit fails (the database went away) applied nothing: its records go through
-//! the single-record path one by one, which waits the outage out.
+//! A group whose transaction fails (the database went away) applied nothing: its records, and
+//! the rest of those fetched with them, go through the single-record path one by one, which
+//! waits the outage out. Shutdown drops a group that has not committed (its offsets are not
+//! stored, so it is read again); one caught inside its COMMIT may have applied, and the inbox
+//! skips it when it is read again.
 
 use std::time::Instant;
 
@@ -44,17 +47,26 @@ impl<H: Handler> Worker<H> {
         mut done: impl FnMut(usize),
     ) -> Result<(), Interrupted> {
         let mut next = 0;
+        // After a group's transaction fails (the database went away), the rest of these records
+        // go one by one: the single-record path waits the outage out.
+        let mut grouping = true;
         while next < records.len() {
             // A group that has not committed when shutdown comes is rolled back (dropped): its
             // records' offsets are not stored, and they are read again after the restart.
-            let grouped = if records.len() - next > 1 {
+            let grouped = if grouping && records.len() - next > 1 {
                 tokio::select! {
                     grouped = self.group_commit(&records[next..]) => grouped,
                     _ = self.shutdown.wait() => return Err(Interrupted),
                 }
             } else {
-                0
+                Ok(0)
             };
+            let grouped = grouped.unwrap_or_else(|e| {
+                tracing::warn!(group = %self.group, error = %e,
+                    "a group of records could not be applied together; applying them one by one");
+                grouping = false;
+                0
+            });
             for i in next..next + grouped {
                 done(i);
             }
@@ -71,18 +83,14 @@ impl<H: Handler> Worker<H> {
 
     /// Applies the longest leading run of `records` that can join a group, in one transaction.
     /// Returns how many were applied (or skipped as duplicates) and committed; the record after
-    /// them, if any, did not join.
-    async fn group_commit(&self, records: &[Delivery]) -> usize {
+    /// them, if any, did not join. An error when the group's own transaction failed.
+    async fn group_commit(&self, records: &[Delivery]) -> sqlx::Result<usize> {
         let started = Instant::now();
-        let Ok(mut tx) = self.pool.begin().await else {
-            return 0;
-        };
+        let mut tx = self.pool.begin().await?;
         let keys: Vec<String> = records.iter().map(Delivery::key_text).collect();
         // No row is locked: only this consumer parks a key that is not parked yet, so a key found
         // free stays free until this transaction ends.
-        let Ok(parked) = parking::parked_among(&mut tx, &self.group, &keys).await else {
-            return 0;
-        };
+        let parked = parking::parked_among(&mut tx, &self.group, &keys).await?;
         let mut joined = Vec::new();
         for record in records {
             let Ok(envelope) = Envelope::decode(record) else {
@@ -97,9 +105,10 @@ impl<H: Handler> Worker<H> {
                 None => break,
             }
         }
-        if joined.is_empty() || tx.commit().await.is_err() {
-            return 0;
+        if joined.is_empty() {
+            return Ok(0);
         }
+        tx.commit().await?;
         let elapsed = started.elapsed().as_secs_f64();
         let count = joined.len();
         for ((envelope, outcome), record) in joined.into_iter().zip(records) {
@@ -114,12 +123,13 @@ impl<H: Handler> Worker<H> {
                 }
                 Joined::Duplicate => {
                     self.count("consumer_messages_duplicate_total", record, event_type);
+                    let _span = process_span(&self.group, record).entered();
                     tracing::info!(message_id = %envelope.message_id, event_type, "duplicate message skipped: already applied");
                 }
             }
         }
         tracing::debug!(group = %self.group, records = count, "applied in one transaction");
-        count
+        Ok(count)
     }
 
     /// Claims and applies one record in a savepoint of the group's transaction; `None` (rolled
