@@ -87,16 +87,21 @@ impl<H: Handler> Worker<H> {
     async fn group_commit(&self, records: &[Delivery]) -> sqlx::Result<usize> {
         let started = Instant::now();
         let mut tx = self.pool.begin().await?;
-        let keys: Vec<String> = records.iter().map(Delivery::key_text).collect();
+        // The keys of the records within the bounds every record must keep (a longer key, or a
+        // record out of bounds, fails its decoding and ends the group anyway).
+        let keys: Vec<String> = records
+            .iter()
+            .map_while(|r| r.check_bounds().ok().map(|()| r.key_text()))
+            .collect();
         // No row is locked: only this consumer parks a key that is not parked yet, so a key found
         // free stays free until this transaction ends.
         let parked = parking::parked_among(&mut tx, &self.group, &keys).await?;
         let mut joined = Vec::new();
-        for record in records {
+        for (record, key) in records.iter().zip(&keys) {
             let Ok(envelope) = Envelope::decode(record) else {
                 break;
             };
-            if parked.contains(&record.key_text()) {
+            if parked.contains(key) {
                 break;
             }
             let span = process_span(&self.group, record);
