@@ -1206,27 +1206,33 @@ impl Drop for Stack {
         {
             proc.kill9();
         }
-        let dbs = [self.orders_db.clone(), self.inventory_db.clone()];
-        let pg = self.pg.clone();
-        // Drop cannot await: drop the databases from a thread with its own runtime.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                if let Ok(mut conn) = PgConnection::connect(&db_url(&pg, "postgres")).await {
-                    for db in dbs {
-                        let _ =
-                            sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
-                                .execute(&mut conn)
-                                .await;
-                    }
-                }
-            });
-        })
-        .join();
+        drop_databases(
+            &self.pg,
+            vec![self.orders_db.clone(), self.inventory_db.clone()],
+        );
     }
+}
+
+/// Drops `databases` of `server` (a URL without a database), from a thread with its own runtime:
+/// for `Drop`, which cannot await (and may run while the test's runtime is busy).
+pub fn drop_databases(server: &str, databases: Vec<String>) {
+    let server = server.to_owned();
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            if let Ok(mut conn) = PgConnection::connect(&db_url(&server, "postgres")).await {
+                for db in databases {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+                        .execute(&mut conn)
+                        .await;
+                }
+            }
+        });
+    })
+    .join();
 }
 
 /// Sums the samples of `name` (exact metric name) whose labels include `labels`.

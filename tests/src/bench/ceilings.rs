@@ -117,16 +117,8 @@ fn check(
 /// Transactions per second: `clients` connections each committing a one-row INSERT in a loop for
 /// `duration`, in a database of their own (created on `server`, dropped afterwards).
 pub async fn commit_rate(server: &str, clients: usize, duration: Duration) -> anyhow::Result<f64> {
-    let db = format!(
-        "bench_commits_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let mut admin = PgConnection::connect(&crate::db_url(server, "postgres")).await?;
-    sqlx::query(&format!("CREATE DATABASE {db}"))
-        .execute(&mut admin)
-        .await?;
-    let url = crate::db_url(server, &db);
-    let result = async {
+    in_scratch_database(server, "bench_commits", |db| async move {
+        let url = crate::db_url(server, &db);
         let mut conn = PgConnection::connect(&url).await?;
         sqlx::query(
             "CREATE TABLE commits (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
@@ -158,8 +150,29 @@ pub async fn commit_rate(server: &str, clients: usize, duration: Duration) -> an
             total += task.await??;
         }
         anyhow::Ok(total as f64 / started.elapsed().as_secs_f64())
-    }
-    .await;
+    })
+    .await
+}
+
+/// Runs `work` with a database of its own on `server`, named `<prefix>_<random>`, and drops the
+/// database afterwards, whatever `work` returned.
+async fn in_scratch_database<T, Fut>(
+    server: &str,
+    prefix: &str,
+    work: impl FnOnce(String) -> Fut,
+) -> anyhow::Result<T>
+where
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let db = format!(
+        "{prefix}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let mut admin = PgConnection::connect(&crate::db_url(server, "postgres")).await?;
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&mut admin)
+        .await?;
+    let result = work(db.clone()).await;
     let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
         .execute(&mut admin)
         .await;
@@ -185,14 +198,6 @@ pub fn pgbench_binary() -> Option<PathBuf> {
 pub async fn pgbench_tps(server: &str, clients: usize, duration: Duration) -> anyhow::Result<f64> {
     let pgbench =
         pgbench_binary().context("pgbench not found (Debian's postgresql package has it)")?;
-    let db = format!(
-        "bench_pgbench_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    );
-    let mut admin = PgConnection::connect(&crate::db_url(server, "postgres")).await?;
-    sqlx::query(&format!("CREATE DATABASE {db}"))
-        .execute(&mut admin)
-        .await?;
     let host_port = crate::host_port_of(server);
     let (host, port) = host_port.rsplit_once(':').unwrap_or((&host_port, "5432"));
     let user = server
@@ -218,7 +223,7 @@ pub async fn pgbench_tps(server: &str, clients: usize, duration: Duration) -> an
             anyhow::Ok(String::from_utf8_lossy(&output.stdout).into_owned())
         }
     };
-    let result = async {
+    in_scratch_database(server, "bench_pgbench", |db| async move {
         let mut init: Vec<String> = common.iter().map(|s| s.to_string()).collect();
         init.extend(["-i", "-q", "-s", "10", &db].map(String::from));
         run(init).await?;
@@ -239,10 +244,6 @@ pub async fn pgbench_tps(server: &str, clients: usize, duration: Duration) -> an
             .and_then(|l| l.trim_start_matches("tps = ").split_whitespace().next())
             .and_then(|v| v.parse::<f64>().ok())
             .with_context(|| format!("no tps in pgbench's output: {out}"))
-    }
-    .await;
-    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await;
-    result
+    })
+    .await
 }

@@ -287,26 +287,6 @@ impl RelayBench {
 impl Drop for RelayBench {
     fn drop(&mut self) {
         self.stop_relay();
-        let (server, databases) = (self.server.clone(), self.databases.clone());
-        // Dropped on a thread of its own: Drop cannot await, and the runtime may be busy.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                if let Ok(mut admin) =
-                    <sqlx::PgConnection as sqlx::Connection>::connect(&db_url(&server, "postgres"))
-                        .await
-                {
-                    for db in databases {
-                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-                            .execute(&mut admin)
-                            .await;
-                    }
-                }
-            });
-        })
-        .join();
+        crate::drop_databases(&self.server, self.databases.clone());
     }
 }
