@@ -1,5 +1,6 @@
-//! The inventory service's reaction to order events: OrderPlaced reserves every line or none and
-//! answers StockReserved or StockReservationRejected; OrderConfirmed sells the reserved stock.
+//! The inventory service's reaction to order events, as [`domain::react`] decides it: OrderPlaced
+//! reserves every line or none and answers StockReserved or StockReservationRejected;
+//! OrderConfirmed sells the reserved stock; OrderCancelled releases it and answers StockReleased.
 //! Each runs in the consumer runtime's transaction (inbox claim + stock change + outbox row).
 
 use messaging::consumer::{AfterCommit, Handler};
@@ -12,7 +13,9 @@ use schemas::{
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::domain::{self, ReservationDecision, ReservationInput, ReserveDecision};
+use crate::domain::{
+    self, OrderEvent, OrderState, Reaction, ReservationDecision, ReservationStatus, ReserveDecision,
+};
 use crate::store;
 
 pub const GROUP: &str = "inventory-service";
@@ -25,16 +28,68 @@ impl Handler for OrderEvents {
         conn: &mut PgConnection,
         envelope: &Envelope,
     ) -> Result<AfterCommit, HandlerError> {
-        match &envelope.event {
-            Event::OrderPlaced(placed) => reserve(conn, placed, envelope).await,
-            Event::OrderConfirmed(e) => {
-                move_reservation(conn, e.order_id, ReservationInput::Commit).await
-            }
-            Event::OrderCancelled(e) => release(conn, e, envelope).await,
+        let (order_id, event) = match &envelope.event {
+            Event::OrderPlaced(e) => (e.order_id, OrderEvent::Placed),
+            Event::OrderConfirmed(e) => (e.order_id, OrderEvent::Confirmed),
+            Event::OrderCancelled(e) => (e.order_id, OrderEvent::Cancelled),
+            Event::OrderRejected(e) => (e.order_id, OrderEvent::Rejected),
             other => {
                 tracing::debug!(event_type = other.event_type(), order_id = %other.order_id(), "nothing for inventory to do");
+                return Ok(AfterCommit::none());
+            }
+        };
+        // The reservation is locked until the transaction ends: the order's events never race.
+        let reservation = store::lock_reservation(conn, order_id).await?;
+        let state = match &reservation {
+            Some(r) => {
+                let status: ReservationStatus =
+                    r.status.parse().map_err(HandlerError::Permanent)?;
+                OrderState::Reserved(status)
+            }
+            None => OrderState::Unreserved {
+                cancelled: store::is_cancelled(conn, order_id).await?,
+            },
+        };
+        let reaction =
+            domain::react(state, event).map_err(|e| HandlerError::Permanent(e.to_string()))?;
+        match (reaction, &envelope.event) {
+            (Reaction::Reserve, Event::OrderPlaced(placed)) => {
+                reserve(conn, placed, envelope).await
+            }
+            (Reaction::RejectCancelled, _) => {
+                tracing::info!(%order_id, "order was cancelled before its OrderPlaced arrived; nothing reserved");
+                let event = Event::StockReservationRejected(StockReservationRejected {
+                    order_id,
+                    reason: "order was cancelled before stock was reserved".to_owned(),
+                    shortages: Vec::new(),
+                    rejected_at: now_millis(),
+                });
+                outbox::append(conn, &event, &envelope.cause()).await?;
                 Ok(AfterCommit::none())
             }
+            (Reaction::NotYet, _) => {
+                // Not yet: the retry topics give the reservation time to appear.
+                Err(HandlerError::Retryable(format!(
+                    "no reservation for order {order_id} to commit"
+                )))
+            }
+            (Reaction::Move(decision), _) => {
+                if let Some(reservation) = &reservation {
+                    move_reservation(conn, reservation, decision).await?;
+                }
+                Ok(AfterCommit::none())
+            }
+            (Reaction::Release(decision), Event::OrderCancelled(cancelled)) => {
+                release(conn, cancelled, reservation.as_ref(), decision, envelope).await
+            }
+            (Reaction::Ignore(why), _) => {
+                tracing::info!(%order_id, event_type = envelope.event.event_type(), ?state, why, "nothing to change");
+                Ok(AfterCommit::none())
+            }
+            (reaction, event) => Err(HandlerError::Permanent(format!(
+                "{reaction:?} does not go with {}",
+                event.event_type()
+            ))),
         }
     }
 }
@@ -49,21 +104,6 @@ async fn reserve(
     envelope: &Envelope,
 ) -> Result<AfterCommit, HandlerError> {
     let order_id = placed.order_id;
-    if store::lock_reservation(conn, order_id).await?.is_some() {
-        tracing::info!(%order_id, "order already has a reservation; OrderPlaced ignored");
-        return Ok(AfterCommit::none());
-    }
-    if store::is_cancelled(conn, order_id).await? {
-        tracing::info!(%order_id, "order was cancelled before its OrderPlaced arrived; nothing reserved");
-        let event = Event::StockReservationRejected(StockReservationRejected {
-            order_id,
-            reason: "order was cancelled before stock was reserved".to_owned(),
-            shortages: Vec::new(),
-            rejected_at: now_millis(),
-        });
-        outbox::append(conn, &event, &envelope.cause()).await?;
-        return Ok(AfterCommit::none());
-    }
     let items: Vec<(String, i64)> = placed
         .items
         .iter()
@@ -118,44 +158,32 @@ async fn reserve(
     }))
 }
 
-/// OrderCancelled: releases the order's reservation if it holds one (RESERVED or COMMITTED: the
-/// stock goes back to available), and records the cancellation so that a later OrderPlaced
-/// reserves nothing. Either way it answers StockReleased, so the order can finish cancelling;
+/// OrderCancelled: records the cancellation (so that a later OrderPlaced reserves nothing),
+/// moves the order's reservation as `decision` says (RESERVED or COMMITTED: the stock goes back
+/// to available), and answers StockReleased either way, so the order can finish cancelling;
 /// `reservation_id` is the nil UUID when nothing was reserved.
 async fn release(
     conn: &mut PgConnection,
     cancelled: &OrderCancelled,
+    reservation: Option<&store::Reservation>,
+    decision: ReservationDecision,
     envelope: &Envelope,
 ) -> Result<AfterCommit, HandlerError> {
     let order_id = cancelled.order_id;
     let mut after_commit = AfterCommit::none();
     let reason = format!("order cancelled ({})", cancelled.reason);
     store::record_cancelled(conn, order_id, &reason).await?;
-    let reservation_id = match store::lock_reservation(conn, order_id).await? {
+    let reservation_id = match reservation {
         None => {
             tracing::info!(%order_id, "order cancelled before anything was reserved");
             Uuid::nil()
         }
         Some(reservation) => {
-            let status: domain::ReservationStatus = reservation
-                .status
-                .parse()
-                .map_err(HandlerError::Permanent)?;
-            match domain::decide(status, ReservationInput::Release)
-                .map_err(|e| HandlerError::Permanent(e.to_string()))?
-            {
-                ReservationDecision::Ignore(why) => {
-                    tracing::info!(%order_id, %status, why, "reservation unchanged");
-                }
-                ReservationDecision::Transition { to, stock } => {
-                    store::move_reservation(conn, &reservation, to, stock).await?;
-                    after_commit = after_commit.then(move || {
-                        metrics::counter!("inventory_releases_total", "from" => status.as_str())
-                            .increment(1);
-                    });
-                    tracing::info!(%order_id, reservation_id = %reservation.reservation_id, from = %status, %to,
-                        "reservation released: stock back to available");
-                }
+            if let Some(from) = move_reservation(conn, reservation, decision).await? {
+                after_commit = after_commit.then(move || {
+                    metrics::counter!("inventory_releases_total", "from" => from.as_str())
+                        .increment(1);
+                });
             }
             reservation.reservation_id
         }
@@ -170,29 +198,27 @@ async fn release(
     Ok(after_commit)
 }
 
+/// Carries out `decision` on `reservation` (locked by the handler); the status it moved from,
+/// if it moved.
 async fn move_reservation(
     conn: &mut PgConnection,
-    order_id: Uuid,
-    input: ReservationInput,
-) -> Result<AfterCommit, HandlerError> {
-    let Some(reservation) = store::lock_reservation(conn, order_id).await? else {
-        // Not yet: the retry topics give the reservation time to appear.
-        return Err(HandlerError::Retryable(format!(
-            "no reservation for order {order_id} to {input:?}"
-        )));
-    };
-    let status: domain::ReservationStatus = reservation
+    reservation: &store::Reservation,
+    decision: ReservationDecision,
+) -> Result<Option<ReservationStatus>, HandlerError> {
+    let (order_id, reservation_id) = (reservation.order_id, reservation.reservation_id);
+    let from: ReservationStatus = reservation
         .status
         .parse()
         .map_err(HandlerError::Permanent)?;
-    match domain::decide(status, input).map_err(|e| HandlerError::Permanent(e.to_string()))? {
+    match decision {
         ReservationDecision::Ignore(why) => {
-            tracing::info!(%order_id, %status, why, "reservation unchanged");
+            tracing::info!(%order_id, status = %from, why, "reservation unchanged");
+            Ok(None)
         }
         ReservationDecision::Transition { to, stock } => {
-            store::move_reservation(conn, &reservation, to, stock).await?;
-            tracing::info!(%order_id, reservation_id = %reservation.reservation_id, from = %status, %to, "reservation moved");
+            store::move_reservation(conn, reservation, to, stock).await?;
+            tracing::info!(%order_id, %reservation_id, %from, %to, ?stock, "reservation moved");
+            Ok(Some(from))
         }
     }
-    Ok(AfterCommit::none())
 }

@@ -108,6 +108,80 @@ pub fn decide(
     }
 }
 
+/// Where an order stands with inventory when one of its events arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderState {
+    /// No reservation; `cancelled`: its OrderCancelled has been seen (`cancelled_orders`).
+    Unreserved { cancelled: bool },
+    /// Its reservation, in this status.
+    Reserved(ReservationStatus),
+}
+
+/// The events of `orders.v1` that inventory reacts to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OrderEvent {
+    Placed,
+    Confirmed,
+    Cancelled,
+    Rejected,
+}
+
+impl OrderEvent {
+    pub const ALL: [OrderEvent; 4] = [
+        OrderEvent::Placed,
+        OrderEvent::Confirmed,
+        OrderEvent::Cancelled,
+        OrderEvent::Rejected,
+    ];
+}
+
+/// What inventory does with an order's event: the README's reservation table, row by row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reaction {
+    /// Reserve every line or none ([`reserve`] decides against the stock) and answer
+    /// StockReserved or StockReservationRejected.
+    Reserve,
+    /// Answer StockReservationRejected without reserving anything: the order was cancelled
+    /// before its OrderPlaced arrived.
+    RejectCancelled,
+    /// Not applicable yet: retried through the retry topics, then dead-lettered.
+    NotYet,
+    /// Move the reservation (and its stock); nothing to answer.
+    Move(ReservationDecision),
+    /// Record the cancellation, move the reservation if there is one, and answer StockReleased
+    /// (also when nothing moves, so that the order can always finish cancelling).
+    Release(ReservationDecision),
+    /// Nothing to change, nothing to answer; why that is correct.
+    Ignore(&'static str),
+}
+
+/// Inventory's reaction to `event` of an order in `state`. Every pair is decided here; the
+/// handler only carries the reaction out.
+pub fn react(state: OrderState, event: OrderEvent) -> Result<Reaction, InvalidTransition> {
+    use OrderEvent::*;
+    match (state, event) {
+        (_, Rejected) => Ok(Reaction::Ignore(
+            "an order rejected needs nothing from inventory",
+        )),
+        (OrderState::Unreserved { cancelled: false }, Placed) => Ok(Reaction::Reserve),
+        (OrderState::Unreserved { cancelled: true }, Placed) => Ok(Reaction::RejectCancelled),
+        (OrderState::Unreserved { .. }, Confirmed) => Ok(Reaction::NotYet),
+        (OrderState::Unreserved { .. }, Cancelled) => Ok(Reaction::Release(
+            ReservationDecision::Ignore("nothing was reserved"),
+        )),
+        (OrderState::Reserved(status), Placed) => Ok(Reaction::Ignore(match status {
+            ReservationStatus::Released => "the order was cancelled",
+            _ => "already reserved for this order",
+        })),
+        (OrderState::Reserved(status), Confirmed) => {
+            decide(status, ReservationInput::Commit).map(Reaction::Move)
+        }
+        (OrderState::Reserved(status), Cancelled) => {
+            decide(status, ReservationInput::Release).map(Reaction::Release)
+        }
+    }
+}
+
 /// One sku's stock as the reservation sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stock {
@@ -245,6 +319,92 @@ mod tests {
         }
         // The table above covers every pair.
         assert_eq!(table.len(), ReservationStatus::ALL.len() * 2);
+    }
+
+    /// The README's reservation table, every row (OrderRejected, ignored in every state, is
+    /// its first sentence): (state, event, what happens), written out by hand.
+    #[test]
+    fn every_state_and_event_is_handled_as_the_readme_table_says() {
+        use OrderEvent::*;
+        use OrderState::Unreserved;
+        let none = Unreserved { cancelled: false };
+        let cancelled = Unreserved { cancelled: true };
+        let table = [
+            (none, Placed, "reserve"),
+            (cancelled, Placed, "reject: cancelled first"),
+            (none, Confirmed, "not yet"),
+            (cancelled, Confirmed, "not yet"),
+            (none, Cancelled, "record, answer StockReleased"),
+            (cancelled, Cancelled, "record, answer StockReleased"),
+            (OrderState::Reserved(Reserved), Placed, "ignore"),
+            (OrderState::Reserved(Reserved), Confirmed, "COMMITTED/Sell"),
+            (
+                OrderState::Reserved(Reserved),
+                Cancelled,
+                "record, RELEASED/Unreserve, answer StockReleased",
+            ),
+            (OrderState::Reserved(Committed), Placed, "ignore"),
+            (OrderState::Reserved(Committed), Confirmed, "ignore"),
+            (
+                OrderState::Reserved(Committed),
+                Cancelled,
+                "record, RELEASED/Return, answer StockReleased",
+            ),
+            (OrderState::Reserved(Released), Placed, "ignore"),
+            (OrderState::Reserved(Released), Confirmed, "invalid"),
+            (
+                OrderState::Reserved(Released),
+                Cancelled,
+                "record, answer StockReleased",
+            ),
+            (none, Rejected, "ignore"),
+            (cancelled, Rejected, "ignore"),
+            (OrderState::Reserved(Reserved), Rejected, "ignore"),
+            (OrderState::Reserved(Committed), Rejected, "ignore"),
+            (OrderState::Reserved(Released), Rejected, "ignore"),
+        ];
+        let moved = |d: ReservationDecision| match d {
+            ReservationDecision::Transition { to, stock } => Some(format!("{to}/{stock:?}")),
+            ReservationDecision::Ignore(_) => None,
+        };
+        for (state, event, expected) in table {
+            let got = match react(state, event) {
+                Ok(Reaction::Reserve) => "reserve".to_owned(),
+                Ok(Reaction::RejectCancelled) => "reject: cancelled first".to_owned(),
+                Ok(Reaction::NotYet) => "not yet".to_owned(),
+                Ok(Reaction::Move(d)) => moved(d).unwrap_or_else(|| "ignore".to_owned()),
+                Ok(Reaction::Release(d)) => match moved(d) {
+                    Some(m) => format!("record, {m}, answer StockReleased"),
+                    None => "record, answer StockReleased".to_owned(),
+                },
+                Ok(Reaction::Ignore(_)) => "ignore".to_owned(),
+                Err(_) => "invalid".to_owned(),
+            };
+            assert_eq!(got, expected, "{state:?} + {event:?}");
+        }
+        // Every state (none, none but cancelled, and each status) with every event.
+        assert_eq!(
+            table.len(),
+            (2 + ReservationStatus::ALL.len()) * OrderEvent::ALL.len()
+        );
+    }
+
+    /// The two OrderPlaced rows of the table that depend on the stock: every line available
+    /// reserves all of them; one short reserves none and names it.
+    #[test]
+    fn an_order_placed_reserves_all_lines_or_none() {
+        let stock = stock(&[("A", 5, 100), ("B", 1, 250)]);
+        assert!(matches!(
+            reserve(&[("A".into(), 5), ("B".into(), 1)], &stock),
+            ReserveDecision::Reserve {
+                total_cents: 750,
+                ..
+            }
+        ));
+        assert!(matches!(
+            reserve(&[("A".into(), 5), ("B".into(), 2)], &stock),
+            ReserveDecision::Reject { shortages, .. } if shortages.len() == 1 && shortages[0].sku == "B"
+        ));
     }
 
     fn stock(entries: &[(&str, i64, i64)]) -> BTreeMap<String, Stock> {
