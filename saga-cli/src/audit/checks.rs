@@ -90,6 +90,10 @@ pub enum Finding {
         key: String,
         problem: String,
     },
+    /// An order whose OrderPlaced inventory-service applied, but whose events on inventory.v1 do
+    /// not begin with its one answer (StockReserved or StockReservationRejected): the answer was
+    /// lost, or a release came first.
+    Unanswered { order_id: String, problem: String },
     /// An outbox row older than the threshold: the relay is not publishing it.
     OldOutbox {
         source: String,
@@ -154,6 +158,9 @@ impl std::fmt::Display for Finding {
                 key,
                 problem,
             } => write!(f, "out of order on {topic}, key {key}: {problem}"),
+            Finding::Unanswered { order_id, problem } => {
+                write!(f, "unanswered: order {order_id}: {problem}")
+            }
             Finding::OldOutbox {
                 source,
                 message_id,
@@ -353,6 +360,61 @@ pub fn event_order(records: &[TopicRecord]) -> Vec<Finding> {
                 problem,
             });
         }
+    }
+    findings
+}
+
+/// Orders whose OrderPlaced (a record of `placed`, older than `cutoff_ms`) inventory-service
+/// applied (`applied`) must have their answer first among their events on inventory.v1
+/// (`answers`): inventory reacts to an order's events in their order, and OrderPlaced comes first.
+/// An OrderPlaced that was dead-lettered (`dead`) is left out: redriven after the order's
+/// OrderCancelled, it is answered after the release.
+pub fn inventory_answers(
+    placed: &[TopicRecord],
+    applied: &HashSet<Uuid>,
+    dead: &[DeadLetter],
+    answers: &[TopicRecord],
+    cutoff_ms: i64,
+) -> Vec<Finding> {
+    let dead_ids: HashSet<Uuid> = dead.iter().filter_map(|d| d.message_id).collect();
+    let mut first: HashMap<&str, &TopicRecord> = HashMap::new();
+    for r in answers {
+        if let Some(key) = &r.key {
+            let earliest = first.entry(key.as_str()).or_insert(r);
+            if (r.partition, r.offset) < (earliest.partition, earliest.offset) {
+                *earliest = r;
+            }
+        }
+    }
+    let mut findings = Vec::new();
+    let mut seen = HashSet::new();
+    for r in placed {
+        let (Some(id), Some(key)) = (r.message_id, &r.key) else {
+            continue;
+        };
+        let answerable = r.event_type.as_deref() == Some("OrderPlaced")
+            && r.timestamp_ms.is_none_or(|t| t < cutoff_ms)
+            && applied.contains(&id)
+            && !dead_ids.contains(&id);
+        if !answerable || !seen.insert(key.as_str()) {
+            continue;
+        }
+        let problem = match first
+            .get(key.as_str())
+            .and_then(|a| a.event_type.as_deref())
+        {
+            Some("StockReserved" | "StockReservationRejected") => continue,
+            None => "inventory-service applied its OrderPlaced but nothing of the order is on \
+                     inventory.v1: its answer was lost"
+                .to_owned(),
+            Some(other) => format!(
+                "its first event on inventory.v1 is {other}, before any answer to its OrderPlaced"
+            ),
+        };
+        findings.push(Finding::Unanswered {
+            order_id: key.clone(),
+            problem,
+        });
     }
     findings
 }
@@ -632,6 +694,46 @@ mod tests {
             event_order(&records).len(),
             1,
             "offsets, not arrival, give the order"
+        );
+    }
+
+    #[test]
+    fn an_applied_order_placed_must_be_answered_before_any_release() {
+        let placed = [
+            record(0, 0, "answered", 1, "OrderPlaced"),
+            record(0, 1, "lost", 2, "OrderPlaced"),
+            record(0, 2, "released first", 3, "OrderPlaced"),
+            record(0, 3, "not applied", 4, "OrderPlaced"),
+            record(0, 4, "dead-lettered", 5, "OrderPlaced"),
+            record(0, 5, "answered", 6, "OrderCancelled"),
+        ];
+        let applied: HashSet<Uuid> = [1, 2, 3, 5, 6].map(Uuid::from_u128).into();
+        let dead = [DeadLetter {
+            message_id: Some(Uuid::from_u128(5)),
+            original: None,
+        }];
+        let mut answers = [
+            record(1, 7, "answered", 11, "StockReleased"),
+            record(1, 3, "answered", 12, "StockReserved"),
+            record(1, 4, "released first", 13, "StockReleased"),
+            record(1, 5, "released first", 14, "StockReserved"),
+            record(1, 6, "dead-lettered", 15, "StockReleased"),
+        ];
+        for a in &mut answers {
+            a.topic = "inventory.v1".into();
+        }
+        let found = inventory_answers(&placed, &applied, &dead, &answers, 1);
+        let orders: Vec<&str> = found
+            .iter()
+            .map(|f| match f {
+                Finding::Unanswered { order_id, .. } => order_id.as_str(),
+                other => panic!("{other}"),
+            })
+            .collect();
+        assert_eq!(orders, ["lost", "released first"]);
+        assert!(
+            inventory_answers(&placed, &applied, &dead, &answers, 0).is_empty(),
+            "within the grace period nothing is required"
         );
     }
 }

@@ -7,6 +7,8 @@
 //!   none, REJECTED ↔ none), and reservations of orders order-service does not know;
 //! - stock not conserved, or not matching the reservations;
 //! - an order's events out of order on its topic;
+//! - an order whose OrderPlaced inventory applied without its answer (StockReserved or
+//!   StockReservationRejected) coming first on inventory.v1;
 //! - outbox rows older than a threshold.
 //!
 //! What it cannot read is an error (exit status 2) naming what it could not reach: it never
@@ -15,7 +17,7 @@
 pub mod checks;
 
 use schemas::headers;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -93,6 +95,8 @@ pub async fn run(kafka: &KafkaSettings, args: &AuditArgs) -> anyhow::Result<i32>
         findings: Vec::new(),
     };
 
+    // Each group's topic, inbox and dead letters, kept for the checks across topics.
+    let mut read_by_group = HashMap::new();
     for (group, topic, db) in GROUPS {
         let records = topic_records(kafka, topic).await?;
         let dead = dead_letters(kafka, group).await?;
@@ -124,7 +128,17 @@ pub async fn run(kafka: &KafkaSettings, args: &AuditArgs) -> anyhow::Result<i32>
         report
             .dead_letters
             .insert(group.to_owned(), json!(dead.len()));
+        read_by_group.insert(group, (records, applied, dead));
     }
+    let (placed, applied, dead) = &read_by_group["inventory-service"];
+    let (answers, _, _) = &read_by_group["order-service"];
+    report.findings.extend(checks::inventory_answers(
+        placed,
+        applied,
+        dead,
+        answers,
+        cutoff.timestamp_millis(),
+    ));
 
     let orders: Vec<OrderRow> = sqlx::query_as::<_, (Uuid, String, chrono::DateTime<Utc>)>(
         "SELECT order_id, status, updated_at FROM orders",
@@ -187,7 +201,7 @@ fn print(report: &Report, args: &AuditArgs, started: chrono::DateTime<Utc>) {
     println!("dead letters: {}", dead.join(", "));
     if report.findings.is_empty() {
         println!(
-            "0 findings: every record applied or dead-lettered, every order older than {:?} terminal and agreeing with its reservation, stock conserved, events in order, no old outbox rows",
+            "0 findings: every record applied or dead-lettered, every order older than {:?} terminal and agreeing with its reservation, stock conserved, events in order, every applied OrderPlaced answered first, no old outbox rows",
             args.grace
         );
     } else {
