@@ -164,6 +164,12 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
         .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &LATENCY_BUCKETS)?
         .install_recorder()?;
     describe_metrics();
+    // Prometheus's standard process metric: a restart shows as a new value (a crash that a
+    // restart policy covered up is still seen: `changes(process_start_time_seconds[1h])`).
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    metrics::gauge!("process_start_time_seconds").set(started.as_secs_f64());
     Ok(handle)
 }
 
@@ -171,6 +177,11 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
 /// recorded). The README's tables and the dashboards use these names.
 fn describe_metrics() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        "process_start_time_seconds",
+        Unit::Seconds,
+        "When the process started, in seconds since the Unix epoch"
+    );
     // HTTP
     describe_counter!(
         "http_requests_total",
