@@ -6,9 +6,8 @@ pub mod domain;
 pub mod http;
 pub mod store;
 
-use std::net::SocketAddr;
-
 use clap::Parser;
+use messaging::http_server::ListenAddr;
 use messaging::retention::{Keep, PrunedTable};
 use messaging::service::{CommonSettings, ServiceConfig, ServiceSpec};
 use messaging::shutdown::Shutdown;
@@ -19,9 +18,10 @@ static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Debug, Clone, Parser)]
 #[command(name = "inventory-service", version, about)]
 pub struct Settings {
-    /// Address the HTTP API listens on.
+    /// Address the HTTP API listens on (HOST:PORT), or `stdin`: a listening socket given as
+    /// standard input (inetd, systemd `StandardInput=socket`).
     #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8081")]
-    pub listen_addr: SocketAddr,
+    pub listen_addr: ListenAddr,
     /// The inventory database (created if missing).
     #[arg(
         long,

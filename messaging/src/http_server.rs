@@ -15,9 +15,14 @@
 //!   rolled back;
 //! - a **body limit** ([`HttpLimits::max_body_bytes`]): a larger body is refused with 413.
 
+use std::fmt;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::StatusCode;
 use axum::middleware::Next;
@@ -30,6 +35,66 @@ use tokio::sync::Semaphore;
 
 use crate::http::Problem;
 use crate::shutdown::Shutdown;
+
+/// Where a process's HTTP server listens (`--listen-addr`, `--metrics-addr`): an address to bind,
+/// or `stdin`, the listening socket the process was started with as its standard input (inetd's
+/// convention; systemd's `StandardInput=socket` with one socket and `Accept=no`). A supervisor
+/// that holds the socket keeps the port through restarts of the process and nobody can take it
+/// meanwhile; the end-to-end tests start every process that way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenAddr {
+    Bind(SocketAddr),
+    Stdin,
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "stdin" {
+            return Ok(ListenAddr::Stdin);
+        }
+        s.parse().map(ListenAddr::Bind).map_err(|_| {
+            format!("{s:?} is neither an address (HOST:PORT) nor `stdin` (a listening socket on standard input)")
+        })
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Bind(addr) => write!(f, "{addr}"),
+            ListenAddr::Stdin => f.write_str("stdin"),
+        }
+    }
+}
+
+impl ListenAddr {
+    /// The listener: bound now, or taken from standard input, which must be a listening TCP
+    /// socket.
+    pub async fn listen(self) -> anyhow::Result<TcpListener> {
+        match self {
+            ListenAddr::Bind(addr) => TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding {addr}")),
+            ListenAddr::Stdin => {
+                let fd = std::io::stdin()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .context("taking the socket on standard input")?;
+                let socket = socket2::Socket::from(fd);
+                let listening = socket.is_listener().context(
+                    "--listen-addr stdin: standard input is not a socket (start the process with a listening socket as its standard input)",
+                )?;
+                anyhow::ensure!(
+                    listening,
+                    "--listen-addr stdin: the socket on standard input is not listening (an inetd `wait`/systemd `Accept=no` socket is needed, not a connection)"
+                );
+                socket.set_nonblocking(true)?;
+                Ok(TcpListener::from_std(socket.into())?)
+            }
+        }
+    }
+}
 
 /// The server's limits; every process takes them from the same flags.
 #[derive(Debug, Clone, clap::Args)]

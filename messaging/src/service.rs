@@ -2,8 +2,6 @@
 //! database, serve the API and the operational routes, create the topics, run the consumer, and
 //! report ready; on shutdown, stop taking requests, finish the current message, close the pool.
 
-use std::net::SocketAddr;
-
 use anyhow::Context;
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
@@ -130,7 +128,7 @@ fn parse_retry_delays(text: &str) -> Result<RetryDelays, String> {
 /// Where a service runs.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
-    pub listen_addr: SocketAddr,
+    pub listen_addr: crate::http_server::ListenAddr,
     pub database_url: String,
     pub common: CommonSettings,
 }
@@ -158,9 +156,7 @@ where
         }
     }
     let readiness = Readiness::default();
-    let listener = tokio::net::TcpListener::bind(config.listen_addr)
-        .await
-        .with_context(|| format!("binding {}", config.listen_addr))?;
+    let listener = config.listen_addr.listen().await?;
     tracing::info!(database = %crate::db::redacted(&config.database_url), "connecting to the database and migrating");
     // Two pools: one for the HTTP API, one for the consumers and background jobs.
     let pool = crate::db::connect_and_migrate(

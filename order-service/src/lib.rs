@@ -8,9 +8,8 @@ pub mod http;
 pub mod store;
 pub mod transition;
 
-use std::net::SocketAddr;
-
 use clap::Parser;
+use messaging::http_server::ListenAddr;
 use messaging::retention::{Keep, PrunedTable};
 use messaging::service::{CommonSettings, ServiceConfig, ServiceSpec};
 use messaging::shutdown::Shutdown;
@@ -21,9 +20,10 @@ static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Debug, Clone, Parser)]
 #[command(name = "order-service", version, about)]
 pub struct Settings {
-    /// Address the HTTP API listens on.
+    /// Address the HTTP API listens on (HOST:PORT), or `stdin`: a listening socket given as
+    /// standard input (inetd, systemd `StandardInput=socket`).
     #[arg(long, env = "LISTEN_ADDR", default_value = "127.0.0.1:8080")]
-    pub listen_addr: SocketAddr,
+    pub listen_addr: ListenAddr,
     /// The orders database (created if missing).
     #[arg(
         long,

@@ -45,7 +45,6 @@
 pub mod pipeline;
 pub mod relay;
 
-use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -108,9 +107,10 @@ pub struct Settings {
     /// milliseconds: the longest a first row after a quiet spell waits.
     #[arg(long, env = "RELAY_IDLE_POLL_MS", default_value_t = 100)]
     pub idle_poll_ms: u64,
-    /// Address of /metrics, /healthz and /readyz.
+    /// Address of /metrics, /healthz and /readyz (HOST:PORT), or `stdin`: a listening socket
+    /// given as standard input (inetd, systemd `StandardInput=socket`).
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:8082")]
-    pub metrics_addr: SocketAddr,
+    pub metrics_addr: messaging::http_server::ListenAddr,
     /// Partitions of the topics the relay creates when they are missing.
     #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 3)]
     pub topic_partitions: i32,
@@ -124,9 +124,7 @@ pub struct Settings {
 pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     let metrics = messaging::telemetry::init_metrics()?;
     let readiness = Readiness::default();
-    let listener = tokio::net::TcpListener::bind(settings.metrics_addr)
-        .await
-        .with_context(|| format!("binding {}", settings.metrics_addr))?;
+    let listener = settings.metrics_addr.listen().await?;
     tracing::info!(
         "outbox-relay metrics on http://{}/metrics",
         listener.local_addr()?
