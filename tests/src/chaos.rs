@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -110,7 +111,13 @@ impl ChaosOptions {
 /// What a run did and found.
 #[derive(Debug)]
 pub struct Outcome {
+    /// How often each fault happened (a relay kill counts as mid-batch only when it was shown
+    /// to land inside a batch).
     pub faults: BTreeMap<Fault, u32>,
+    /// Kills meant to land mid-batch that did not (nothing published and not yet deleted).
+    pub missed_mid_batch: u32,
+    /// Deadline cancellations, each explained by a fault in progress.
+    pub deadline_cancels: usize,
     /// Final status → orders.
     pub statuses: BTreeMap<String, u64>,
     pub accepted: usize,
@@ -137,14 +144,17 @@ impl Outcome {
             .map(|(s, n)| format!("{n} {s}"))
             .collect();
         format!(
-            "faults injected ({} in {:.0} s of load):\n{}\norders accepted: {} ({}); \
+            "faults injected ({} in {:.0} s of load; relay kills that missed a batch, not \
+             counted: {}):\n{}\norders accepted: {} ({}; by the saga deadline during faults: {}); \
              cancel requests: {}; idempotent replays: {}\nquiet after the load: {:.0} s\n\
              saga audit: {} findings, dead letters {}\nviolations: {}",
             self.faults.values().sum::<u32>(),
             self.load_secs,
+            self.missed_mid_batch,
             faults.join("\n"),
             self.accepted,
             statuses.join(", "),
+            self.deadline_cancels,
             self.cancels,
             self.replays,
             self.quiesce_secs,
@@ -162,12 +172,39 @@ impl Outcome {
 /// What the customer's requests say an order must end as.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Expect {
-    /// Any terminal status (CONFIRMED, REJECTED, or CANCELLED by the saga deadline).
-    Terminal,
+    /// No cancel request: CONFIRMED; REJECTED only for an order of a scarce sku; CANCELLED only by
+    /// the saga deadline while a fault held the saga up ([`explained_by_faults`]).
+    Saga,
     /// A cancel request was accepted (202) or found it already cancelling (200).
     Cancelled,
     /// A cancel request was refused (409): the order was REJECTED.
     Rejected,
+}
+
+/// An order the load placed: what it must end as, and which skus it asked for.
+#[derive(Debug, Clone)]
+struct Accepted {
+    expect: Expect,
+    skus: Vec<String>,
+}
+
+/// One fault, from the moment it was injected until it was undone and the stack was ready again.
+#[derive(Debug, Clone)]
+pub struct FaultWindow {
+    pub fault: Fault,
+    pub started: DateTime<Utc>,
+    pub ended: DateTime<Utc>,
+}
+
+/// How long a fault may still hold sagas up after it was undone: a consumer group takes a
+/// session timeout (10 s) and a rebalance or two to read again, with room for a loaded machine.
+const RECOVERY: chrono::TimeDelta = chrono::TimeDelta::seconds(45);
+
+/// Whether some fault was in progress, or recovering from, between `from` and `to`.
+fn explained_by_faults(faults: &[FaultWindow], from: DateTime<Utc>, to: DateTime<Utc>) -> bool {
+    faults
+        .iter()
+        .any(|f| f.started <= to && f.ended + RECOVERY >= from)
 }
 
 const PLENTY: [&str; 6] = ["P0", "P1", "P2", "P3", "P4", "P5"];
@@ -181,7 +218,10 @@ struct Load {
     /// order-service URLs the load may use (a second instance is added while it runs).
     targets: RwLock<Vec<String>>,
     rng: Mutex<StdRng>,
-    accepted: Mutex<HashMap<Uuid, Expect>>,
+    accepted: Mutex<HashMap<Uuid, Accepted>>,
+    /// Every customer that placed an order → the order its POST was answered with (none when
+    /// the run gave up on it): the orders database must hold exactly these.
+    customers: Mutex<HashMap<Uuid, Option<Uuid>>>,
     violations: Mutex<Vec<String>>,
     replays: AtomicU64,
     cancels: AtomicU64,
@@ -256,22 +296,28 @@ impl Load {
     /// One customer: places an order (retrying with its Idempotency-Key until answered),
     /// sometimes repeats the POST, sometimes cancels.
     async fn customer(self: Arc<Self>) {
-        let (body, replay, cancel_after) = {
+        let (customer_id, body, skus, replay, cancel_after) = {
             let mut rng = self.rng.lock().expect("lock");
             let lines = rng.random_range(1..=3);
             let mut skus: Vec<&str> = PLENTY.iter().chain(SCARCE.iter()).copied().collect();
             skus.shuffle(&mut *rng);
-            let items: Vec<Value> = skus[..lines]
+            let skus: Vec<String> = skus[..lines].iter().map(|s| s.to_string()).collect();
+            let items: Vec<Value> = skus
                 .iter()
                 .map(|sku| json!({"sku": sku, "quantity": rng.random_range(1..=3)}))
                 .collect();
-            let body = json!({"customer_id": Uuid::new_v4(), "items": items});
+            let customer_id = Uuid::new_v4();
+            let body = json!({"customer_id": customer_id, "items": items});
             let replay = rng.random_bool(0.1);
             let cancel_after = rng
                 .random_bool(0.2)
                 .then(|| Duration::from_millis(rng.random_range(0..3000)));
-            (body, replay, cancel_after)
+            (customer_id, body, skus, replay, cancel_after)
         };
+        self.customers
+            .lock()
+            .expect("lock")
+            .insert(customer_id, None);
         let key = Uuid::new_v4().to_string();
         let Some((status, answer)) = self.post("/orders", Some(&body), Some(&key)).await else {
             self.violation(format!("POST /orders (key {key}) never answered"));
@@ -287,10 +333,18 @@ impl Load {
         if status != StatusCode::CREATED {
             self.violation(format!("POST /orders answered {status} for {order_id}"));
         }
+        self.customers
+            .lock()
+            .expect("lock")
+            .insert(customer_id, Some(order_id));
+        let accepted = |expect| Accepted {
+            expect,
+            skus: skus.clone(),
+        };
         self.accepted
             .lock()
             .expect("lock")
-            .insert(order_id, Expect::Terminal);
+            .insert(order_id, accepted(Expect::Saga));
         if replay {
             self.replays.fetch_add(1, Ordering::Relaxed);
             match self.post("/orders", Some(&body), Some(&key)).await {
@@ -314,7 +368,10 @@ impl Load {
                     return;
                 }
             };
-            self.accepted.lock().expect("lock").insert(order_id, expect);
+            self.accepted
+                .lock()
+                .expect("lock")
+                .insert(order_id, accepted(expect));
         }
     }
 }
@@ -357,6 +414,7 @@ pub async fn run(test: &str, options: ChaosOptions) -> Outcome {
         targets: RwLock::new(vec![stack.order_url.clone()]),
         rng: Mutex::new(StdRng::seed_from_u64(options.seed ^ 0x5eed)),
         accepted: Mutex::default(),
+        customers: Mutex::default(),
         violations: Mutex::default(),
         replays: AtomicU64::new(0),
         cancels: AtomicU64::new(0),
@@ -382,6 +440,8 @@ pub async fn run(test: &str, options: ChaosOptions) -> Outcome {
     // Faults: every kind once in a random order, then at random until the duration is over.
     let started = Instant::now();
     let mut faults: BTreeMap<Fault, u32> = BTreeMap::new();
+    let mut windows: Vec<FaultWindow> = Vec::new();
+    let mut missed_mid_batch = 0;
     let mut first_round = Fault::ALL.to_vec();
     first_round.shuffle(&mut rng);
     let mut instance = 0;
@@ -395,6 +455,16 @@ pub async fn run(test: &str, options: ChaosOptions) -> Outcome {
         };
         let gap = rng.random_range(options.gap_secs.0..options.gap_secs.1);
         tokio::time::sleep(Duration::from_secs_f64(gap)).await;
+        // A process that died by itself would make the next fault a no-op (a kill -9 of a dead
+        // process does nothing) and its absence would pass for the fault's effect.
+        let exited = stack.exited();
+        if !exited.is_empty() {
+            load.violation(format!(
+                "{exited:?} exited by itself before fault {instance}; {}",
+                stack.where_logs_are()
+            ));
+            break;
+        }
         instance += 1;
         eprintln!(
             "chaos: {:>5.1} s: {} ({} orders accepted so far)",
@@ -402,8 +472,21 @@ pub async fn run(test: &str, options: ChaosOptions) -> Outcome {
             fault.name(),
             load.accepted.lock().expect("lock").len()
         );
-        inject(fault, &mut stack, &cluster, &load, &mut rng, instance).await;
-        *faults.entry(fault).or_default() += 1;
+        let window_start = Utc::now();
+        let injected = inject(fault, &mut stack, &cluster, &load, &mut rng, instance).await;
+        windows.push(FaultWindow {
+            fault,
+            started: window_start,
+            ended: Utc::now(),
+        });
+        match injected {
+            Injected::Yes => *faults.entry(fault).or_default() += 1,
+            Injected::Missed(n) => missed_mid_batch += n,
+            Injected::YesAfterMisses(n) => {
+                *faults.entry(fault).or_default() += 1;
+                missed_mid_batch += n;
+            }
+        }
     }
     let load_secs = started.elapsed().as_secs_f64();
     stop_load.store(true, Ordering::SeqCst);
@@ -414,12 +497,31 @@ pub async fn run(test: &str, options: ChaosOptions) -> Outcome {
     generator.await.expect("load generator");
 
     let quiet_started = Instant::now();
-    let accepted: HashMap<Uuid, Expect> = load.accepted.lock().expect("lock").clone();
-    let audit = quiesce(&stack, &accepted).await;
+    let accepted: HashMap<Uuid, Accepted> = load.accepted.lock().expect("lock").clone();
+    let (audit, quiet) = quiesce(&stack, &accepted).await;
     let quiesce_secs = quiet_started.elapsed().as_secs_f64();
 
     let mut violations = std::mem::take(&mut *load.violations.lock().expect("lock"));
-    let statuses = final_statuses(&stack, &accepted, &mut violations).await;
+    if let Err(not_quiet) = quiet {
+        violations.push(not_quiet);
+    }
+    for fault in Fault::ALL {
+        if !faults.contains_key(&fault) {
+            violations.push(format!(
+                "the run never injected {:?} ({})",
+                fault,
+                fault.name()
+            ));
+        }
+    }
+    let exited = stack.exited();
+    if !exited.is_empty() {
+        violations.push(format!("{exited:?} exited by itself during the run"));
+    }
+    let customers = load.customers.lock().expect("lock").clone();
+    one_order_per_customer(&stack, &customers, &mut violations).await;
+    let (statuses, deadline_cancels) =
+        final_statuses(&stack, &accepted, &windows, &mut violations).await;
     if audit["ok"] != json!(true) {
         violations.push(describe_findings(&audit));
     }
@@ -435,6 +537,8 @@ pub async fn run(test: &str, options: ChaosOptions) -> Outcome {
     }
     let outcome = Outcome {
         faults,
+        missed_mid_batch,
+        deadline_cancels,
         statuses: by_status,
         accepted: accepted.len(),
         replays: load.replays.load(Ordering::Relaxed),
@@ -478,6 +582,18 @@ fn describe_findings(audit: &Value) -> String {
     )
 }
 
+/// Whether a fault happened as meant.
+enum Injected {
+    Yes,
+    /// A relay kill meant to land inside a batch landed after the batch each of `n` times.
+    Missed(u32),
+    /// It landed, after `n` kills that missed.
+    YesAfterMisses(u32),
+}
+
+/// How many times a kill meant to land inside a batch is tried before the fault is given up.
+const MID_BATCH_TRIES: u32 = 3;
+
 /// Injects one fault and undoes it.
 async fn inject(
     fault: Fault,
@@ -486,7 +602,7 @@ async fn inject(
     load: &Load,
     rng: &mut StdRng,
     instance: u32,
-) {
+) -> Injected {
     match fault {
         Fault::KillRelay => {
             relay(stack).kill9();
@@ -494,18 +610,34 @@ async fn inject(
             stack.start_relay().await;
         }
         Fault::KillRelayMidBatch => {
-            // Let a backlog build up, start the relay on it, and kill it once it has read its
-            // first batch (`relay_batch_size` counts a batch before it is produced) plus up to
-            // 20 ms: while that batch's records are being produced and acknowledged.
-            relay(stack).kill9();
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let after = between(rng, 0.0, 0.02);
-            stack.launch_relay();
-            let url = stack.relay_metrics_url.clone();
-            wait_for_first_batch(stack, &url).await;
-            tokio::time::sleep(after).await;
-            relay(stack).kill9();
-            stack.start_relay().await;
+            for attempt in 0..MID_BATCH_TRIES {
+                // Let a backlog build up, start the relay on it, and kill it once it has read
+                // its first batch (`relay_batch_size` counts a batch before it is produced) plus
+                // up to 20 ms: while that batch's records are being produced and acknowledged.
+                relay(stack).kill9();
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let after = between(rng, 0.0, 0.02);
+                stack.launch_relay();
+                let url = stack.relay_metrics_url.clone();
+                wait_for_first_batch(stack, &url).await;
+                tokio::time::sleep(after).await;
+                relay(stack).kill9();
+                // Landed inside a batch: rows it published are still in the outbox, so the next
+                // relay publishes them again and the inboxes must skip the copies.
+                let (orders, inventory) = stack.published_outbox_rows().await;
+                let republished = orders + inventory;
+                stack.start_relay().await;
+                eprintln!(
+                    "chaos:          the kill left {republished} published rows in the outbox"
+                );
+                if republished > 0 {
+                    return match attempt {
+                        0 => Injected::Yes,
+                        n => Injected::YesAfterMisses(n),
+                    };
+                }
+            }
+            return Injected::Missed(MID_BATCH_TRIES);
         }
         Fault::KillOrderService => {
             stack.kill_order();
@@ -531,40 +663,33 @@ async fn inject(
         }
         Fault::SecondOrderService => {
             let (up, kill) = (between(rng, 3.0, 8.0), rng.random_bool(0.5));
-            let (mut second, url) = stack
-                .spawn_order_instance(&format!("order-service-{instance}"))
-                .await;
+            let name = format!("order-service-{instance}");
+            let (mut second, url) = stack.spawn_order_instance(&name).await;
             load.targets.write().expect("lock").push(url.clone());
             tokio::time::sleep(up).await;
-            if kill {
-                second.kill9();
-                load.targets.write().expect("lock").retain(|t| t != &url);
-            } else {
-                load.targets.write().expect("lock").retain(|t| t != &url);
-                second.stop();
-            }
+            load.targets.write().expect("lock").retain(|t| t != &url);
+            end_second_instance(load, &mut second, kill);
         }
         Fault::SecondInventoryService => {
             let (up, kill) = (between(rng, 3.0, 8.0), rng.random_bool(0.5));
-            let mut second = stack
-                .spawn_inventory_instance(&format!("inventory-service-{instance}"))
-                .await;
+            let name = format!("inventory-service-{instance}");
+            let (mut second, _) = stack.spawn_inventory_instance(&name).await;
             tokio::time::sleep(up).await;
-            if kill {
-                second.kill9();
-            } else {
-                second.stop();
-            }
+            end_second_instance(load, &mut second, kill);
         }
         Fault::RelayTakeover => {
             let up = between(rng, 1.0, 3.0);
-            let (second, url) = stack
-                .spawn_relay_instance(&format!("outbox-relay-{instance}"))
+            let (mut standby, listener) = stack
+                .spawn_standby_relay(&format!("outbox-relay-{instance}"))
                 .await;
             tokio::time::sleep(up).await;
-            relay(stack).kill9();
-            stack.relay = Some(second);
-            stack.relay_metrics_url = url;
+            if !standby.is_running() {
+                load.violation(format!(
+                    "the standby relay {} exited by itself",
+                    standby.name
+                ));
+            }
+            stack.kill_relay_for((standby, listener));
         }
         Fault::CutInventoryDatabase => {
             let down = between(rng, 2.0, 6.0);
@@ -573,6 +698,22 @@ async fn inject(
             tokio::time::sleep(down).await;
             proxy.bring_up();
         }
+    }
+    Injected::Yes
+}
+
+/// Ends a second service instance: `kill -9`, or SIGTERM and a clean exit. Either way it must
+/// still have been running, and a SIGTERM must end it promptly.
+fn end_second_instance(load: &Load, second: &mut Proc, kill: bool) {
+    if !second.is_running() {
+        load.violation(format!("{} exited by itself", second.name));
+    } else if kill {
+        second.kill9();
+    } else if !second.stop_within(Duration::from_secs(15)) {
+        load.violation(format!(
+            "{} did not exit within 15 s of SIGTERM",
+            second.name
+        ));
     }
 }
 
@@ -606,9 +747,11 @@ async fn wait_for_first_batch(stack: &Stack, url: &str) {
 /// last delay (60 s) and a rebalance or two, with room for a loaded machine.
 const QUIET_WITHIN: Duration = Duration::from_secs(300);
 
-/// Waits until every accepted order is terminal, both outboxes are empty and `saga audit`
-/// (grace 0) has nothing to say, or [`QUIET_WITHIN`] is over; returns the last audit report.
-async fn quiesce(stack: &Stack, accepted: &HashMap<Uuid, Expect>) -> Value {
+/// Waits until every accepted order is terminal and both outboxes are empty, then until
+/// `saga audit` (grace 0, outbox age 0) has nothing to say, or [`QUIET_WITHIN`] is over. Returns
+/// the last audit report, and an error saying what was still moving if the system never went
+/// quiet.
+async fn quiesce(stack: &Stack, accepted: &HashMap<Uuid, Accepted>) -> (Value, Result<(), String>) {
     let ids: Vec<Uuid> = accepted.keys().copied().collect();
     let orders = stack.orders_pool().await;
     let inventory = stack.inventory_pool().await;
@@ -631,13 +774,29 @@ async fn quiesce(stack: &Stack, accepted: &HashMap<Uuid, Expect>) -> Value {
                 .unwrap_or(-1);
         }
         let settled = open == 0 && outbox == 0;
-        if settled || Instant::now() >= deadline {
-            let (status, report, stderr) = stack.audit("0s", &[]);
-            if (status == 0 && report["ok"] == json!(true)) || Instant::now() >= deadline {
-                if status == 2 || report.is_null() {
-                    return json!({"ok": false, "findings": [format!("saga audit failed: {stderr}")]});
-                }
-                return report;
+        let out_of_time = Instant::now() >= deadline;
+        if settled || out_of_time {
+            let (status, report, stderr) = stack.audit("0s", &["--outbox-age", "0s"]);
+            let report = if status == 2 || report.is_null() {
+                json!({"ok": false, "findings": [format!("saga audit failed: {stderr}")]})
+            } else {
+                report
+            };
+            if settled && report["ok"] == json!(true) {
+                return (report, Ok(()));
+            }
+            if out_of_time {
+                let what = if settled {
+                    "the audit still had findings".to_owned()
+                } else {
+                    format!("{open} orders not terminal, {outbox} outbox rows")
+                };
+                return (
+                    report,
+                    Err(format!(
+                        "the system did not go quiet within {QUIET_WITHIN:?} of the load's end: {what}"
+                    )),
+                );
             }
         }
         if last_report.elapsed() >= Duration::from_secs(10) {
@@ -648,35 +807,114 @@ async fn quiesce(stack: &Stack, accepted: &HashMap<Uuid, Expect>) -> Value {
     }
 }
 
+/// Every customer's POSTs (one Idempotency-Key, retried after 5xx, cut-off answers and
+/// connection errors, sometimes replayed on purpose) made exactly one order, the one it was
+/// answered with: a retry that created a second order is a violation.
+async fn one_order_per_customer(
+    stack: &Stack,
+    customers: &HashMap<Uuid, Option<Uuid>>,
+    violations: &mut Vec<String>,
+) {
+    let pool = stack.orders_pool().await;
+    let rows: Vec<(Uuid, Vec<Uuid>)> =
+        sqlx::query_as("SELECT customer_id, array_agg(order_id) FROM orders GROUP BY customer_id")
+            .fetch_all(&pool)
+            .await
+            .expect("reading the orders per customer");
+    pool.close().await;
+    let stored: HashMap<Uuid, Vec<Uuid>> = rows.into_iter().collect();
+    let mut wrong = Vec::new();
+    for (customer, orders) in &stored {
+        match customers.get(customer) {
+            None => wrong.push(format!(
+                "orders {orders:?} of customer {customer}, who never asked"
+            )),
+            Some(_) if orders.len() > 1 => wrong.push(format!(
+                "customer {customer} has {} orders: {orders:?}",
+                orders.len()
+            )),
+            Some(Some(answered)) if orders[0] != *answered => wrong.push(format!(
+                "customer {customer} was answered order {answered}, but order {} was stored",
+                orders[0]
+            )),
+            Some(_) => {}
+        }
+    }
+    for (customer, answered) in customers {
+        if let Some(order) = answered
+            && !stored.contains_key(customer)
+        {
+            wrong.push(format!(
+                "customer {customer} was answered order {order}, which was not stored"
+            ));
+        }
+    }
+    if !wrong.is_empty() {
+        violations.push(format!(
+            "{} customers do not have exactly the one order they were answered with ({} orders stored for {} customers), for example {:?}",
+            wrong.len(),
+            stored.values().map(Vec::len).sum::<usize>(),
+            customers.len(),
+            &wrong[..wrong.len().min(10)]
+        ));
+    }
+}
+
 /// The final status of every accepted order; adds a violation for each one missing, not
-/// terminal, or not what its customer's requests say.
+/// terminal, or not what its customer's requests and the run's faults explain. Returns the
+/// statuses and how many orders the saga deadline cancelled.
 async fn final_statuses(
     stack: &Stack,
-    accepted: &HashMap<Uuid, Expect>,
+    accepted: &HashMap<Uuid, Accepted>,
+    faults: &[FaultWindow],
     violations: &mut Vec<String>,
-) -> HashMap<Uuid, String> {
+) -> (HashMap<Uuid, String>, usize) {
     let ids: Vec<Uuid> = accepted.keys().copied().collect();
     let pool = stack.orders_pool().await;
-    let statuses: HashMap<Uuid, String> = sqlx::query_as::<_, (Uuid, String)>(
-        "SELECT order_id, status FROM orders WHERE order_id = ANY($1)",
+    type Row = (Uuid, String, Option<String>, DateTime<Utc>, Value);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT order_id, status, reason, created_at, history FROM order_status_view \
+         WHERE order_id = ANY($1)",
     )
     .bind(&ids)
     .fetch_all(&pool)
     .await
-    .expect("reading the orders")
-    .into_iter()
-    .collect();
+    .expect("reading the orders");
+    pool.close().await;
+    let rows: HashMap<Uuid, Row> = rows.into_iter().map(|r| (r.0, r)).collect();
     let mut wrong = Vec::new();
-    for (id, expect) in accepted {
-        let status = statuses.get(id).map(String::as_str);
-        let ok = match (expect, status) {
-            (_, None) => false,
-            (Expect::Terminal, Some(s)) => ["CONFIRMED", "REJECTED", "CANCELLED"].contains(&s),
-            (Expect::Cancelled, Some(s)) => s == "CANCELLED",
-            (Expect::Rejected, Some(s)) => s == "REJECTED",
+    let mut deadline_cancels = 0;
+    for (id, order) in accepted {
+        let Some((_, status, reason, created_at, history)) = rows.get(id) else {
+            wrong.push(format!("{id}: accepted but not stored"));
+            continue;
         };
-        if !ok {
-            wrong.push(format!("{id}: expected {expect:?}, is {status:?}"));
+        let reason = reason.as_deref().unwrap_or("");
+        let problem = match (order.expect, status.as_str()) {
+            (Expect::Saga, "CONFIRMED") | (Expect::Cancelled, "CANCELLED") => None,
+            (Expect::Saga | Expect::Rejected, "REJECTED") => rejection_problem(&order.skus, reason),
+            (Expect::Saga, "CANCELLED") => {
+                deadline_cancels += 1;
+                let cancelling_at = status_at(history, "CANCELLING");
+                if !reason.contains("DEADLINE_EXCEEDED") {
+                    Some(format!(
+                        "CANCELLED, nobody asked, and the reason is {reason:?}"
+                    ))
+                } else if !cancelling_at
+                    .is_some_and(|at| explained_by_faults(faults, *created_at, at))
+                {
+                    Some(format!(
+                        "cancelled by the saga deadline (created {created_at}, cancelling at \
+                         {cancelling_at:?}) while no fault was in progress or recovering"
+                    ))
+                } else {
+                    None
+                }
+            }
+            (expect, status) => Some(format!("expected {expect:?}, is {status}")),
+        };
+        if let Some(problem) = problem {
+            wrong.push(format!("{id}: {problem}"));
         }
     }
     if !wrong.is_empty() {
@@ -686,5 +924,32 @@ async fn final_statuses(
             &wrong[..wrong.len().min(10)]
         ));
     }
-    statuses
+    let statuses = rows.into_iter().map(|(id, row)| (id, row.1)).collect();
+    (statuses, deadline_cancels)
+}
+
+/// What is wrong with a rejection: only stock of a scarce sku can run out, and the reason must
+/// say so (the plentiful skus never run short).
+fn rejection_problem(skus: &[String], reason: &str) -> Option<String> {
+    let scarce_short = SCARCE.iter().any(|sku| {
+        skus.iter().any(|s| s == sku)
+            && reason.contains(&format!("insufficient stock for sku {sku} "))
+    });
+    let plenty_named = PLENTY
+        .iter()
+        .any(|sku| reason.contains(&format!("sku {sku}")));
+    (!scarce_short || plenty_named).then(|| {
+        format!(
+            "REJECTED for skus {skus:?} with reason {reason:?}: only a scarce sku can run short"
+        )
+    })
+}
+
+/// When an order's history says it entered `status`.
+fn status_at(history: &Value, status: &str) -> Option<DateTime<Utc>> {
+    history
+        .as_array()?
+        .iter()
+        .find(|h| h["status"] == status)
+        .and_then(|h| h["at"].as_str()?.parse().ok())
 }

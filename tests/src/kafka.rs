@@ -74,6 +74,30 @@ impl Record {
     }
 }
 
+/// The events of order `order_id` on `topic`, in offset order per partition (one partition per
+/// order). A record that names the order (by key or by its decoded order id) and does not decode
+/// fails the caller: it is one of the order's events gone wrong, not something to skip. Records
+/// of other orders (other tests' on a shared stack) are not looked at.
+pub async fn events_of(bootstrap: &str, topic: &str, order_id: uuid::Uuid) -> Vec<schemas::Event> {
+    let key = order_id.to_string();
+    let mut events = Vec::new();
+    for r in read_topic(bootstrap, topic)
+        .await
+        .unwrap_or_else(|e| panic!("reading {topic}: {e}"))
+    {
+        match r.event() {
+            Ok(e) if e.order_id() == order_id => events.push(e),
+            Ok(_) => {}
+            Err(e) if r.key.as_deref() == Some(key.as_str()) => panic!(
+                "{topic}[{}]@{}, keyed by order {order_id}, does not decode: {e}",
+                r.partition, r.offset
+            ),
+            Err(_) => {}
+        }
+    }
+    events
+}
+
 /// Every record of `topic` from the beginning to the current end of each partition.
 pub async fn read_topic(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Record>> {
     let bootstrap = bootstrap.to_owned();

@@ -10,8 +10,8 @@
 //! [`external_stack`]): `compose` (`docker compose up --wait`) or `local` (`scripts/run.sh`).
 //! There every test uses its own skus (prefixed, see [`Stack::sku`]) and its own order ids, reads
 //! counters as increases since it started (so run the tests one at a time: `--test-threads 1`),
-//! and tests that must stop processes, restart them or start them with other settings are skipped
-//! ([`needs_own_stack`]).
+//! and tests that must stop processes, restart them or start them with other settings are left
+//! out by the runner (they live in `own_stack` modules; see [`requires_own_stack`]).
 
 pub mod bench;
 pub mod chaos;
@@ -116,18 +116,21 @@ pub fn external_stack() -> Option<&'static ExternalStack> {
         .as_ref()
 }
 
-/// For a test that stops, restarts or reconfigures processes: `true` (and a note on stderr) when
-/// the tests run against a stack they do not control, so the test returns early, skipped.
-pub fn needs_own_stack(what_it_does: &str) -> bool {
-    match external_stack() {
-        Some(stack) => {
-            eprintln!(
-                "skipped against E2E_STACK={}: this test {what_it_does}",
-                stack.name
-            );
-            true
-        }
-        None => false,
+/// The module that holds, in every test file, the tests that need a stack of their own (they
+/// stop, restart or reconfigure processes, or break data on purpose): `own_stack::<test>`.
+/// Against a running stack they are left out by name, so that the runner reports them as
+/// skipped: `cargo nextest run -p e2e -- --skip own_stack::` (scripts/test.sh does).
+pub const OWN_STACK_MODULE: &str = "own_stack::";
+
+/// First line of every test in an `own_stack` module: panics, saying why, when the tests run
+/// against a stack they do not control (a test that cannot do what it is for must fail or be
+/// skipped by the runner, never pass).
+pub fn requires_own_stack(what_it_does: &str) {
+    if let Some(stack) = external_stack() {
+        panic!(
+            "this test {what_it_does}, so it cannot run against E2E_STACK={}: leave out the              tests named {OWN_STACK_MODULE}* (`cargo nextest run -p e2e -- --skip {OWN_STACK_MODULE}`,              as scripts/test.sh does)",
+            stack.name
+        );
     }
 }
 
@@ -186,9 +189,10 @@ pub fn tansu_binary() -> PathBuf {
     PathBuf::from("tansu")
 }
 
-/// A port free on 127.0.0.1 now, below Linux's ephemeral range (32768-60999 by default): a test
-/// that stops a process and starts it again on the same port must not find the port taken by an
-/// outgoing connection meanwhile.
+/// A port free on 127.0.0.1 now, below Linux's ephemeral range (32768-60999 by default), for a
+/// program that binds its own port (the broker, its TLS proxy, Postgres, Prometheus). Another test
+/// can take it before the program binds it: check with [`listens_on`] and try another. The
+/// project's own processes never get one: they are given a listener ([`listener`]).
 pub fn free_port() -> u16 {
     for _ in 0..1000 {
         let port = rand::random_range(20_000..32_000);
@@ -197,6 +201,45 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free port in 20000-32000 after 1000 tries")
+}
+
+/// A listening socket on a port of 127.0.0.1 the kernel picks, for a process of the project to
+/// serve on (`--listen-addr stdin`, see [`Proc::spawn_serving`]). The test keeps it for as long as
+/// the stack lives, so a process restarted on it finds its port, and no other test can take it.
+pub fn listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0")
+}
+
+/// `http://` and the address of `listener`.
+pub fn url_of(listener: &TcpListener) -> String {
+    format!("http://{}", listener.local_addr().expect("local address"))
+}
+
+/// Whether process `pid` holds the socket listening on `port` of 127.0.0.1 (from /proc): a program
+/// started on a port that another test took first exits, but until it does a client reaches the
+/// other test's process there.
+pub fn listens_on(pid: u32, port: u16) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let sockets: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (_, local_port) = fields.get(1)?.split_once(':')?;
+            let listening = *fields.get(3)? == "0A";
+            let inode = fields.get(9)?;
+            (listening && u16::from_str_radix(local_port, 16).ok()? == port)
+                .then(|| format!("socket:[{inode}]"))
+        })
+        .collect();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .any(|target| sockets.iter().any(|s| target.as_os_str() == s.as_str()))
 }
 
 /// A child process killed (SIGKILL) when dropped.
@@ -223,6 +266,21 @@ impl Proc {
         Self::spawn_logging(name, program, args, log_dir, &log_level, env)
     }
 
+    /// [`Proc::spawn_env`] for a process that serves HTTP on `listener`, given to it as its
+    /// standard input (its `--listen-addr` or `--metrics-addr` must be `stdin`).
+    pub fn spawn_serving(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log_dir: &Path,
+        env: &[(String, String)],
+        listener: &TcpListener,
+    ) -> Proc {
+        let log_level = std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into());
+        let socket = std::os::fd::OwnedFd::from(listener.try_clone().expect("the listener"));
+        Self::spawn_with_stdin(name, program, args, log_dir, &log_level, env, socket.into())
+    }
+
     /// Starts `program` with `RUST_LOG=log_level`, its output appended to `<log_dir>/<name>.log`.
     pub fn spawn_logging(
         name: &str,
@@ -231,6 +289,18 @@ impl Proc {
         log_dir: &Path,
         log_level: &str,
         env: &[(String, String)],
+    ) -> Proc {
+        Self::spawn_with_stdin(name, program, args, log_dir, log_level, env, Stdio::null())
+    }
+
+    fn spawn_with_stdin(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log_dir: &Path,
+        log_level: &str,
+        env: &[(String, String)],
+        stdin: Stdio,
     ) -> Proc {
         std::fs::create_dir_all(log_dir).expect("log dir");
         let log = File::options()
@@ -248,7 +318,7 @@ impl Proc {
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
             .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -360,19 +430,25 @@ impl Broker {
     }
 
     pub async fn start(log_dir: &Path) -> Broker {
-        let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let proc = spawn_tansu(log_dir, &url, &url);
-        let bootstrap = format!("127.0.0.1:{port}");
-        kafka::wait_for_broker(&bootstrap, Duration::from_secs(30))
-            .await
-            .expect("broker did not come up");
-        Broker {
-            bootstrap,
-            proc: Some(proc),
-            client_config: Vec::new(),
-            _tls_proxy: None,
+        for _ in 0..5 {
+            let port = free_port();
+            let url = format!("tcp://127.0.0.1:{port}");
+            let proc = spawn_tansu(log_dir, &url, &url);
+            let bootstrap = format!("127.0.0.1:{port}");
+            kafka::wait_for_broker(&bootstrap, Duration::from_secs(30))
+                .await
+                .expect("broker did not come up");
+            // Another test may have taken the port first: then what answered is its broker.
+            if proc.pid().is_some_and(|pid| listens_on(pid, port)) {
+                return Broker {
+                    bootstrap,
+                    proc: Some(proc),
+                    client_config: Vec::new(),
+                    _tls_proxy: None,
+                };
+            }
         }
+        panic!("5 ports were taken by the time the broker started on them")
     }
 
     /// A broker reachable over TLS only, the way a secured Kafka is: Tansu on a plaintext port
@@ -383,7 +459,23 @@ impl Broker {
         let tls_dir = log_dir.join("kafka-tls");
         std::fs::create_dir_all(&tls_dir).expect("tls dir");
         tls::make_ca_and_server_cert(&tls_dir, "ca", Some("server")).expect("certificates");
-        let (plain, tls_port) = (free_port(), free_port());
+        for _ in 0..5 {
+            let (plain, tls_port) = (free_port(), free_port());
+            let broker = Self::start_tls_on(log_dir, &tls_dir, plain, tls_port).await;
+            let owned = |proc: &Option<Proc>, port| {
+                proc.as_ref()
+                    .and_then(Proc::pid)
+                    .is_some_and(|pid| listens_on(pid, port))
+            };
+            // Another test may have taken a port first: then what answered is its process.
+            if owned(&broker.proc, plain) && owned(&broker._tls_proxy, tls_port) {
+                return broker;
+            }
+        }
+        panic!("5 pairs of ports were taken by the time the broker and its proxy started")
+    }
+
+    async fn start_tls_on(log_dir: &Path, tls_dir: &Path, plain: u16, tls_port: u16) -> Broker {
         let listener = format!("tcp://127.0.0.1:{plain}");
         let advertised = format!("tcp://localhost:{tls_port}");
         let proc = spawn_tansu(log_dir, &listener, &advertised);
@@ -514,6 +606,13 @@ impl StackOptions {
     }
 }
 
+/// The listening sockets of a test's own stack, one per process that serves HTTP.
+struct Listeners {
+    order: TcpListener,
+    inventory: TcpListener,
+    relay: TcpListener,
+}
+
 /// The whole system for one test: broker, order-service, inventory-service, outbox-relay, and two
 /// fresh databases. Everything is killed and the databases dropped when it goes out of scope.
 /// Against an [`external_stack`] it holds only the addresses, and nothing is stopped or dropped.
@@ -524,6 +623,8 @@ pub struct Stack {
     pub order_url: String,
     pub inventory_url: String,
     pub relay_metrics_url: String,
+    /// Where the stack's own processes serve, held for the stack's lifetime ([`listener`]).
+    listeners: Option<Listeners>,
     order_service: Option<Proc>,
     order_args: Vec<String>,
     inventory_service: Option<Proc>,
@@ -564,9 +665,11 @@ impl Stack {
         let suffix = Uuid::new_v4().simple().to_string()[..12].to_owned();
         let orders_db = format!("e2e_orders_{suffix}");
         let inventory_db = format!("e2e_inventory_{suffix}");
-        let order_port = free_port();
-        let inventory_port = free_port();
-        let relay_port = free_port();
+        let listeners = Listeners {
+            order: listener(),
+            inventory: listener(),
+            relay: listener(),
+        };
         let inventory_proxy = if options.inventory_db_proxy {
             Some(proxy::Proxy::start(host_port_of(&pg)).await)
         } else {
@@ -576,7 +679,7 @@ impl Stack {
             Some(p) => format!("postgres://postgres@127.0.0.1:{}", p.port),
             None => pg.clone(),
         };
-        let service_args = |port: u16, pg: &str, db: &str| -> Vec<String> {
+        let service_args = |pg: &str, db: &str| -> Vec<String> {
             let mut args: Vec<String> = options
                 .retry_delays
                 .iter()
@@ -584,7 +687,7 @@ impl Stack {
                 .collect();
             args.extend([
                 "--listen-addr".into(),
-                format!("127.0.0.1:{port}"),
+                "stdin".into(),
                 "--database-url".into(),
                 db_url(pg, db),
                 "--kafka-bootstrap-servers".into(),
@@ -593,34 +696,37 @@ impl Stack {
             args.extend(options.kafka_config_args(&broker));
             args
         };
-        let mut order_args = service_args(order_port, &pg, &orders_db);
+        let mut order_args = service_args(&pg, &orders_db);
         if let Some(deadline) = &options.saga_deadline {
             order_args.extend(["--saga-deadline".to_owned(), deadline.clone()]);
         }
-        let order_service = Proc::spawn_env(
+        let order_service = Proc::spawn_serving(
             "order-service",
             &binary("order-service"),
             &order_args,
             &log_dir,
             &options.env,
+            &listeners.order,
         );
-        let inventory_args = service_args(inventory_port, &inventory_pg, &inventory_db);
+        let inventory_args = service_args(&inventory_pg, &inventory_db);
         let inventory_service = options.inventory.then(|| {
-            Proc::spawn_env(
+            Proc::spawn_serving(
                 "inventory-service",
                 &binary("inventory-service"),
                 &inventory_args,
                 &log_dir,
                 &options.env,
+                &listeners.inventory,
             )
         });
         let mut stack = Stack {
             broker,
             orders_db,
             inventory_db,
-            order_url: format!("http://127.0.0.1:{order_port}"),
-            inventory_url: format!("http://127.0.0.1:{inventory_port}"),
-            relay_metrics_url: format!("http://127.0.0.1:{relay_port}"),
+            order_url: url_of(&listeners.order),
+            inventory_url: url_of(&listeners.inventory),
+            relay_metrics_url: url_of(&listeners.relay),
+            listeners: Some(listeners),
             order_service: Some(order_service),
             order_args,
             inventory_service,
@@ -654,8 +760,8 @@ impl Stack {
     ) -> Stack {
         assert!(
             options == StackOptions::default(),
-            "this test needs a stack started with {options:?}; it must return early when \
-             `needs_own_stack` says so"
+            "this test needs a stack started with {options:?}; it belongs in an \
+             `own_stack` module (see `requires_own_stack`)"
         );
         let suffix = Uuid::new_v4().simple().to_string()[..10].to_owned();
         let mut stack = Stack {
@@ -670,6 +776,7 @@ impl Stack {
             order_url: external.order_url.clone(),
             inventory_url: external.inventory_url.clone(),
             relay_metrics_url: external.relay_url.clone(),
+            listeners: None,
             order_service: None,
             order_args: Vec::new(),
             inventory_service: None,
@@ -748,21 +855,23 @@ impl Stack {
             !self.is_external(),
             "only a test's own stack can be started"
         );
-        self.inventory_service = Some(Proc::spawn_env(
+        self.inventory_service = Some(Proc::spawn_serving(
             "inventory-service",
             &binary("inventory-service"),
             &self.inventory_args,
             &self.log_dir,
             &self.options.env,
+            &self.own_listeners().inventory,
         ));
         let url = self.inventory_url.clone();
         self.wait_ready(&url).await;
     }
 
     /// Starts another inventory-service instance (same database, broker and consumer group, its
-    /// own HTTP port), logging to `<name>.log`, and waits until it is ready.
-    pub async fn spawn_inventory_instance(&self, name: &str) -> Proc {
-        let (proc, _) = self
+    /// own HTTP port), logging to `<name>.log`, and waits until it is ready; returns it and its
+    /// URL.
+    pub async fn spawn_inventory_instance(&self, name: &str) -> (Proc, String) {
+        let (proc, listener) = self
             .spawn_instance(
                 name,
                 "inventory-service",
@@ -770,7 +879,7 @@ impl Stack {
                 "--listen-addr",
             )
             .await;
-        proc
+        (proc, url_of(&listener))
     }
 
     /// `kill -9` of the (first) order service.
@@ -795,12 +904,13 @@ impl Stack {
             !self.is_external(),
             "only a test's own stack can be started"
         );
-        self.order_service = Some(Proc::spawn_env(
+        self.order_service = Some(Proc::spawn_serving(
             "order-service",
             &binary("order-service"),
             &self.order_args,
             &self.log_dir,
             &self.options.env,
+            &self.own_listeners().order,
         ));
         let url = self.order_url.clone();
         self.wait_ready(&url).await;
@@ -809,56 +919,82 @@ impl Stack {
     /// Starts another order-service instance (same database, broker and consumer group, its own
     /// HTTP port), logging to `<name>.log`, and waits until it is ready; returns it and its URL.
     pub async fn spawn_order_instance(&self, name: &str) -> (Proc, String) {
-        self.spawn_instance(name, "order-service", &self.order_args, "--listen-addr")
-            .await
+        let (proc, listener) = self
+            .spawn_instance(name, "order-service", &self.order_args, "--listen-addr")
+            .await;
+        (proc, url_of(&listener))
     }
 
     /// Starts another relay for the same sources (a standby while the first one publishes),
     /// logging to `<name>.log`, and waits until it is ready; returns it and its metrics URL.
     pub async fn spawn_relay_instance(&self, name: &str) -> (Proc, String) {
+        let (proc, listener) = self
+            .spawn_instance(name, "outbox-relay", &self.relay_args(), "--metrics-addr")
+            .await;
+        (proc, url_of(&listener))
+    }
+
+    /// Kills the relay (`kill -9`) and makes `standby`, started by
+    /// [`Stack::spawn_standby_relay`], the stack's relay: restarts serve on its listener.
+    pub fn kill_relay_for(&mut self, standby: (Proc, TcpListener)) {
+        let (standby, listener) = standby;
+        if let Some(relay) = self.relay.as_mut() {
+            relay.kill9();
+        }
+        self.relay = Some(standby);
+        self.relay_metrics_url = url_of(&listener);
+        self.listeners
+            .as_mut()
+            .expect("only a test's own stack can be started")
+            .relay = listener;
+    }
+
+    /// [`Stack::spawn_relay_instance`], keeping its listener for [`Stack::kill_relay_for`].
+    pub async fn spawn_standby_relay(&self, name: &str) -> (Proc, TcpListener) {
         self.spawn_instance(name, "outbox-relay", &self.relay_args(), "--metrics-addr")
             .await
     }
 
-    /// Starts `program` with `args` but a free port in place of the value of `port_flag`.
+    /// Starts `program` with `args`, serving on a listener of its own (`port_flag` is `stdin`),
+    /// and waits until it is ready; returns it and its listener.
     async fn spawn_instance(
         &self,
         name: &str,
         program: &str,
         args: &[String],
         port_flag: &str,
-    ) -> (Proc, String) {
+    ) -> (Proc, TcpListener) {
         assert!(
             !self.is_external(),
             "only a test's own stack can be started"
         );
-        let mut args = args.to_vec();
         let at = args
             .iter()
             .position(|a| a == port_flag)
             .unwrap_or_else(|| panic!("{program} has no {port_flag}"));
-        let url = format!("http://127.0.0.1:{}", free_port());
-        args[at + 1] = url.trim_start_matches("http://").to_owned();
-        let proc = Proc::spawn_env(
+        assert_eq!(args[at + 1], "stdin", "{program} {port_flag}");
+        let listener = listener();
+        let url = url_of(&listener);
+        let proc = Proc::spawn_serving(
             name,
             &binary(program),
-            &args,
+            args,
             &self.log_dir,
             &self.options.env,
+            &listener,
         );
         self.wait_ready(&url).await;
-        (proc, url)
+        (proc, listener)
     }
 
     /// The relay's arguments: both sources (inventory's through the proxy when there is one),
-    /// metrics on [`Stack::relay_metrics_url`].
+    /// metrics on the listener it is given.
     fn relay_args(&self) -> Vec<String> {
         let pg = &self.pg;
         let inventory_pg = match &self.inventory_proxy {
             Some(p) => format!("postgres://postgres@127.0.0.1:{}", p.port),
             None => pg.clone(),
         };
-        let metrics_addr = self.relay_metrics_url.trim_start_matches("http://");
         let args = vec![
             "--source".into(),
             format!("orders={}", db_url(pg, &self.orders_db)),
@@ -867,13 +1003,20 @@ impl Stack {
             "--kafka-bootstrap-servers".into(),
             self.broker.bootstrap.clone(),
             "--metrics-addr".into(),
-            metrics_addr.to_owned(),
+            "stdin".into(),
             "--batch-size".into(),
             self.options.relay_batch_size.to_string(),
         ];
         args.into_iter()
             .chain(self.options.kafka_config_args(&self.broker))
             .collect()
+    }
+
+    /// The listeners of the test's own stack.
+    fn own_listeners(&self) -> &Listeners {
+        self.listeners
+            .as_ref()
+            .expect("only a test's own stack can be started")
     }
 
     /// Starts the relay (metrics on [`Stack::relay_metrics_url`]) and waits until it is ready.
@@ -889,19 +1032,22 @@ impl Stack {
             !self.is_external(),
             "only a test's own stack can be started"
         );
-        self.relay = Some(Proc::spawn_env(
+        self.relay = Some(Proc::spawn_serving(
             "outbox-relay",
             &binary("outbox-relay"),
             &self.relay_args(),
             &self.log_dir,
             &self.options.env,
+            &self.own_listeners().relay,
         ));
     }
 
-    /// The stack's own processes that have exited (none to check on an external stack).
+    /// The stack's own processes that have exited, the broker included (none to check on an
+    /// external stack).
     pub fn exited(&mut self) -> Vec<&'static str> {
         let mut exited = Vec::new();
         for (name, proc) in [
+            ("broker", &mut self.broker.proc),
             ("order-service", &mut self.order_service),
             ("inventory-service", &mut self.inventory_service),
             ("outbox-relay", &mut self.relay),
@@ -911,6 +1057,32 @@ impl Stack {
             }
         }
         exited
+    }
+
+    /// The stack's processes that exited or started again since the test began: on its own stack
+    /// those that have exited ([`Stack::exited`]); on an external one those whose
+    /// `process_start_time_seconds` changed (a restart policy would hide a crash) or that no
+    /// longer answer.
+    pub async fn exited_or_restarted(&mut self) -> Vec<String> {
+        if !self.is_external() {
+            return self.exited().into_iter().map(str::to_owned).collect();
+        }
+        let mut changed = Vec::new();
+        for (url, at_start) in &self.metrics_at_start {
+            let started = |text: &str| sum_metric(text, "process_start_time_seconds", &[]);
+            assert!(
+                started(at_start) > 0.0,
+                "{url}/metrics has no process_start_time_seconds"
+            );
+            let now = match self.http.get(format!("{url}/metrics")).send().await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            if started(&now) != started(at_start) {
+                changed.push(url.clone());
+            }
+        }
+        changed
     }
 
     /// Waits until `<base>/readyz` answers 200 (at most 60 s).
@@ -941,6 +1113,37 @@ impl Stack {
         PgPool::connect(&db_url(&self.pg, &self.inventory_db))
             .await
             .expect("inventory db")
+    }
+
+    /// Rows still in the orders and the inventory outbox whose message is already on its topic:
+    /// rows a killed relay published and had not deleted yet, which the next relay publishes
+    /// again (and the inboxes then skip).
+    pub async fn published_outbox_rows(&self) -> (usize, usize) {
+        let mut counts = Vec::new();
+        for (pool, topic) in [
+            (self.orders_pool().await, schemas::ORDERS_TOPIC),
+            (self.inventory_pool().await, schemas::INVENTORY_TOPIC),
+        ] {
+            let waiting: std::collections::HashSet<Uuid> =
+                sqlx::query_scalar("SELECT message_id FROM outbox")
+                    .fetch_all(&pool)
+                    .await
+                    .expect("reading an outbox")
+                    .into_iter()
+                    .collect();
+            pool.close().await;
+            let records = kafka::read_topic(&self.broker.bootstrap, topic)
+                .await
+                .expect("reading an event topic");
+            counts.push(
+                records
+                    .iter()
+                    .filter_map(|r| r.header("message-id")?.parse::<Uuid>().ok())
+                    .filter(|id| waiting.contains(id))
+                    .count(),
+            );
+        }
+        (counts[0], counts[1])
     }
 
     /// `PUT /products/{sku}` (the sku as the test names it; see [`Stack::sku`]).
@@ -1174,6 +1377,18 @@ impl Stack {
             report,
             String::from_utf8_lossy(&output.stderr).into_owned(),
         )
+    }
+
+    /// Whether one line of `<process>.log` (a process of the test's own stack) holds every one of
+    /// `needles`. A log that cannot be read fails the test: it is not a log without the line.
+    pub fn log_has(&self, process: &str, needles: &[&str]) -> bool {
+        assert!(!self.is_external(), "only a test's own stack logs to files");
+        let path = self.log_dir.join(format!("{process}.log"));
+        let text =
+            std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        String::from_utf8_lossy(&text)
+            .lines()
+            .any(|line| needles.iter().all(|n| line.contains(n)))
     }
 
     /// The test's own directory (process logs on its own stack, files it writes).

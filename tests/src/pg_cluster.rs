@@ -64,8 +64,19 @@ impl PgCluster {
                 "--no-instructions",
             ],
         )?;
-        cluster.pg_ctl_start()?;
-        Ok(cluster)
+        // The port was free a moment ago; another test may have taken it since. Postgres then
+        // fails to bind and exits, and another port is tried.
+        let mut cluster = cluster;
+        for _ in 0..5 {
+            std::fs::write(&cluster.log, "")?;
+            match cluster.pg_ctl_start() {
+                Err(_) if std::fs::read_to_string(&cluster.log)?.contains("already in use") => {
+                    cluster.port = crate::free_port();
+                }
+                started => return started.map(|()| cluster),
+            }
+        }
+        bail!("5 ports were taken by the time Postgres started on them")
     }
 
     /// Like [`PgCluster::start`], with TLS: a certificate for `localhost` signed by a CA of the

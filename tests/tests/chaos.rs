@@ -7,20 +7,24 @@
 
 use e2e::chaos::{self, ChaosOptions};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn every_order_finishes_and_every_event_is_applied_once_under_faults() {
-    if e2e::needs_own_stack("kills, pauses and restarts every process and Postgres") {
-        return;
+/// Tests that need a stack of their own (left out against a running stack: see
+/// `e2e::requires_own_stack`).
+mod own_stack {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn every_order_finishes_and_every_event_is_applied_once_under_faults() {
+        e2e::requires_own_stack("kills, pauses and restarts every process and Postgres");
+        let outcome = chaos::run("chaos", ChaosOptions::from_env(75, 20.0)).await;
+        assert!(
+            outcome.accepted >= 100,
+            "only {} orders were accepted: the load did not run",
+            outcome.accepted
+        );
+        assert!(
+            outcome.violations.is_empty(),
+            "promises broken under faults:\n{}",
+            outcome.summary()
+        );
     }
-    let outcome = chaos::run("chaos", ChaosOptions::from_env(75, 20.0)).await;
-    assert!(
-        outcome.accepted >= 100,
-        "only {} orders were accepted: the load did not run",
-        outcome.accepted
-    );
-    assert!(
-        outcome.violations.is_empty(),
-        "promises broken under faults:\n{}",
-        outcome.summary()
-    );
 }

@@ -22,142 +22,148 @@ fn kinds(report: &Value) -> Vec<String> {
     kinds
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_audit_finds_nothing_on_a_healthy_stack_and_names_what_was_broken() {
-    if e2e::needs_own_stack("breaks the stack's data on purpose") {
-        return;
-    }
-    let stack = Stack::start("audit").await;
-    stack.put_product("A", 100, 10).await;
-    stack.one_saga_of_each_outcome().await;
-    let confirmed = stack.place_order(&[("A", 2)]).await;
-    stack
-        .wait_for_statuses(&[confirmed], &["CONFIRMED"], TIMEOUT)
-        .await;
+/// Tests that need a stack of their own (left out against a running stack: see
+/// `e2e::requires_own_stack`).
+mod own_stack {
+    use super::*;
 
-    // Healthy: with no grace at all, once the last events are applied, nothing is found.
-    let report = eventually(TIMEOUT, || async {
-        let (status, report, stderr) = stack.audit("0s", &[]);
-        anyhow::ensure!(status != 2, "the audit could not read: {stderr}");
-        Ok((status == 0).then_some(report))
-    })
-    .await
-    .unwrap_or_else(|e| {
-        panic!(
-            "the audit of a healthy stack: {e}; {:?}",
-            stack.audit("0s", &[])
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_audit_finds_nothing_on_a_healthy_stack_and_names_what_was_broken() {
+        e2e::requires_own_stack("breaks the stack's data on purpose");
+        let stack = Stack::start("audit").await;
+        stack.put_product("A", 100, 10).await;
+        stack.one_saga_of_each_outcome().await;
+        let confirmed = stack.place_order(&[("A", 2)]).await;
+        stack
+            .wait_for_statuses(&[confirmed], &["CONFIRMED"], TIMEOUT)
+            .await;
+
+        // Healthy: with no grace at all, once the last events are applied, nothing is found.
+        let report = eventually(TIMEOUT, || async {
+            let (status, report, stderr) = stack.audit("0s", &[]);
+            anyhow::ensure!(status != 2, "the audit could not read: {stderr}");
+            Ok((status == 0).then_some(report))
+        })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "the audit of a healthy stack: {e}; {:?}",
+                stack.audit("0s", &[])
+            )
+        });
+        assert_eq!(report["ok"], true);
+        assert_eq!(report["read"]["orders"], 3);
+        assert!(
+            report["read"]["orders.v1"].as_u64().unwrap() >= 6,
+            "{report}"
+        );
+        assert_eq!(report["dead_letters"]["inventory-service"], 0);
+
+        // Broken on purpose: an applied OrderPlaced loses its inbox row, a unit of stock moves from
+        // available to reserved behind the reservations' back, and an order is stuck PENDING.
+        let inventory = stack.inventory_pool().await;
+        let forgotten: Uuid = sqlx::query_scalar(
+            "DELETE FROM inbox WHERE message_id = (SELECT message_id FROM inbox \
+             WHERE event_type = 'OrderPlaced' LIMIT 1) RETURNING message_id",
         )
-    });
-    assert_eq!(report["ok"], true);
-    assert_eq!(report["read"]["orders"], 3);
-    assert!(
-        report["read"]["orders.v1"].as_u64().unwrap() >= 6,
-        "{report}"
-    );
-    assert_eq!(report["dead_letters"]["inventory-service"], 0);
-
-    // Broken on purpose: an applied OrderPlaced loses its inbox row, a unit of stock moves from
-    // available to reserved behind the reservations' back, and an order is stuck PENDING.
-    let inventory = stack.inventory_pool().await;
-    let forgotten: Uuid = sqlx::query_scalar(
-        "DELETE FROM inbox WHERE message_id = (SELECT message_id FROM inbox \
-         WHERE event_type = 'OrderPlaced' LIMIT 1) RETURNING message_id",
-    )
-    .fetch_one(&inventory)
-    .await
-    .unwrap();
-    sqlx::query("UPDATE products SET available = available - 1, reserved = reserved + 1")
-        .execute(&inventory)
+        .fetch_one(&inventory)
         .await
         .unwrap();
-    let stuck = Uuid::new_v4();
-    stack.create_order_quietly(stuck).await;
-    let orders = stack.orders_pool().await;
-    sqlx::query("UPDATE orders SET updated_at = now() - interval '1 hour' WHERE order_id = $1")
-        .bind(stuck)
-        .execute(&orders)
-        .await
-        .unwrap();
-
-    let (status, report, stderr) = stack.audit("0s", &[]);
-    assert_eq!(status, 1, "findings give exit status 1: {report} {stderr}");
-    assert_eq!(report["ok"], false);
-    assert_eq!(
-        kinds(&report),
-        ["not_terminal", "stock", "unapplied"],
-        "{report}"
-    );
-    let findings = report["findings"].as_array().unwrap();
-    assert!(
-        findings.iter().any(|f| f["kind"] == "unapplied"
-            && f["message_id"] == forgotten.to_string()
-            && f["group"] == "inventory-service"),
-        "{report}"
-    );
-    assert!(
-        findings
-            .iter()
-            .any(|f| f["kind"] == "not_terminal" && f["order_id"] == stuck.to_string()),
-        "{report}"
-    );
-
-    // A grace period longer than the records' age hides what may still be in flight, but not
-    // the order stuck for an hour or the stock.
-    let (_, report, _) = stack.audit("10m", &[]);
-    assert_eq!(kinds(&report), ["not_terminal", "stock"], "{report}");
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn the_audit_fails_naming_what_it_could_not_reach() {
-    if e2e::needs_own_stack("points the audit at addresses where nothing answers") {
-        return;
-    }
-    let stack = Stack::start("audit_unreachable").await;
-    let closed = e2e::free_port();
-    let here = |db: &str| format!("{}/{db}", e2e::postgres_url());
-    let nowhere = |db: &str| format!("postgres://postgres@127.0.0.1:{closed}/{db}");
-    let audit = |bootstrap: &str, orders_db: &str, inventory_db: &str| {
-        let output = std::process::Command::new(e2e::binary("saga"))
-            .args(["-b", bootstrap, "audit", "--json"])
-            .args(["--orders-db", orders_db, "--inventory-db", inventory_db])
-            .output()
+        sqlx::query("UPDATE products SET available = available - 1, reserved = reserved + 1")
+            .execute(&inventory)
+            .await
             .unwrap();
-        (
-            output.status.code(),
-            output.stdout,
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    };
-    let broker = stack.broker.bootstrap.clone();
+        let stuck = Uuid::new_v4();
+        stack.create_order_quietly(stuck).await;
+        let orders = stack.orders_pool().await;
+        sqlx::query("UPDATE orders SET updated_at = now() - interval '1 hour' WHERE order_id = $1")
+            .bind(stuck)
+            .execute(&orders)
+            .await
+            .unwrap();
 
-    let (status, stdout, stderr) = audit(&broker, &nowhere("orders"), &here(&stack.inventory_db));
-    assert_eq!(status, Some(2), "{stderr}");
-    assert!(stdout.is_empty(), "no report on data it could not read");
-    assert!(
-        stderr.contains(&format!(
-            "cannot reach the orders database at 127.0.0.1:{closed}/orders"
-        )),
-        "{stderr}"
-    );
+        let (status, report, stderr) = stack.audit("0s", &[]);
+        assert_eq!(status, 1, "findings give exit status 1: {report} {stderr}");
+        assert_eq!(report["ok"], false);
+        assert_eq!(
+            kinds(&report),
+            ["not_terminal", "stock", "unapplied"],
+            "{report}"
+        );
+        let findings = report["findings"].as_array().unwrap();
+        assert!(
+            findings.iter().any(|f| f["kind"] == "unapplied"
+                && f["message_id"] == forgotten.to_string()
+                && f["group"] == "inventory-service"),
+            "{report}"
+        );
+        assert!(
+            findings
+                .iter()
+                .any(|f| f["kind"] == "not_terminal" && f["order_id"] == stuck.to_string()),
+            "{report}"
+        );
 
-    let (status, stdout, stderr) = audit(&broker, &here(&stack.orders_db), &nowhere("inventory"));
-    assert_eq!(status, Some(2), "{stderr}");
-    assert!(stdout.is_empty());
-    assert!(
-        stderr.contains("cannot reach the inventory database"),
-        "{stderr}"
-    );
+        // A grace period longer than the records' age hides what may still be in flight, but not
+        // the order stuck for an hour or the stock.
+        let (_, report, _) = stack.audit("10m", &[]);
+        assert_eq!(kinds(&report), ["not_terminal", "stock"], "{report}");
+    }
 
-    let nowhere_broker = format!("127.0.0.1:{closed}");
-    let (status, stdout, stderr) = audit(
-        &nowhere_broker,
-        &here(&stack.orders_db),
-        &here(&stack.inventory_db),
-    );
-    assert_eq!(status, Some(2), "{stderr}");
-    assert!(stdout.is_empty());
-    assert!(
-        stderr.contains(&format!("from the Kafka broker at 127.0.0.1:{closed}")),
-        "{stderr}"
-    );
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_audit_fails_naming_what_it_could_not_reach() {
+        e2e::requires_own_stack("points the audit at addresses where nothing answers");
+        let stack = Stack::start("audit_unreachable").await;
+        // Port 1 (tcpmux): privileged, and nothing here listens on it; a free port picked now
+        // could be another test's by the time the audit connects.
+        let closed = 1;
+        let here = |db: &str| format!("{}/{db}", e2e::postgres_url());
+        let nowhere = |db: &str| format!("postgres://postgres@127.0.0.1:{closed}/{db}");
+        let audit = |bootstrap: &str, orders_db: &str, inventory_db: &str| {
+            let output = std::process::Command::new(e2e::binary("saga"))
+                .args(["-b", bootstrap, "audit", "--json"])
+                .args(["--orders-db", orders_db, "--inventory-db", inventory_db])
+                .output()
+                .unwrap();
+            (
+                output.status.code(),
+                output.stdout,
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            )
+        };
+        let broker = stack.broker.bootstrap.clone();
+
+        let (status, stdout, stderr) =
+            audit(&broker, &nowhere("orders"), &here(&stack.inventory_db));
+        assert_eq!(status, Some(2), "{stderr}");
+        assert!(stdout.is_empty(), "no report on data it could not read");
+        assert!(
+            stderr.contains(&format!(
+                "cannot reach the orders database at 127.0.0.1:{closed}/orders"
+            )),
+            "{stderr}"
+        );
+
+        let (status, stdout, stderr) =
+            audit(&broker, &here(&stack.orders_db), &nowhere("inventory"));
+        assert_eq!(status, Some(2), "{stderr}");
+        assert!(stdout.is_empty());
+        assert!(
+            stderr.contains("cannot reach the inventory database"),
+            "{stderr}"
+        );
+
+        let nowhere_broker = format!("127.0.0.1:{closed}");
+        let (status, stdout, stderr) = audit(
+            &nowhere_broker,
+            &here(&stack.orders_db),
+            &here(&stack.inventory_db),
+        );
+        assert_eq!(status, Some(2), "{stderr}");
+        assert!(stdout.is_empty());
+        assert!(
+            stderr.contains(&format!("from the Kafka broker at 127.0.0.1:{closed}")),
+            "{stderr}"
+        );
+    }
 }

@@ -22,13 +22,12 @@ fn history(order: &Value) -> Vec<&str> {
         .collect()
 }
 
+/// The types of order `id`'s events on `topic`, in order. A record keyed by the order that does
+/// not decode fails the test (other tests' records on a shared stack are not looked at).
 async fn events_of(stack: &Stack, topic: &str, id: Uuid) -> Vec<&'static str> {
-    kafka::read_topic(&stack.broker.bootstrap, topic)
+    kafka::events_of(&stack.broker.bootstrap, topic, id)
         .await
-        .unwrap()
         .iter()
-        .filter_map(|r| r.event().ok())
-        .filter(|e| e.order_id() == id)
         .map(|e| e.event_type())
         .collect()
 }
@@ -173,136 +172,136 @@ async fn an_order_placed_after_inventory_saw_its_cancellation_reserves_nothing()
     stack.assert_stock_conserved(&[("A", 5)]).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_reservation_that_arrives_after_the_order_went_cancelling_is_released() {
-    if e2e::needs_own_stack("holds the relay back until the order is cancelling") {
-        return;
-    }
-    // No relay yet: the customer cancels while the OrderPlaced has not reached inventory.
-    let mut stack = e2e::Stack::start_with(
-        "reserved_after_cancelling",
-        e2e::StackOptions {
-            relay: false,
-            ..e2e::StackOptions::default()
-        },
-    )
-    .await;
-    stack.put_product("A", 100, 10).await;
-    let id = stack.place_order(&[("A", 2)]).await;
-    let (status, _) = stack.cancel(id).await;
-    assert_eq!(status, StatusCode::ACCEPTED);
-    // Inventory reserves (StockReserved reaches a CANCELLING order and is ignored), then
-    // releases on OrderCancelled; the order ends CANCELLED.
-    stack.start_relay().await;
-    stack
-        .wait_for_statuses(&[id], &["CANCELLED"], TIMEOUT)
-        .await;
-    assert_eq!(
-        events_of(&stack, schemas::INVENTORY_TOPIC, id).await,
-        ["StockReserved", "StockReleased"]
-    );
-    assert_eq!(
-        history(&stack.order(id).await),
-        ["PENDING", "CANCELLING", "CANCELLED"]
-    );
-    eventually(TIMEOUT, || async {
-        Ok((stack.product("A").await["available"] == 10).then_some(()))
-    })
-    .await
-    .expect("stock back");
-    stack.assert_stock_conserved(&[("A", 10)]).await;
-}
+/// Tests that need a stack of their own (left out against a running stack: see
+/// `e2e::requires_own_stack`).
+mod own_stack {
+    use super::*;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn cancels_made_while_inventory_is_down_are_applied_after_it_restarts() {
-    if e2e::needs_own_stack("kills inventory-service and starts it again") {
-        return;
-    }
-    let mut stack = Stack::start("cancel_inventory_down").await;
-    stack.put_product("A", 100, 10).await;
-    let confirmed = stack.place_order(&[("A", 2)]).await;
-    stack
-        .wait_for_statuses(&[confirmed], &["CONFIRMED"], TIMEOUT)
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_reservation_that_arrives_after_the_order_went_cancelling_is_released() {
+        e2e::requires_own_stack("holds the relay back until the order is cancelling");
+        // No relay yet: the customer cancels while the OrderPlaced has not reached inventory.
+        let mut stack = e2e::Stack::start_with(
+            "reserved_after_cancelling",
+            e2e::StackOptions {
+                relay: false,
+                ..e2e::StackOptions::default()
+            },
+        )
         .await;
-    eventually(TIMEOUT, || async {
-        Ok((stack.product("A").await["sold"] == 2).then_some(()))
-    })
-    .await
-    .expect("stock sold");
-
-    // Inventory crashes (no graceful shutdown, it does not leave its consumer group). Meanwhile
-    // four orders arrive and three orders are cancelled: the confirmed one and two of the new ones.
-    stack.kill_inventory();
-    let mut placed = Vec::new();
-    for _ in 0..4 {
-        placed.push(stack.place_order(&[("A", 1)]).await);
-    }
-    for id in [confirmed, placed[0], placed[1]] {
-        assert_eq!(stack.cancel(id).await.0, StatusCode::ACCEPTED);
-    }
-    stack.start_inventory().await;
-
-    let cancelled = [confirmed, placed[0], placed[1]];
-    stack
-        .wait_for_statuses(&cancelled, &["CANCELLED"], AFTER_RESTART)
-        .await;
-    stack
-        .wait_for_statuses(&placed[2..], &["CONFIRMED"], TIMEOUT)
-        .await;
-    eventually(TIMEOUT, || async {
-        let a = stack.product("A").await;
-        Ok((a["sold"] == 2 && a["reserved"] == 0).then_some(()))
-    })
-    .await
-    .expect("stock settles: the two new confirmed orders sold, the cancelled one returned");
-    assert_eq!(stack.product("A").await["available"], 8);
-    stack.assert_stock_conserved(&[("A", 10)]).await;
-    for id in cancelled {
-        let released = events_of(&stack, schemas::INVENTORY_TOPIC, id)
-            .await
-            .into_iter()
-            .filter(|e| *e == "StockReleased")
-            .count();
-        assert_eq!(released, 1, "StockReleased for {id}");
-    }
-}
-
-/// An order left CANCELLING (inventory never answers: here it is not running) is covered by no
-/// deadline; `orders_in_flight` and `orders_in_flight_oldest_age_seconds` show it, and the
-/// OrdersStuckInFlight alert reads them.
-#[tokio::test(flavor = "multi_thread")]
-async fn an_order_stuck_cancelling_shows_in_the_in_flight_gauges() {
-    if e2e::needs_own_stack("runs without inventory-service") {
-        return;
-    }
-    let stack = Stack::start_with(
-        "cancel_stuck_visible",
-        e2e::StackOptions {
-            inventory: false,
-            ..e2e::StackOptions::default()
-        },
-    )
-    .await;
-    let id = stack.place_order(&[("A", 1)]).await;
-    let (status, _) = stack.cancel(id).await;
-    assert_eq!(status, StatusCode::ACCEPTED);
-    let url = stack.order_url.clone();
-    eventually(TIMEOUT, || async {
-        let cancelling = stack
-            .metric(&url, "orders_in_flight", &[("status", "CANCELLING")])
+        stack.put_product("A", 100, 10).await;
+        let id = stack.place_order(&[("A", 2)]).await;
+        let (status, _) = stack.cancel(id).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        // Inventory reserves (StockReserved reaches a CANCELLING order and is ignored), then
+        // releases on OrderCancelled; the order ends CANCELLED.
+        stack.start_relay().await;
+        stack
+            .wait_for_statuses(&[id], &["CANCELLED"], TIMEOUT)
             .await;
-        let age = stack
-            .metric(
-                &url,
-                "orders_in_flight_oldest_age_seconds",
-                &[("status", "CANCELLING")],
-            )
+        assert_eq!(
+            events_of(&stack, schemas::INVENTORY_TOPIC, id).await,
+            ["StockReserved", "StockReleased"]
+        );
+        assert_eq!(
+            history(&stack.order(id).await),
+            ["PENDING", "CANCELLING", "CANCELLED"]
+        );
+        eventually(TIMEOUT, || async {
+            Ok((stack.product("A").await["available"] == 10).then_some(()))
+        })
+        .await
+        .expect("stock back");
+        stack.assert_stock_conserved(&[("A", 10)]).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn cancels_made_while_inventory_is_down_are_applied_after_it_restarts() {
+        e2e::requires_own_stack("kills inventory-service and starts it again");
+        let mut stack = Stack::start("cancel_inventory_down").await;
+        stack.put_product("A", 100, 10).await;
+        let confirmed = stack.place_order(&[("A", 2)]).await;
+        stack
+            .wait_for_statuses(&[confirmed], &["CONFIRMED"], TIMEOUT)
             .await;
-        let pending = stack
-            .metric(&url, "orders_in_flight", &[("status", "PENDING")])
+        eventually(TIMEOUT, || async {
+            Ok((stack.product("A").await["sold"] == 2).then_some(()))
+        })
+        .await
+        .expect("stock sold");
+
+        // Inventory crashes (no graceful shutdown, it does not leave its consumer group). Meanwhile
+        // four orders arrive and three orders are cancelled: the confirmed one and two of the new ones.
+        stack.kill_inventory();
+        let mut placed = Vec::new();
+        for _ in 0..4 {
+            placed.push(stack.place_order(&[("A", 1)]).await);
+        }
+        for id in [confirmed, placed[0], placed[1]] {
+            assert_eq!(stack.cancel(id).await.0, StatusCode::ACCEPTED);
+        }
+        stack.start_inventory().await;
+
+        let cancelled = [confirmed, placed[0], placed[1]];
+        stack
+            .wait_for_statuses(&cancelled, &["CANCELLED"], AFTER_RESTART)
             .await;
-        Ok((cancelling == 1.0 && age > 0.0 && pending == 0.0).then_some(()))
-    })
-    .await
-    .expect("one CANCELLING order, none PENDING, with its age");
+        stack
+            .wait_for_statuses(&placed[2..], &["CONFIRMED"], TIMEOUT)
+            .await;
+        eventually(TIMEOUT, || async {
+            let a = stack.product("A").await;
+            Ok((a["sold"] == 2 && a["reserved"] == 0).then_some(()))
+        })
+        .await
+        .expect("stock settles: the two new confirmed orders sold, the cancelled one returned");
+        assert_eq!(stack.product("A").await["available"], 8);
+        stack.assert_stock_conserved(&[("A", 10)]).await;
+        for id in cancelled {
+            let released = events_of(&stack, schemas::INVENTORY_TOPIC, id)
+                .await
+                .into_iter()
+                .filter(|e| *e == "StockReleased")
+                .count();
+            assert_eq!(released, 1, "StockReleased for {id}");
+        }
+    }
+
+    /// An order left CANCELLING (inventory never answers: here it is not running) is covered by no
+    /// deadline; `orders_in_flight` and `orders_in_flight_oldest_age_seconds` show it, and the
+    /// OrdersStuckInFlight alert reads them.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_order_stuck_cancelling_shows_in_the_in_flight_gauges() {
+        e2e::requires_own_stack("runs without inventory-service");
+        let stack = Stack::start_with(
+            "cancel_stuck_visible",
+            e2e::StackOptions {
+                inventory: false,
+                ..e2e::StackOptions::default()
+            },
+        )
+        .await;
+        let id = stack.place_order(&[("A", 1)]).await;
+        let (status, _) = stack.cancel(id).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        let url = stack.order_url.clone();
+        eventually(TIMEOUT, || async {
+            let cancelling = stack
+                .metric(&url, "orders_in_flight", &[("status", "CANCELLING")])
+                .await;
+            let age = stack
+                .metric(
+                    &url,
+                    "orders_in_flight_oldest_age_seconds",
+                    &[("status", "CANCELLING")],
+                )
+                .await;
+            let pending = stack
+                .metric(&url, "orders_in_flight", &[("status", "PENDING")])
+                .await;
+            Ok((cancelling == 1.0 && age > 0.0 && pending == 0.0).then_some(()))
+        })
+        .await
+        .expect("one CANCELLING order, none PENDING, with its age");
+    }
 }

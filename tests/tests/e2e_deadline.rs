@@ -10,104 +10,101 @@ use uuid::Uuid;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_order_stuck_pending_past_its_deadline_is_cancelled_and_its_stock_released() {
-    if e2e::needs_own_stack("sets a short saga deadline and holds the relay back") {
-        return;
-    }
-    // No relay at first: the OrderPlaced waits in the outbox, so the order cannot leave PENDING.
-    let mut stack = Stack::start_with(
-        "deadline",
-        StackOptions {
-            relay: false,
-            saga_deadline: Some("2s".into()),
-            ..StackOptions::default()
-        },
-    )
-    .await;
-    stack.put_product("A", 100, 10).await;
-    let id = stack.place_order(&[("A", 4)]).await;
-    stack
-        .wait_for_statuses(&[id], &["CANCELLING"], TIMEOUT)
-        .await;
-    let order = stack.order(id).await;
-    assert!(
-        order["reason"]
-            .as_str()
-            .unwrap()
-            .contains("DEADLINE_EXCEEDED"),
-        "{order}"
-    );
+/// Tests that need a stack of their own (left out against a running stack: see
+/// `e2e::requires_own_stack`).
+mod own_stack {
+    use super::*;
 
-    // The reservation is still in flight: inventory now sees OrderPlaced, then OrderCancelled.
-    stack.start_relay().await;
-    stack
-        .wait_for_statuses(&[id], &["CANCELLED"], TIMEOUT)
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_order_stuck_pending_past_its_deadline_is_cancelled_and_its_stock_released() {
+        e2e::requires_own_stack("sets a short saga deadline and holds the relay back");
+        // No relay at first: the OrderPlaced waits in the outbox, so the order cannot leave PENDING.
+        let mut stack = Stack::start_with(
+            "deadline",
+            StackOptions {
+                relay: false,
+                saga_deadline: Some("2s".into()),
+                ..StackOptions::default()
+            },
+        )
         .await;
-    eventually(TIMEOUT, || async {
-        Ok((stack.product("A").await["available"] == 10).then_some(()))
-    })
-    .await
-    .expect("stock back");
-    stack.assert_stock_conserved(&[("A", 10)]).await;
-    let events: Vec<Event> = kafka::read_topic(&stack.broker.bootstrap, schemas::ORDERS_TOPIC)
-        .await
-        .unwrap()
-        .iter()
-        .filter_map(|r| r.event().ok())
-        .filter(|e| e.order_id() == id)
-        .collect();
-    assert_eq!(events.len(), 2, "{events:?}");
-    assert!(
-        matches!(&events[1], Event::OrderCancelled(c) if c.reason == schemas::CancelReason::DeadlineExceeded)
-    );
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn concurrent_deadline_checks_cancel_each_overdue_order_exactly_once() {
-    if e2e::needs_own_stack("runs without a relay") {
-        return;
-    }
-    // Three checks run here at the same time, as three order-service instances would (the
-    // service's own check has a deadline of an hour, so it stays out of the way).
-    let stack = Stack::start_with(
-        "deadline_concurrent",
-        StackOptions {
-            relay: false,
-            saga_deadline: Some("60m".into()),
-            ..StackOptions::default()
-        },
-    )
-    .await;
-    let ids: Vec<Uuid> = (0..60).map(|_| Uuid::new_v4()).collect();
-    for id in &ids {
-        stack.create_order_quietly(*id).await;
-    }
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let pool = stack.orders_pool().await;
-    let counts = join_all((0..3).map(|_| {
-        let pool = pool.clone();
-        async move {
-            order_service::deadline::cancel_overdue(&pool, Duration::from_secs(1))
-                .await
+        stack.put_product("A", 100, 10).await;
+        let id = stack.place_order(&[("A", 4)]).await;
+        stack
+            .wait_for_statuses(&[id], &["CANCELLING"], TIMEOUT)
+            .await;
+        let order = stack.order(id).await;
+        assert!(
+            order["reason"]
+                .as_str()
                 .unwrap()
-        }
-    }))
-    .await;
-    stack
-        .wait_for_statuses(&ids, &["CANCELLING"], TIMEOUT)
+                .contains("DEADLINE_EXCEEDED"),
+            "{order}"
+        );
+
+        // The reservation is still in flight: inventory now sees OrderPlaced, then OrderCancelled.
+        stack.start_relay().await;
+        stack
+            .wait_for_statuses(&[id], &["CANCELLED"], TIMEOUT)
+            .await;
+        eventually(TIMEOUT, || async {
+            Ok((stack.product("A").await["available"] == 10).then_some(()))
+        })
+        .await
+        .expect("stock back");
+        stack.assert_stock_conserved(&[("A", 10)]).await;
+        let events: Vec<Event> =
+            kafka::events_of(&stack.broker.bootstrap, schemas::ORDERS_TOPIC, id).await;
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert!(
+            matches!(&events[1], Event::OrderCancelled(c) if c.reason == schemas::CancelReason::DeadlineExceeded)
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn concurrent_deadline_checks_cancel_each_overdue_order_exactly_once() {
+        e2e::requires_own_stack("runs without a relay");
+        // Three checks run here at the same time, as three order-service instances would (the
+        // service's own check has a deadline of an hour, so it stays out of the way).
+        let stack = Stack::start_with(
+            "deadline_concurrent",
+            StackOptions {
+                relay: false,
+                saga_deadline: Some("60m".into()),
+                ..StackOptions::default()
+            },
+        )
         .await;
-    println!("orders cancelled by each of three concurrent checks: {counts:?}");
-    assert_eq!(counts.iter().sum::<usize>(), ids.len());
-    let per_order: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT aggregate_id, count(*) FROM outbox WHERE event_type = 'OrderCancelled' GROUP BY 1",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
-    assert_eq!(per_order.len(), ids.len());
-    assert!(
-        per_order.iter().all(|(_, n)| *n == 1),
-        "an order was cancelled twice: {per_order:?}"
-    );
+        let ids: Vec<Uuid> = (0..60).map(|_| Uuid::new_v4()).collect();
+        for id in &ids {
+            stack.create_order_quietly(*id).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let pool = stack.orders_pool().await;
+        let counts = join_all((0..3).map(|_| {
+            let pool = pool.clone();
+            async move {
+                order_service::deadline::cancel_overdue(&pool, Duration::from_secs(1))
+                    .await
+                    .unwrap()
+            }
+        }))
+        .await;
+        stack
+            .wait_for_statuses(&ids, &["CANCELLING"], TIMEOUT)
+            .await;
+        println!("orders cancelled by each of three concurrent checks: {counts:?}");
+        assert_eq!(counts.iter().sum::<usize>(), ids.len());
+        let per_order: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT aggregate_id, count(*) FROM outbox WHERE event_type = 'OrderCancelled' GROUP BY 1",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        assert_eq!(per_order.len(), ids.len());
+        assert!(
+            per_order.iter().all(|(_, n)| *n == 1),
+            "an order was cancelled twice: {per_order:?}"
+        );
+    }
 }

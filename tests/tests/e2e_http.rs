@@ -298,50 +298,54 @@ async fn the_same_idempotency_key_and_body_gets_the_same_order_and_another_body_
     assert_eq!(listed_of_customer, 2, "{listed}");
 }
 
-/// With an admin token configured, `PUT /products/{sku}` (prices and stock are everyone's) needs
-/// it: none is 401 with `WWW-Authenticate: Bearer`, a wrong one 403, both problem+json with
-/// nothing stored; reading stays open.
-#[tokio::test(flavor = "multi_thread")]
-async fn product_changes_need_the_admin_token_when_one_is_set() {
-    if e2e::needs_own_stack("starts inventory-service with an admin token") {
-        return;
+/// Tests that need a stack of their own (left out against a running stack: see
+/// `e2e::requires_own_stack`).
+mod own_stack {
+    use super::*;
+
+    /// With an admin token configured, `PUT /products/{sku}` (prices and stock are everyone's) needs
+    /// it: none is 401 with `WWW-Authenticate: Bearer`, a wrong one 403, both problem+json with
+    /// nothing stored; reading stays open.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn product_changes_need_the_admin_token_when_one_is_set() {
+        e2e::requires_own_stack("starts inventory-service with an admin token");
+        let token = "a-long-enough-admin-token-for-tests";
+        let stack = Stack::start_with(
+            "http_admin_token",
+            e2e::StackOptions {
+                env: vec![("ADMIN_TOKEN".into(), token.into())],
+                ..e2e::StackOptions::default()
+            },
+        )
+        .await;
+        let url = format!("{}/products/{}", stack.inventory_url, stack.sku("A"));
+        let body = json!({"name": "a", "price_cents": 10, "available": 5});
+        let r = stack.http.put(&url).json(&body).send().await.unwrap();
+        assert_eq!(r.headers()["www-authenticate"], "Bearer");
+        assert_problem(r, StatusCode::UNAUTHORIZED, "needs an admin token").await;
+        let r = stack
+            .http
+            .put(&url)
+            .bearer_auth("not-the-token-at-all-000")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_problem(r, StatusCode::FORBIDDEN, "not valid").await;
+        assert_eq!(
+            stack.http.get(&url).send().await.unwrap().status(),
+            StatusCode::NOT_FOUND,
+            "nothing stored"
+        );
+        let r = stack
+            .http
+            .put(&url)
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        assert_eq!(stack.product("A").await["available"], 5);
     }
-    let token = "a-long-enough-admin-token-for-tests";
-    let stack = Stack::start_with(
-        "http_admin_token",
-        e2e::StackOptions {
-            env: vec![("ADMIN_TOKEN".into(), token.into())],
-            ..e2e::StackOptions::default()
-        },
-    )
-    .await;
-    let url = format!("{}/products/{}", stack.inventory_url, stack.sku("A"));
-    let body = json!({"name": "a", "price_cents": 10, "available": 5});
-    let r = stack.http.put(&url).json(&body).send().await.unwrap();
-    assert_eq!(r.headers()["www-authenticate"], "Bearer");
-    assert_problem(r, StatusCode::UNAUTHORIZED, "needs an admin token").await;
-    let r = stack
-        .http
-        .put(&url)
-        .bearer_auth("not-the-token-at-all-000")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_problem(r, StatusCode::FORBIDDEN, "not valid").await;
-    assert_eq!(
-        stack.http.get(&url).send().await.unwrap().status(),
-        StatusCode::NOT_FOUND,
-        "nothing stored"
-    );
-    let r = stack
-        .http
-        .put(&url)
-        .bearer_auth(token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::CREATED);
-    assert_eq!(stack.product("A").await["available"], 5);
 }

@@ -93,72 +93,6 @@ async fn applied(stack: &Stack, records: &[kafka::Record]) -> HashSet<Uuid> {
     rows.into_iter().collect()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn with_one_record_per_batch_a_consumer_resuming_anywhere_misses_nothing() {
-    if e2e::needs_own_stack("starts inventory-service at an offset it sets") {
-        return;
-    }
-    let (stack, records) = resume_inside_a_batch("local_broker_one_per_batch", true).await;
-    let wanted = records.len();
-    eventually(TIMEOUT, || async {
-        Ok((applied(&stack, &records).await.len() == wanted).then_some(()))
-    })
-    .await
-    .unwrap_or_else(|_| {
-        panic!(
-            "records of orders.v1 from offset 1 on were not all applied; {}",
-            stack.where_logs_are()
-        )
-    });
-    let gaps = stack
-        .metric(
-            &stack.inventory_url,
-            "consumer_offset_gaps_total",
-            &[("group", GROUP)],
-        )
-        .await;
-    assert_eq!(gaps, 0.0, "no records skipped, none counted");
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn when_the_broker_skips_records_the_consumer_counts_and_logs_the_gap() {
-    if e2e::needs_own_stack("starts processes without the local broker's producer settings") {
-        return;
-    }
-    let (stack, records) = resume_inside_a_batch("local_broker_batches", false).await;
-    // The records of each partition's first batch after offset 1 are skipped by the broker;
-    // the later ones are read, and the jump is noticed.
-    let gaps = eventually(TIMEOUT, || async {
-        let gaps = stack
-            .metric(
-                &stack.inventory_url,
-                "consumer_offset_gaps_total",
-                &[("group", GROUP)],
-            )
-            .await;
-        Ok((gaps > 0.0).then_some(gaps))
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no offset gap was counted; {}", stack.where_logs_are()));
-    let log = strip_colours(
-        &std::fs::read_to_string(stack.log_dir().join("inventory-service.log")).unwrap(),
-    );
-    let line = log
-        .lines()
-        .find(|l| l.contains("records skipped"))
-        .expect("the gap is logged");
-    assert!(
-        line.contains("first_missing=1") && line.contains("topic=orders.v1"),
-        "the log line names the missing range: {line}"
-    );
-    let applied = applied(&stack, &records).await;
-    assert!(
-        applied.len() < records.len(),
-        "{gaps} gaps counted, yet all {} records were applied",
-        records.len()
-    );
-}
-
 /// `text` without terminal colour codes (`ESC [ ... m`).
 fn strip_colours(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -194,33 +128,112 @@ async fn members(stack: &Stack) -> HashMap<Uuid, Vec<i32>> {
     rows.into_iter().collect()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn partitions_left_to_a_dead_member_get_a_live_reader() {
-    if e2e::needs_own_stack("kills and starts inventory-service instances") {
-        return;
-    }
-    let stack = Stack::start("local_broker_stranded").await;
-    stack.put_product("A", 100, 1_000).await;
-    // A second instance joins; once both read partitions, it is killed and a third joins at
-    // once, before the dead one's session expires: the broker can then assign partitions to the
-    // dead member and never take them back.
-    let mut second = stack.spawn_inventory_instance("inventory-service-2").await;
-    eventually(TIMEOUT, || async {
-        let members = members(&stack).await;
-        Ok((members.len() == 2 && members.values().all(|p| !p.is_empty())).then_some(()))
-    })
-    .await
-    .expect("both instances read partitions");
-    second.kill9();
-    let _third = stack.spawn_inventory_instance("inventory-service-3").await;
+/// Tests that need a stack of their own (left out against a running stack: see
+/// `e2e::requires_own_stack`).
+mod own_stack {
+    use super::*;
 
-    let ids: Vec<Uuid> = futures::stream::iter(0..30)
-        .map(|_| stack.place_order(&[("A", 1)]))
-        .buffer_unordered(8)
-        .collect()
-        .await;
-    stack
-        .wait_for_statuses(&ids, &["CONFIRMED"], Duration::from_secs(90))
-        .await;
-    stack.assert_stock_conserved(&[("A", 1_000)]).await;
+    #[tokio::test(flavor = "multi_thread")]
+    async fn with_one_record_per_batch_a_consumer_resuming_anywhere_misses_nothing() {
+        e2e::requires_own_stack("starts inventory-service at an offset it sets");
+        let (stack, records) = resume_inside_a_batch("local_broker_one_per_batch", true).await;
+        let wanted = records.len();
+        eventually(TIMEOUT, || async {
+            Ok((applied(&stack, &records).await.len() == wanted).then_some(()))
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "records of orders.v1 from offset 1 on were not all applied; {}",
+                stack.where_logs_are()
+            )
+        });
+        let gaps = stack
+            .metric(
+                &stack.inventory_url,
+                "consumer_offset_gaps_total",
+                &[("group", GROUP)],
+            )
+            .await;
+        assert_eq!(gaps, 0.0, "no records skipped, none counted");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn when_the_broker_skips_records_the_consumer_counts_and_logs_the_gap() {
+        e2e::requires_own_stack("starts processes without the local broker's producer settings");
+        let (stack, records) = resume_inside_a_batch("local_broker_batches", false).await;
+        // The records of each partition's first batch after offset 1 are skipped by the broker;
+        // the later ones are read, and the jump is noticed.
+        let gaps = eventually(TIMEOUT, || async {
+            let gaps = stack
+                .metric(
+                    &stack.inventory_url,
+                    "consumer_offset_gaps_total",
+                    &[("group", GROUP)],
+                )
+                .await;
+            Ok((gaps > 0.0).then_some(gaps))
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no offset gap was counted; {}", stack.where_logs_are()));
+        let log = strip_colours(
+            &std::fs::read_to_string(stack.log_dir().join("inventory-service.log")).unwrap(),
+        );
+        let line = log
+            .lines()
+            .find(|l| l.contains("records skipped"))
+            .expect("the gap is logged");
+        assert!(
+            line.contains("first_missing=1") && line.contains("topic=orders.v1"),
+            "the log line names the missing range: {line}"
+        );
+        let applied = applied(&stack, &records).await;
+        assert!(
+            applied.len() < records.len(),
+            "{gaps} gaps counted, yet all {} records were applied",
+            records.len()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn partitions_left_to_a_dead_member_get_a_live_reader() {
+        e2e::requires_own_stack("kills and starts inventory-service instances");
+        let stack = Stack::start("local_broker_stranded").await;
+        stack.put_product("A", 100, 1_000).await;
+        // A second instance joins; once both read partitions, it is killed and a third joins at
+        // once, before the dead one's session expires: the broker can then assign partitions to the
+        // dead member and never take them back.
+        let (mut second, _) = stack.spawn_inventory_instance("inventory-service-2").await;
+        eventually(TIMEOUT, || async {
+            let members = members(&stack).await;
+            Ok((members.len() == 2 && members.values().all(|p| !p.is_empty())).then_some(()))
+        })
+        .await
+        .expect("both instances read partitions");
+        second.kill9();
+        let (_third, third_url) = stack.spawn_inventory_instance("inventory-service-3").await;
+
+        let ids: Vec<Uuid> = futures::stream::iter(0..30)
+            .map(|_| stack.place_order(&[("A", 1)]))
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        stack
+            .wait_for_statuses(&ids, &["CONFIRMED"], Duration::from_secs(90))
+            .await;
+        stack.assert_stock_conserved(&[("A", 1_000)]).await;
+        // The partitions came back because the watchdog forced a rebalance, not by luck (an
+        // ordinary rebalance when the third instance joined would also give them a live reader).
+        let mut forced = 0.0;
+        for url in [&stack.inventory_url, &third_url] {
+            forced += stack
+                .metric(url, "consumer_forced_rebalances_total", &[("group", GROUP)])
+                .await;
+        }
+        assert!(
+            forced >= 1.0,
+            "the ownership watchdog never forced a rebalance; {}",
+            stack.where_logs_are()
+        );
+    }
 }

@@ -72,6 +72,7 @@ async fn every_metrics_endpoint_passes_promtool_and_has_the_documented_metrics()
 
     // What both services export: HTTP, their tables, and the consumer runtime.
     const SERVICES: &[&str] = &[
+        "process_start_time_seconds",
         "http_requests_total",
         "http_request_duration_seconds",
         "http_requests_shed_total",
@@ -116,6 +117,7 @@ async fn every_metrics_endpoint_passes_promtool_and_has_the_documented_metrics()
             &stack.relay_metrics_url,
             &[],
             &[
+                "process_start_time_seconds",
                 "relay_rows_published_total",
                 "relay_publish_errors_total",
                 "relay_outbox_pending_rows",

@@ -100,158 +100,186 @@ async fn send(stack: &Stack, event: &Event, message_id: &str) {
     .unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn every_dashboard_and_alert_query_returns_series_from_a_real_run() {
-    if e2e::needs_own_stack(
-        "starts the services with short retry delays and scrapes them with its own Prometheus",
-    ) {
-        return;
-    }
-    promtool(&[
-        "check",
-        "config",
-        deploy_dir()
-            .join("prometheus/prometheus.yml")
-            .to_str()
-            .unwrap(),
-    ]);
-    promtool(&[
-        "check",
-        "rules",
-        deploy_dir().join("prometheus/alerts.yml").to_str().unwrap(),
-    ]);
-
-    let stack = Stack::start_with(
-        "prometheus",
-        StackOptions {
-            retry_delays: Some("200ms".into()),
-            ..StackOptions::default()
-        },
-    )
-    .await;
-
-    // Prometheus scrapes the stack every second, with the deploy config's job names and rules.
-    let port = free_port();
-    let dir = stack.log_dir().join("prometheus");
-    std::fs::create_dir_all(&dir).unwrap();
-    let host_port = |url: &str| url.trim_start_matches("http://").to_owned();
-    let config = format!(
-        "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
-         rule_files: [{rules:?}]\n\
-         scrape_configs:\n\
-         - {{job_name: order-service, static_configs: [{{targets: [{order:?}]}}]}}\n\
-         - {{job_name: inventory-service, static_configs: [{{targets: [{inventory:?}]}}]}}\n\
-         - {{job_name: outbox-relay, static_configs: [{{targets: [{relay:?}]}}]}}\n",
-        rules = deploy_dir().join("prometheus/alerts.yml"),
-        order = host_port(&stack.order_url),
-        inventory = host_port(&stack.inventory_url),
-        relay = host_port(&stack.relay_metrics_url),
-    );
-    let deploy_config =
-        std::fs::read_to_string(deploy_dir().join("prometheus/prometheus.yml")).unwrap();
-    for job in ["order-service", "inventory-service", "outbox-relay"] {
-        assert!(
-            deploy_config.contains(&format!("job_name: {job}")),
-            "deploy/prometheus/prometheus.yml has no job {job}"
+/// Starts Prometheus with `config` on a free port and waits until it is ready; returns it and its
+/// URL. A port another test took first is given up for another.
+async fn start_prometheus(stack: &Stack, config: &Path, dir: &Path) -> (Proc, String) {
+    for _ in 0..5 {
+        let port = free_port();
+        let prometheus = Proc::spawn_logging(
+            "prometheus",
+            Path::new("prometheus"),
+            &[
+                format!("--config.file={}", config.display()),
+                format!("--storage.tsdb.path={}", dir.join("data").display()),
+                format!("--web.listen-address=127.0.0.1:{port}"),
+            ],
+            stack.log_dir(),
+            "info",
+            &[],
         );
-    }
-    let config_path = dir.join("prometheus.yml");
-    std::fs::write(&config_path, config).unwrap();
-    let _prometheus = Proc::spawn_logging(
-        "prometheus",
-        Path::new("prometheus"),
-        &[
-            format!("--config.file={}", config_path.display()),
-            format!("--storage.tsdb.path={}", dir.join("data").display()),
-            format!("--web.listen-address=127.0.0.1:{port}"),
-        ],
-        stack.log_dir(),
-        "info",
-        &[],
-    );
-    let api = format!("http://127.0.0.1:{port}");
-
-    // A run that makes every series: confirmed, rejected and cancelled sagas, HTTP errors, a
-    // poison record (dead letter), a "not yet" event (retries, then a dead letter) and a
-    // redelivered message (duplicate).
-    stack.put_product("A", 100, 5).await;
-    let (confirmed, rejected) = stack.one_saga_of_each_outcome().await;
-    assert_eq!(stack.cancel(rejected).await.0, 409);
-    kafka::produce(
-        &stack.broker.bootstrap,
-        schemas::ORDERS_TOPIC,
-        None,
-        Some("poison"),
-        &[],
-        b"not avro",
-    )
-    .await
-    .unwrap();
-    let released = |order_id| {
-        Event::StockReleased(StockReleased {
-            order_id,
-            reservation_id: Uuid::nil(),
-            reason: "test".into(),
-            released_at: 1,
+        let api = format!("http://127.0.0.1:{port}");
+        let ready = eventually(Duration::from_secs(60), || async {
+            let r = stack.http.get(format!("{api}/-/ready")).send().await?;
+            Ok(r.status().is_success().then_some(()))
         })
-    };
-    send(
-        &stack,
-        &released(Uuid::new_v4()),
-        &Uuid::new_v4().to_string(),
+        .await;
+        if ready.is_ok()
+            && prometheus
+                .pid()
+                .is_some_and(|pid| e2e::listens_on(pid, port))
+        {
+            return (prometheus, api);
+        }
+    }
+    panic!(
+        "Prometheus did not start on any of 5 ports; {}",
+        stack.where_logs_are()
     )
-    .await;
-    let twice = Uuid::new_v4().to_string();
-    send(&stack, &released(confirmed), &twice).await;
-    send(&stack, &released(confirmed), &twice).await;
+}
 
-    let mut queries = dashboard_queries();
-    queries.extend(alert_queries());
-    let http = reqwest::Client::new();
-    let failures = eventually(TIMEOUT, || {
-        let (http, api, queries) = (&http, &api, &queries);
-        async move {
-            let mut failures = Vec::new();
-            for (place, expr) in queries {
-                let answer: Value = match http
-                    .get(format!("{api}/api/v1/query"))
-                    .query(&[("query", expr)])
-                    .send()
-                    .await
-                {
-                    Ok(r) => r.json().await.unwrap_or(Value::Null),
-                    Err(e) => {
-                        failures.push(format!("{place}: Prometheus not answering: {e}"));
-                        continue;
+/// Tests that need a stack of their own (left out against a running stack: see
+/// `e2e::requires_own_stack`).
+mod own_stack {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn every_dashboard_and_alert_query_returns_series_from_a_real_run() {
+        e2e::requires_own_stack(
+            "starts the services with short retry delays and scrapes them with its own Prometheus",
+        );
+        promtool(&[
+            "check",
+            "config",
+            deploy_dir()
+                .join("prometheus/prometheus.yml")
+                .to_str()
+                .unwrap(),
+        ]);
+        promtool(&[
+            "check",
+            "rules",
+            deploy_dir().join("prometheus/alerts.yml").to_str().unwrap(),
+        ]);
+
+        let stack = Stack::start_with(
+            "prometheus",
+            StackOptions {
+                retry_delays: Some("200ms".into()),
+                ..StackOptions::default()
+            },
+        )
+        .await;
+
+        // Prometheus scrapes the stack every second, with the deploy config's job names and rules.
+        let dir = stack.log_dir().join("prometheus");
+        std::fs::create_dir_all(&dir).unwrap();
+        let host_port = |url: &str| url.trim_start_matches("http://").to_owned();
+        let config = format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n\
+             rule_files: [{rules:?}]\n\
+             scrape_configs:\n\
+             - {{job_name: order-service, static_configs: [{{targets: [{order:?}]}}]}}\n\
+             - {{job_name: inventory-service, static_configs: [{{targets: [{inventory:?}]}}]}}\n\
+             - {{job_name: outbox-relay, static_configs: [{{targets: [{relay:?}]}}]}}\n",
+            rules = deploy_dir().join("prometheus/alerts.yml"),
+            order = host_port(&stack.order_url),
+            inventory = host_port(&stack.inventory_url),
+            relay = host_port(&stack.relay_metrics_url),
+        );
+        let deploy_config =
+            std::fs::read_to_string(deploy_dir().join("prometheus/prometheus.yml")).unwrap();
+        for job in ["order-service", "inventory-service", "outbox-relay"] {
+            assert!(
+                deploy_config.contains(&format!("job_name: {job}")),
+                "deploy/prometheus/prometheus.yml has no job {job}"
+            );
+        }
+        let config_path = dir.join("prometheus.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let (_prometheus, api) = start_prometheus(&stack, &config_path, &dir).await;
+
+        // A run that makes every series: confirmed, rejected and cancelled sagas, HTTP errors, a
+        // poison record (dead letter), a "not yet" event (retries, then a dead letter) and a
+        // redelivered message (duplicate).
+        stack.put_product("A", 100, 5).await;
+        let (confirmed, rejected) = stack.one_saga_of_each_outcome().await;
+        assert_eq!(stack.cancel(rejected).await.0, 409);
+        kafka::produce(
+            &stack.broker.bootstrap,
+            schemas::ORDERS_TOPIC,
+            None,
+            Some("poison"),
+            &[],
+            b"not avro",
+        )
+        .await
+        .unwrap();
+        let released = |order_id| {
+            Event::StockReleased(StockReleased {
+                order_id,
+                reservation_id: Uuid::nil(),
+                reason: "test".into(),
+                released_at: 1,
+            })
+        };
+        send(
+            &stack,
+            &released(Uuid::new_v4()),
+            &Uuid::new_v4().to_string(),
+        )
+        .await;
+        let twice = Uuid::new_v4().to_string();
+        send(&stack, &released(confirmed), &twice).await;
+        send(&stack, &released(confirmed), &twice).await;
+
+        let mut queries = dashboard_queries();
+        queries.extend(alert_queries());
+        let http = reqwest::Client::new();
+        let failures = eventually(TIMEOUT, || {
+            let (http, api, queries) = (&http, &api, &queries);
+            async move {
+                let mut failures = Vec::new();
+                for (place, expr) in queries {
+                    let answer: Value = match http
+                        .get(format!("{api}/api/v1/query"))
+                        .query(&[("query", expr)])
+                        .send()
+                        .await
+                    {
+                        Ok(r) => r.json().await.unwrap_or(Value::Null),
+                        Err(e) => {
+                            failures.push(format!("{place}: Prometheus not answering: {e}"));
+                            continue;
+                        }
+                    };
+                    if answer["status"] != "success" {
+                        failures.push(format!("{place}: `{expr}`: {}", answer["error"]));
+                    } else if answer["data"]["result"]
+                        .as_array()
+                        .is_none_or(|r| r.is_empty())
+                    {
+                        failures.push(format!("{place}: `{expr}` returned no series"));
                     }
-                };
-                if answer["status"] != "success" {
-                    failures.push(format!("{place}: `{expr}`: {}", answer["error"]));
-                } else if answer["data"]["result"]
-                    .as_array()
-                    .is_none_or(|r| r.is_empty())
-                {
-                    failures.push(format!("{place}: `{expr}` returned no series"));
+                }
+                // Parse errors never heal: report them (alone) at once.
+                let unparsable: Vec<String> = failures
+                    .iter()
+                    .filter(|f| f.contains("parse error"))
+                    .cloned()
+                    .collect();
+                if !unparsable.is_empty() {
+                    return Ok(Some(unparsable));
+                }
+                if failures.is_empty() {
+                    Ok(Some(failures))
+                } else {
+                    anyhow::bail!("{}", failures.join("\n"))
                 }
             }
-            // Parse errors never heal: report them (alone) at once.
-            let unparsable: Vec<String> = failures
-                .iter()
-                .filter(|f| f.contains("parse error"))
-                .cloned()
-                .collect();
-            if !unparsable.is_empty() {
-                return Ok(Some(unparsable));
-            }
-            if failures.is_empty() {
-                Ok(Some(failures))
-            } else {
-                anyhow::bail!("{}", failures.join("\n"))
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|e| panic!("queries without series after {TIMEOUT:?}:\n{e}"));
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
-    println!("{} queries answered with series", queries.len());
+        })
+        .await
+        .unwrap_or_else(|e| panic!("queries without series after {TIMEOUT:?}:\n{e}"));
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+        println!("{} queries answered with series", queries.len());
+    }
 }

@@ -11,7 +11,7 @@ use sqlx::PgPool;
 
 use super::resources::{self, Usage, Watched};
 use super::stats;
-use crate::{Broker, Proc, binary, db_url, free_port};
+use crate::{Broker, Proc, binary, db_url};
 
 /// The two sources, as the services name them: (source name, aggregate type, event type).
 const SOURCES: [(&str, &str, &str); 2] = [
@@ -26,7 +26,8 @@ pub struct RelayBench {
     pools: Vec<PgPool>,
     admin: PgPool,
     relay: Option<Proc>,
-    metrics_url: String,
+    /// Where the relay serves its metrics, held through its restarts.
+    metrics: std::net::TcpListener,
     log_dir: PathBuf,
     payload: Vec<u8>,
     /// Extra relay flags (`--batch-size 5000`, say).
@@ -58,7 +59,7 @@ impl RelayBench {
             pools,
             admin,
             relay: None,
-            metrics_url: format!("http://127.0.0.1:{}", free_port()),
+            metrics: crate::listener(),
             log_dir: log_dir.to_owned(),
             payload: super::order_placed_payload(),
             relay_args: Vec::new(),
@@ -80,20 +81,22 @@ impl RelayBench {
             "--kafka-config".to_owned(),
             crate::LOCAL_BROKER_KAFKA_CONFIG.to_owned(),
             "--metrics-addr".to_owned(),
-            self.metrics_url.trim_start_matches("http://").to_owned(),
+            "stdin".to_owned(),
         ]);
         args.extend(self.relay_args.iter().cloned());
-        self.relay = Some(Proc::spawn(
+        self.relay = Some(Proc::spawn_serving(
             "outbox-relay",
             &binary("outbox-relay"),
             &args,
             &self.log_dir,
+            &[],
+            &self.metrics,
         ));
         let http = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             match http
-                .get(format!("{}/readyz", self.metrics_url))
+                .get(format!("{}/readyz", crate::url_of(&self.metrics)))
                 .send()
                 .await
             {
@@ -232,7 +235,7 @@ impl RelayBench {
         let this = &*self;
         let http = reqwest::Client::new();
         let metrics = |http: reqwest::Client| {
-            let url = format!("{}/metrics", this.metrics_url);
+            let url = format!("{}/metrics", crate::url_of(&this.metrics));
             async move { anyhow::Ok(http.get(url).send().await?.text().await?) }
         };
         let before = metrics(http.clone()).await?;
