@@ -747,6 +747,11 @@ async fn wait_for_first_batch(stack: &Stack, url: &str) {
 /// last delay (60 s) and a rebalance or two, with room for a loaded machine.
 const QUIET_WITHIN: Duration = Duration::from_secs(300);
 
+/// How long the audit may still have findings once every order is terminal and the outboxes
+/// are empty (records the consumers have not applied yet, a retry's last delay of 60 s among
+/// them).
+const SETTLED_FINDINGS_WITHIN: Duration = Duration::from_secs(90);
+
 /// Waits until every accepted order is terminal and both outboxes are empty, then until
 /// `saga audit` (grace 0, outbox age 0) has nothing to say, or [`QUIET_WITHIN`] is over. Returns
 /// the last audit report, and an error saying what was still moving if the system never went
@@ -757,6 +762,8 @@ async fn quiesce(stack: &Stack, accepted: &HashMap<Uuid, Accepted>) -> (Value, R
     let inventory = stack.inventory_pool().await;
     let deadline = Instant::now() + QUIET_WITHIN;
     let mut last_report = Instant::now();
+    // Once settled, findings that are still there after this are not records in flight.
+    let mut settled_since: Option<Instant> = None;
     loop {
         let open: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM orders WHERE order_id = ANY($1) \
@@ -774,7 +781,18 @@ async fn quiesce(stack: &Stack, accepted: &HashMap<Uuid, Accepted>) -> (Value, R
                 .unwrap_or(-1);
         }
         let settled = open == 0 && outbox == 0;
-        let out_of_time = Instant::now() >= deadline;
+        let settled_for = match (settled, settled_since) {
+            (false, _) => {
+                settled_since = None;
+                Duration::ZERO
+            }
+            (true, None) => {
+                settled_since = Some(Instant::now());
+                Duration::ZERO
+            }
+            (true, Some(since)) => since.elapsed(),
+        };
+        let out_of_time = Instant::now() >= deadline || settled_for >= SETTLED_FINDINGS_WITHIN;
         if settled || out_of_time {
             let (status, report, stderr) = stack.audit("0s", &["--outbox-age", "0s"]);
             let report = if status == 2 || report.is_null() {
@@ -787,16 +805,17 @@ async fn quiesce(stack: &Stack, accepted: &HashMap<Uuid, Accepted>) -> (Value, R
             }
             if out_of_time {
                 let what = if settled {
-                    "the audit still had findings".to_owned()
+                    format!(
+                        "the audit still had findings {SETTLED_FINDINGS_WITHIN:?} after every order \
+                         was terminal and both outboxes empty"
+                    )
                 } else {
-                    format!("{open} orders not terminal, {outbox} outbox rows")
+                    format!(
+                        "{open} orders not terminal and {outbox} outbox rows {QUIET_WITHIN:?} after \
+                         the load's end"
+                    )
                 };
-                return (
-                    report,
-                    Err(format!(
-                        "the system did not go quiet within {QUIET_WITHIN:?} of the load's end: {what}"
-                    )),
-                );
+                return (report, Err(format!("the system did not go quiet: {what}")));
             }
         }
         if last_report.elapsed() >= Duration::from_secs(10) {

@@ -109,12 +109,18 @@ mod own_stack {
                 .collect()
                 .await;
             ids.extend(placed);
-            let waiting: Vec<Uuid> = sqlx::query_scalar("SELECT message_id FROM outbox")
-                .fetch_all(&orders_db)
+            let backlog: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+                .fetch_one(&orders_db)
                 .await
                 .unwrap();
-            let backlog = waiting.len() as i64;
-            committed.extend(waiting);
+            // The OrderPlaced rows (the outbox holds OrderConfirmed rows too after a first kill).
+            let placed: Vec<Uuid> = sqlx::query_scalar(
+                "SELECT message_id FROM outbox WHERE event_type = 'OrderPlaced'",
+            )
+            .fetch_all(&orders_db)
+            .await
+            .unwrap();
+            committed.extend(placed);
             stack.start_relay().await;
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
