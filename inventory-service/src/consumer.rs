@@ -83,7 +83,12 @@ impl Handler for OrderEvents {
                 release(conn, cancelled, reservation.as_ref(), decision, envelope).await
             }
             (Reaction::Ignore(why), _) => {
-                tracing::info!(%order_id, event_type = envelope.event.event_type(), ?state, why, "nothing to change");
+                let event_type = envelope.event.event_type();
+                if event == OrderEvent::Rejected {
+                    tracing::debug!(%order_id, event_type, why, "nothing to change");
+                } else {
+                    tracing::info!(%order_id, event_type, ?state, why, "nothing to change");
+                }
                 Ok(AfterCommit::none())
             }
             (reaction, event) => Err(HandlerError::Permanent(format!(
