@@ -156,7 +156,8 @@ pub enum Reaction {
 }
 
 /// Inventory's reaction to `event` of an order in `state`. Every pair is decided here; the
-/// handler only carries the reaction out.
+/// handler only carries the reaction out (and, since an OrderRejected is ignored in every state,
+/// does not read the state for one).
 pub fn react(state: OrderState, event: OrderEvent) -> Result<Reaction, InvalidTransition> {
     use OrderEvent::*;
     match (state, event) {

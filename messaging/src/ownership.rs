@@ -183,7 +183,13 @@ pub async fn watch<C: ConsumerContext + 'static>(
             &mut partitions,
             &mut watchdog,
         );
-        let verdict = match checked.await {
+        // A check waits on the broker (the partition count, up to 5 s) and on the database:
+        // during an outage it must not hold up the shutdown.
+        let checked = tokio::select! {
+            checked = checked => checked,
+            _ = shutdown.wait() => break,
+        };
+        let verdict = match checked {
             Ok(verdict) => verdict,
             Err(e) => {
                 tracing::debug!(%group, error = %format!("{e:#}"), "could not check the group's partition owners");

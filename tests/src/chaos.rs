@@ -60,6 +60,16 @@ impl Fault {
         Fault::CutInventoryDatabase,
     ];
 
+    /// Whether this fault can hold a saga up for as long as the saga deadline (30 s): a consumer
+    /// group waiting out a session timeout and a rebalance, or a database or broker away. A relay
+    /// killed or replaced is back within a few seconds, its rows waiting in the outbox.
+    pub fn can_hold_a_saga_up(self) -> bool {
+        !matches!(
+            self,
+            Fault::KillRelay | Fault::KillRelayMidBatch | Fault::RelayTakeover
+        )
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Fault::KillRelay => "kill -9 relay",
@@ -200,10 +210,12 @@ pub struct FaultWindow {
 /// session timeout (10 s) and a rebalance or two to read again, with room for a loaded machine.
 const RECOVERY: chrono::TimeDelta = chrono::TimeDelta::seconds(45);
 
-/// Whether some fault was in progress, or recovering from, between `from` and `to`.
+/// Whether a fault that can hold a saga up was in progress, or recovering from, between `from`
+/// and `to`.
 fn explained_by_faults(faults: &[FaultWindow], from: DateTime<Utc>, to: DateTime<Utc>) -> bool {
     faults
         .iter()
+        .filter(|f| f.fault.can_hold_a_saga_up())
         .any(|f| f.started <= to && f.ended + RECOVERY >= from)
 }
 
@@ -592,7 +604,7 @@ enum Injected {
 }
 
 /// How many times a kill meant to land inside a batch is tried before the fault is given up.
-const MID_BATCH_TRIES: u32 = 3;
+const MID_BATCH_TRIES: u32 = 5;
 
 /// Injects one fault and undoes it.
 async fn inject(
@@ -611,11 +623,12 @@ async fn inject(
         }
         Fault::KillRelayMidBatch => {
             for attempt in 0..MID_BATCH_TRIES {
-                // Let a backlog build up, start the relay on it, and kill it once it has read
-                // its first batch (`relay_batch_size` counts a batch before it is produced) plus
-                // up to 20 ms: while that batch's records are being produced and acknowledged.
+                // Let a backlog build up (longer at each try), start the relay on it, and kill
+                // it once it has read its first batch (`relay_batch_size` counts a batch before
+                // it is produced) plus up to 20 ms: while that batch's records are being produced
+                // and acknowledged.
                 relay(stack).kill9();
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                tokio::time::sleep(Duration::from_secs(2 + u64::from(attempt))).await;
                 let after = between(rng, 0.0, 0.02);
                 stack.launch_relay();
                 let url = stack.relay_metrics_url.clone();
@@ -765,6 +778,7 @@ async fn quiesce(stack: &Stack, accepted: &HashMap<Uuid, Accepted>) -> (Value, R
     // Once settled, findings that are still there after this are not records in flight.
     let mut settled_since: Option<Instant> = None;
     loop {
+        // A count that could not be read (-1) is not quiet.
         let open: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM orders WHERE order_id = ANY($1) \
              AND status NOT IN ('CONFIRMED', 'REJECTED', 'CANCELLED')",
@@ -773,14 +787,17 @@ async fn quiesce(stack: &Stack, accepted: &HashMap<Uuid, Accepted>) -> (Value, R
         .fetch_one(&orders)
         .await
         .unwrap_or(-1);
-        let mut outbox = 0;
+        let mut outboxes = Vec::new();
         for pool in [&orders, &inventory] {
-            outbox += sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
-                .fetch_one(pool)
-                .await
-                .unwrap_or(-1);
+            outboxes.push(
+                sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
+                    .fetch_one(pool)
+                    .await
+                    .unwrap_or(-1),
+            );
         }
-        let settled = open == 0 && outbox == 0;
+        let outbox: i64 = outboxes.iter().sum();
+        let settled = open == 0 && outboxes.iter().all(|n| *n == 0);
         let settled_for = match (settled, settled_since) {
             (false, _) => {
                 settled_since = None;

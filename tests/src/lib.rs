@@ -219,12 +219,12 @@ pub fn url_of(listener: &TcpListener) -> String {
 /// started on a port that another test took first exits, but until it does a client reaches the
 /// other test's process there.
 pub fn listens_on(pid: u32, port: u16) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
-        return false;
-    };
-    let sockets: Vec<String> = table
+    let tables: String = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|t| std::fs::read_to_string(t).ok())
+        .collect();
+    let sockets: Vec<String> = tables
         .lines()
-        .skip(1)
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
             let (_, local_port) = fields.get(1)?.split_once(':')?;
@@ -433,20 +433,21 @@ impl Broker {
         for _ in 0..5 {
             let port = free_port();
             let url = format!("tcp://127.0.0.1:{port}");
-            let proc = spawn_tansu(log_dir, &url, &url);
+            let mut proc = spawn_tansu(log_dir, &url, &url);
+            // Another test may have taken the port first: then the broker exits.
+            if !owns_port(&mut proc, port).await {
+                continue;
+            }
             let bootstrap = format!("127.0.0.1:{port}");
             kafka::wait_for_broker(&bootstrap, Duration::from_secs(30))
                 .await
                 .expect("broker did not come up");
-            // Another test may have taken the port first: then what answered is its broker.
-            if proc.pid().is_some_and(|pid| listens_on(pid, port)) {
-                return Broker {
-                    bootstrap,
-                    proc: Some(proc),
-                    client_config: Vec::new(),
-                    _tls_proxy: None,
-                };
-            }
+            return Broker {
+                bootstrap,
+                proc: Some(proc),
+                client_config: Vec::new(),
+                _tls_proxy: None,
+            };
         }
         panic!("5 ports were taken by the time the broker started on them")
     }
@@ -461,26 +462,28 @@ impl Broker {
         tls::make_ca_and_server_cert(&tls_dir, "ca", Some("server")).expect("certificates");
         for _ in 0..5 {
             let (plain, tls_port) = (free_port(), free_port());
-            let broker = Self::start_tls_on(log_dir, &tls_dir, plain, tls_port).await;
-            let owned = |proc: &Option<Proc>, port| {
-                proc.as_ref()
-                    .and_then(Proc::pid)
-                    .is_some_and(|pid| listens_on(pid, port))
-            };
-            // Another test may have taken a port first: then what answered is its process.
-            if owned(&broker.proc, plain) && owned(&broker._tls_proxy, tls_port) {
+            if let Some(broker) = Self::start_tls_on(log_dir, &tls_dir, plain, tls_port).await {
                 return broker;
             }
         }
         panic!("5 pairs of ports were taken by the time the broker and its proxy started")
     }
 
-    async fn start_tls_on(log_dir: &Path, tls_dir: &Path, plain: u16, tls_port: u16) -> Broker {
+    /// [`Broker::start_tls`] on these ports; `None` when another test had taken one of them.
+    async fn start_tls_on(
+        log_dir: &Path,
+        tls_dir: &Path,
+        plain: u16,
+        tls_port: u16,
+    ) -> Option<Broker> {
         let listener = format!("tcp://127.0.0.1:{plain}");
         let advertised = format!("tcp://localhost:{tls_port}");
-        let proc = spawn_tansu(log_dir, &listener, &advertised);
+        let mut proc = spawn_tansu(log_dir, &listener, &advertised);
+        if !owns_port(&mut proc, plain).await {
+            return None;
+        }
         let socat = which("socat").expect("socat (Debian's package; scripts/test.sh installs it)");
-        let proxy = Proc::spawn_logging(
+        let mut proxy = Proc::spawn_logging(
             "kafka-tls-proxy",
             &socat,
             &[
@@ -495,6 +498,9 @@ impl Broker {
             "warn",
             &[],
         );
+        if !owns_port(&mut proxy, tls_port).await {
+            return None;
+        }
         let client_config = vec![
             "security.protocol=ssl".to_owned(),
             format!("ssl.ca.location={}", tls_dir.join("ca.crt").display()),
@@ -503,13 +509,26 @@ impl Broker {
         kafka::wait_for_broker_with(&bootstrap, &client_config, Duration::from_secs(30))
             .await
             .expect("broker did not come up behind its TLS proxy");
-        Broker {
+        Some(Broker {
             bootstrap,
             proc: Some(proc),
             client_config,
             _tls_proxy: Some(proxy),
-        }
+        })
     }
+}
+
+/// Waits (at most 30 s) until `proc` listens on `port` of 127.0.0.1; `false` when it exited first
+/// (another test had taken the port) or never did.
+pub async fn owns_port(proc: &mut Proc, port: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && proc.is_running() {
+        if proc.pid().is_some_and(|pid| listens_on(pid, port)) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
 }
 
 /// Tansu with memory storage, listening on `listener` and advertising `advertised`.
@@ -604,6 +623,16 @@ impl StackOptions {
             .flat_map(|p| ["--kafka-config".to_owned(), p])
             .collect()
     }
+}
+
+/// The tests' HTTP client. Every request is bounded: a process of the test's own stack serves on a
+/// listener the test holds, so while it is down (or dead) connections are accepted by the kernel
+/// and wait, where they used to be refused.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("HTTP client")
 }
 
 /// The listening sockets of a test's own stack, one per process that serves HTTP.
@@ -734,7 +763,7 @@ impl Stack {
             pg,
             relay: None,
             inventory_proxy,
-            http: reqwest::Client::new(),
+            http: http_client(),
             options: options.clone(),
             log_dir,
             sku_prefix: String::new(),
@@ -784,7 +813,7 @@ impl Stack {
             pg: postgres_url(),
             relay: None,
             inventory_proxy: None,
-            http: reqwest::Client::new(),
+            http: http_client(),
             options,
             log_dir,
             sku_prefix: format!("e2e-{suffix}-"),
@@ -1089,7 +1118,13 @@ impl Stack {
     pub async fn wait_ready(&self, base: &str) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(r) = self.http.get(format!("{base}/readyz")).send().await
+            // Each ask bounded: behind a held listener a dead process answers nothing at all.
+            let ask = self
+                .http
+                .get(format!("{base}/readyz"))
+                .timeout(Duration::from_secs(2))
+                .send();
+            if let Ok(r) = ask.await
                 && r.status().is_success()
             {
                 return;

@@ -94,11 +94,11 @@ mod own_stack {
         let addr = listening.expect("order-service logged where it listens");
         let readyz = format!("http://{addr}/readyz");
         let mut answers = Vec::new();
-        for _ in 0..20 {
+        for _ in 0..10 {
             if let Ok(r) = stack.http.get(&readyz).send().await {
                 answers.push(r.status().as_u16());
             }
-            tokio::time::sleep(Duration::from_millis(150)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let _ = child.kill().await;
         let _ = std::fs::remove_dir_all(&other);

@@ -111,6 +111,18 @@ fn strip_colours(text: &str) -> String {
     out
 }
 
+/// The sum of gauge `name` of the inventory group at `url`; 0 when it cannot be read.
+async fn gauge(stack: &Stack, url: &str, name: &str) -> f64 {
+    match stack.http.get(format!("{url}/metrics")).send().await {
+        Ok(r) => e2e::sum_metric(
+            &r.text().await.unwrap_or_default(),
+            name,
+            &[("group", GROUP)],
+        ),
+        Err(_) => 0.0,
+    }
+}
+
 /// The inventory group's live members (per the ownership table) and what each reads of
 /// orders.v1.
 async fn members(stack: &Stack) -> HashMap<Uuid, Vec<i32>> {
@@ -201,17 +213,49 @@ mod own_stack {
         let stack = Stack::start("local_broker_stranded").await;
         stack.put_product("A", 100, 1_000).await;
         // A second instance joins; once both read partitions, it is killed and a third joins at
-        // once, before the dead one's session expires: the broker can then assign partitions to the
-        // dead member and never take them back.
-        let (mut second, _) = stack.spawn_inventory_instance("inventory-service-2").await;
+        // once, before the dead one's session expires: the broker can then assign partitions to
+        // the dead member and never take them back. It does not always (an ordinary rebalance
+        // may leave the dead member out): then the newest instance is killed and another joins,
+        // until a partition is seen without a live reader (`consumer_unowned_partitions`, which
+        // the watchdog of every live instance exports).
+        let (mut victim, _) = stack.spawn_inventory_instance("inventory-service-2").await;
         eventually(TIMEOUT, || async {
             let members = members(&stack).await;
             Ok((members.len() == 2 && members.values().all(|p| !p.is_empty())).then_some(()))
         })
         .await
         .expect("both instances read partitions");
-        second.kill9();
-        let (_third, third_url) = stack.spawn_inventory_instance("inventory-service-3").await;
+        let mut live_url = String::new();
+        let mut stranded = false;
+        for round in 3..=8 {
+            victim.kill9();
+            let (next, next_url) = stack
+                .spawn_inventory_instance(&format!("inventory-service-{round}"))
+                .await;
+            (victim, live_url) = (next, next_url);
+            let urls = [stack.inventory_url.clone(), live_url.clone()];
+            // The dead member counts as live for 15 s after its last report, and the watchdog
+            // checks every 5 s: a stranding shows within about 25 s.
+            stranded = eventually(Duration::from_secs(40), || async {
+                let mut unowned = 0.0;
+                for url in &urls {
+                    unowned += gauge(&stack, url, "consumer_unowned_partitions").await;
+                }
+                Ok((unowned > 0.0).then_some(()))
+            })
+            .await
+            .is_ok();
+            if stranded {
+                break;
+            }
+            println!(
+                "round {round}: the broker stranded no partition; killing the newest instance"
+            );
+        }
+        assert!(
+            stranded,
+            "the broker never stranded a partition in 6 rounds"
+        );
 
         let ids: Vec<Uuid> = futures::stream::iter(0..30)
             .map(|_| stack.place_order(&[("A", 1)]))
@@ -222,10 +266,9 @@ mod own_stack {
             .wait_for_statuses(&ids, &["CONFIRMED"], Duration::from_secs(90))
             .await;
         stack.assert_stock_conserved(&[("A", 1_000)]).await;
-        // The partitions came back because the watchdog forced a rebalance, not by luck (an
-        // ordinary rebalance when the third instance joined would also give them a live reader).
+        // The partitions came back because the watchdog forced a rebalance.
         let mut forced = 0.0;
-        for url in [&stack.inventory_url, &third_url] {
+        for url in [&stack.inventory_url, &live_url] {
             forced += stack
                 .metric(url, "consumer_forced_rebalances_total", &[("group", GROUP)])
                 .await;

@@ -105,7 +105,7 @@ async fn send(stack: &Stack, event: &Event, message_id: &str) {
 async fn start_prometheus(stack: &Stack, config: &Path, dir: &Path) -> (Proc, String) {
     for _ in 0..5 {
         let port = free_port();
-        let prometheus = Proc::spawn_logging(
+        let mut prometheus = Proc::spawn_logging(
             "prometheus",
             Path::new("prometheus"),
             &[
@@ -117,22 +117,20 @@ async fn start_prometheus(stack: &Stack, config: &Path, dir: &Path) -> (Proc, St
             "info",
             &[],
         );
+        if !e2e::owns_port(&mut prometheus, port).await {
+            continue;
+        }
         let api = format!("http://127.0.0.1:{port}");
-        let ready = eventually(Duration::from_secs(60), || async {
+        eventually(Duration::from_secs(60), || async {
             let r = stack.http.get(format!("{api}/-/ready")).send().await?;
             Ok(r.status().is_success().then_some(()))
         })
-        .await;
-        if ready.is_ok()
-            && prometheus
-                .pid()
-                .is_some_and(|pid| e2e::listens_on(pid, port))
-        {
-            return (prometheus, api);
-        }
+        .await
+        .expect("Prometheus is ready");
+        return (prometheus, api);
     }
     panic!(
-        "Prometheus did not start on any of 5 ports; {}",
+        "5 ports were taken by the time Prometheus started on them; {}",
         stack.where_logs_are()
     )
 }

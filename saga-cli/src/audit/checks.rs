@@ -17,6 +17,8 @@ pub struct TopicRecord {
     pub key: Option<String>,
     pub message_id: Option<Uuid>,
     pub event_type: Option<String>,
+    /// The message that caused it (`causation-id`).
+    pub causation_id: Option<Uuid>,
 }
 
 /// A dead letter: its message id and where the original record was.
@@ -90,9 +92,9 @@ pub enum Finding {
         key: String,
         problem: String,
     },
-    /// An order whose OrderPlaced inventory-service applied, but whose events on inventory.v1 do
-    /// not begin with its one answer (StockReserved or StockReservationRejected): the answer was
-    /// lost, or a release came first.
+    /// An order whose OrderPlaced inventory-service applied but which has no answer to it on
+    /// inventory.v1 (StockReserved or StockReservationRejected caused by it), more than one, or
+    /// a StockReleased before its StockReserved.
     Unanswered { order_id: String, problem: String },
     /// An outbox row older than the threshold: the relay is not publishing it.
     OldOutbox {
@@ -364,11 +366,13 @@ pub fn event_order(records: &[TopicRecord]) -> Vec<Finding> {
     findings
 }
 
-/// Orders whose OrderPlaced (a record of `placed`, older than `cutoff_ms`) inventory-service
-/// applied (`applied`) must have their answer first among their events on inventory.v1
-/// (`answers`): inventory reacts to an order's events in their order, and OrderPlaced comes first.
-/// An OrderPlaced that was dead-lettered (`dead`) is left out: redriven after the order's
-/// OrderCancelled, it is answered after the release.
+/// Every order whose OrderPlaced (on `placed`, older than `cutoff_ms`) inventory-service applied
+/// (`applied`) has exactly one answer among its events on `answers` (inventory.v1): a
+/// StockReserved or StockReservationRejected whose `causation-id` is that OrderPlaced, and no
+/// StockReleased before a StockReserved (inventory releases only what it reserved, after). A
+/// cancellation inventory saw first is answered StockReleased, then the late OrderPlaced
+/// StockReservationRejected: that order is fine. An OrderPlaced that was dead-lettered (`dead`)
+/// is left out (redriven, it may have been applied after its order was cancelled).
 pub fn inventory_answers(
     placed: &[TopicRecord],
     applied: &HashSet<Uuid>,
@@ -377,45 +381,63 @@ pub fn inventory_answers(
     cutoff_ms: i64,
 ) -> Vec<Finding> {
     let dead_ids: HashSet<Uuid> = dead.iter().filter_map(|d| d.message_id).collect();
-    let mut first: HashMap<&str, &TopicRecord> = HashMap::new();
-    for r in answers {
-        if let Some(key) = &r.key {
-            let earliest = first.entry(key.as_str()).or_insert(r);
-            if (r.partition, r.offset) < (earliest.partition, earliest.offset) {
-                *earliest = r;
-            }
-        }
-    }
-    let mut findings = Vec::new();
-    let mut seen = HashSet::new();
+    let mut placed_by_order: HashMap<&str, HashSet<Uuid>> = HashMap::new();
     for r in placed {
         let (Some(id), Some(key)) = (r.message_id, &r.key) else {
             continue;
         };
-        let answerable = r.event_type.as_deref() == Some("OrderPlaced")
+        if r.event_type.as_deref() == Some("OrderPlaced")
             && r.timestamp_ms.is_none_or(|t| t < cutoff_ms)
             && applied.contains(&id)
-            && !dead_ids.contains(&id);
-        if !answerable || !seen.insert(key.as_str()) {
-            continue;
-        }
-        let problem = match first
-            .get(key.as_str())
-            .and_then(|a| a.event_type.as_deref())
+            && !dead_ids.contains(&id)
         {
-            Some("StockReserved" | "StockReservationRejected") => continue,
-            None => "inventory-service applied its OrderPlaced but nothing of the order is on \
-                     inventory.v1: its answer was lost"
+            placed_by_order.entry(key.as_str()).or_default().insert(id);
+        }
+    }
+    let mut events: HashMap<&str, Vec<&TopicRecord>> = HashMap::new();
+    for r in answers {
+        if let Some(key) = r.key.as_deref().filter(|k| placed_by_order.contains_key(k)) {
+            events.entry(key).or_default().push(r);
+        }
+    }
+    let mut findings = Vec::new();
+    for (key, placed_ids) in placed_by_order {
+        let mut order_events = events.remove(key).unwrap_or_default();
+        order_events.sort_by_key(|r| (r.partition, r.offset));
+        let mut seen = HashSet::new();
+        order_events.retain(|r| r.message_id.is_none_or(|id| seen.insert(id)));
+        let is_answer = |r: &&TopicRecord| {
+            matches!(
+                r.event_type.as_deref(),
+                Some("StockReserved" | "StockReservationRejected")
+            ) && r.causation_id.is_some_and(|c| placed_ids.contains(&c))
+        };
+        let answered: Vec<usize> = (0..order_events.len())
+            .filter(|&i| is_answer(&order_events[i]))
+            .collect();
+        let released_first = |i: usize| {
+            order_events[..i]
+                .iter()
+                .any(|r| r.event_type.as_deref() == Some("StockReleased"))
+        };
+        let problem = match answered[..] {
+            [] => "inventory-service applied its OrderPlaced, but no StockReserved or \
+                   StockReservationRejected caused by it is on inventory.v1: the answer was lost"
                 .to_owned(),
-            Some(other) => format!(
-                "its first event on inventory.v1 is {other}, before any answer to its OrderPlaced"
-            ),
+            [i] if order_events[i].event_type.as_deref() == Some("StockReserved")
+                && released_first(i) =>
+            {
+                "a StockReleased comes before its StockReserved".to_owned()
+            }
+            [_] => continue,
+            ref more => format!("its OrderPlaced was answered {} times", more.len()),
         };
         findings.push(Finding::Unanswered {
-            order_id: key.clone(),
+            order_id: key.to_owned(),
             problem,
         });
     }
+    findings.sort_by_key(|f| f.to_string());
     findings
 }
 
@@ -484,6 +506,7 @@ mod tests {
             key: Some(key.into()),
             message_id: Some(Uuid::from_u128(id)),
             event_type: Some(event.into()),
+            causation_id: None,
         }
     }
 
@@ -698,7 +721,7 @@ mod tests {
     }
 
     #[test]
-    fn an_applied_order_placed_must_be_answered_before_any_release() {
+    fn an_applied_order_placed_must_be_answered_once_and_a_reservation_not_released_first() {
         let placed = [
             record(0, 0, "answered", 1, "OrderPlaced"),
             record(0, 1, "lost", 2, "OrderPlaced"),
@@ -706,22 +729,41 @@ mod tests {
             record(0, 3, "not applied", 4, "OrderPlaced"),
             record(0, 4, "dead-lettered", 5, "OrderPlaced"),
             record(0, 5, "answered", 6, "OrderCancelled"),
+            record(0, 6, "cancelled first", 7, "OrderPlaced"),
+            record(0, 7, "answered twice", 8, "OrderPlaced"),
         ];
-        let applied: HashSet<Uuid> = [1, 2, 3, 5, 6].map(Uuid::from_u128).into();
+        let applied: HashSet<Uuid> = [1, 2, 3, 5, 6, 7, 8].map(Uuid::from_u128).into();
         let dead = [DeadLetter {
             message_id: Some(Uuid::from_u128(5)),
             original: None,
         }];
-        let mut answers = [
-            record(1, 7, "answered", 11, "StockReleased"),
-            record(1, 3, "answered", 12, "StockReserved"),
-            record(1, 4, "released first", 13, "StockReleased"),
-            record(1, 5, "released first", 14, "StockReserved"),
-            record(1, 6, "dead-lettered", 15, "StockReleased"),
+        let answer = |offset, key: &str, id, event: &str, cause: Option<u128>| {
+            let mut r = record(1, offset, key, id, event);
+            r.topic = "inventory.v1".into();
+            r.causation_id = cause.map(Uuid::from_u128);
+            r
+        };
+        let answers = [
+            answer(3, "answered", 11, "StockReserved", Some(1)),
+            answer(7, "answered", 12, "StockReleased", Some(6)),
+            // The lost order has a release, but no answer to its OrderPlaced.
+            answer(4, "lost", 13, "StockReleased", Some(99)),
+            answer(5, "released first", 14, "StockReleased", Some(99)),
+            answer(6, "released first", 15, "StockReserved", Some(3)),
+            answer(8, "dead-lettered", 16, "StockReleased", Some(98)),
+            answer(9, "cancelled first", 17, "StockReleased", Some(97)),
+            answer(
+                10,
+                "cancelled first",
+                18,
+                "StockReservationRejected",
+                Some(7),
+            ),
+            answer(11, "answered twice", 19, "StockReserved", Some(8)),
+            answer(12, "answered twice", 20, "StockReserved", Some(8)),
+            // A copy of the same message (the relay published it twice) is one answer.
+            answer(13, "answered", 11, "StockReserved", Some(1)),
         ];
-        for a in &mut answers {
-            a.topic = "inventory.v1".into();
-        }
         let found = inventory_answers(&placed, &applied, &dead, &answers, 1);
         let orders: Vec<&str> = found
             .iter()
@@ -730,7 +772,7 @@ mod tests {
                 other => panic!("{other}"),
             })
             .collect();
-        assert_eq!(orders, ["lost", "released first"]);
+        assert_eq!(orders, ["answered twice", "lost", "released first"]);
         assert!(
             inventory_answers(&placed, &applied, &dead, &answers, 0).is_empty(),
             "within the grace period nothing is required"

@@ -7,8 +7,9 @@
 //!   none, REJECTED ↔ none), and reservations of orders order-service does not know;
 //! - stock not conserved, or not matching the reservations;
 //! - an order's events out of order on its topic;
-//! - an order whose OrderPlaced inventory applied without its answer (StockReserved or
-//!   StockReservationRejected) coming first on inventory.v1;
+//! - an order whose OrderPlaced inventory applied without exactly one answer caused by it on
+//!   inventory.v1 (StockReserved or StockReservationRejected), or with a release before its
+//!   StockReserved;
 //! - outbox rows older than a threshold.
 //!
 //! What it cannot read is an error (exit status 2) naming what it could not reach: it never
@@ -201,7 +202,7 @@ fn print(report: &Report, args: &AuditArgs, started: chrono::DateTime<Utc>) {
     println!("dead letters: {}", dead.join(", "));
     if report.findings.is_empty() {
         println!(
-            "0 findings: every record applied or dead-lettered, every order older than {:?} terminal and agreeing with its reservation, stock conserved, events in order, every applied OrderPlaced answered first, no old outbox rows",
+            "0 findings: every record applied or dead-lettered, every order older than {:?} terminal and agreeing with its reservation, stock conserved, events in order, every applied OrderPlaced answered once, no old outbox rows",
             args.grace
         );
     } else {
@@ -240,6 +241,7 @@ async fn topic_records(kafka: &KafkaSettings, topic: &str) -> anyhow::Result<Vec
         .map(|r| TopicRecord {
             message_id: r.header(headers::MESSAGE_ID).and_then(|m| m.parse().ok()),
             event_type: r.header(headers::EVENT_TYPE).map(str::to_owned),
+            causation_id: r.header(headers::CAUSATION_ID).and_then(|m| m.parse().ok()),
             key: r.key_text(),
             topic: r.topic,
             partition: r.partition,
