@@ -6,7 +6,7 @@
 #   scripts/chaos.sh [SECONDS] [ORDERS_PER_SECOND]     (defaults: 600 s, 20 orders/s)
 #
 # CHAOS_SEED=<n> repeats a run's fault schedule (every run prints its seed). The test suite runs
-# the same test for 75 s (every fault once). Process logs: target/debug/e2e-logs/chaos/.
+# the same test for 75 s (every fault at least once). Process logs: target/debug/e2e-logs/chaos/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh

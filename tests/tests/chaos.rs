@@ -2,7 +2,7 @@
 //! every accepted order must have finished as its customer's requests say, `saga audit` must find
 //! nothing, and the dead-letter topics must be empty.
 //!
-//! In the suite it injects each fault once (about 75 s of load at 20 orders/s). A longer run:
+//! In the suite it injects every fault at least once (about 75 s of load at 20 orders/s). A longer run:
 //! `scripts/chaos.sh 600` (README, "Fault-injection runs").
 
 use e2e::chaos::{self, ChaosOptions};
