@@ -15,7 +15,6 @@
 //!   rolled back;
 //! - a **body limit** ([`HttpLimits::max_body_bytes`]): a larger body is refused with 413.
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::str::FromStr;
@@ -56,15 +55,6 @@ impl FromStr for ListenAddr {
         s.parse().map(ListenAddr::Bind).map_err(|_| {
             format!("{s:?} is neither an address (HOST:PORT) nor `stdin` (a listening socket on standard input)")
         })
-    }
-}
-
-impl fmt::Display for ListenAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ListenAddr::Bind(addr) => write!(f, "{addr}"),
-            ListenAddr::Stdin => f.write_str("stdin"),
-        }
     }
 }
 
@@ -285,4 +275,21 @@ pub async fn serve(
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listen_address_is_host_and_port_or_stdin() {
+        assert_eq!(
+            "127.0.0.1:8080".parse::<ListenAddr>(),
+            Ok(ListenAddr::Bind("127.0.0.1:8080".parse().unwrap()))
+        );
+        assert_eq!("stdin".parse::<ListenAddr>(), Ok(ListenAddr::Stdin));
+        for bad in ["", "STDIN", "localhost", "127.0.0.1", "fd:3"] {
+            assert!(bad.parse::<ListenAddr>().is_err(), "{bad:?}");
+        }
+    }
 }

@@ -126,7 +126,8 @@ pub struct Outcome {
     pub faults: BTreeMap<Fault, u32>,
     /// Kills meant to land mid-batch that did not (nothing published and not yet deleted).
     pub missed_mid_batch: u32,
-    /// Deadline cancellations, each explained by a fault in progress.
+    /// Orders the saga deadline cancelled (each must be explained by a fault, or is a
+    /// violation).
     pub deadline_cancels: usize,
     /// Final status → orders.
     pub statuses: BTreeMap<String, u64>,
@@ -491,14 +492,10 @@ pub async fn run(test: &str, options: ChaosOptions) -> Outcome {
             started: window_start,
             ended: Utc::now(),
         });
-        match injected {
-            Injected::Yes => *faults.entry(fault).or_default() += 1,
-            Injected::Missed(n) => missed_mid_batch += n,
-            Injected::YesAfterMisses(n) => {
-                *faults.entry(fault).or_default() += 1;
-                missed_mid_batch += n;
-            }
+        if injected.happened {
+            *faults.entry(fault).or_default() += 1;
         }
+        missed_mid_batch += injected.missed_mid_batch;
     }
     let load_secs = started.elapsed().as_secs_f64();
     stop_load.store(true, Ordering::SeqCst);
@@ -594,13 +591,18 @@ fn describe_findings(audit: &Value) -> String {
     )
 }
 
-/// Whether a fault happened as meant.
-enum Injected {
-    Yes,
-    /// A relay kill meant to land inside a batch landed after the batch each of `n` times.
-    Missed(u32),
-    /// It landed, after `n` kills that missed.
-    YesAfterMisses(u32),
+/// Whether a fault happened as meant, and how many relay kills meant for the middle of a batch
+/// landed after it first.
+struct Injected {
+    happened: bool,
+    missed_mid_batch: u32,
+}
+
+impl Injected {
+    const AS_MEANT: Injected = Injected {
+        happened: true,
+        missed_mid_batch: 0,
+    };
 }
 
 /// How many times a kill meant to land inside a batch is tried before the fault is given up.
@@ -644,13 +646,16 @@ async fn inject(
                     "chaos:          the kill left {republished} published rows in the outbox"
                 );
                 if republished > 0 {
-                    return match attempt {
-                        0 => Injected::Yes,
-                        n => Injected::YesAfterMisses(n),
+                    return Injected {
+                        happened: true,
+                        missed_mid_batch: attempt,
                     };
                 }
             }
-            return Injected::Missed(MID_BATCH_TRIES);
+            return Injected {
+                happened: false,
+                missed_mid_batch: MID_BATCH_TRIES,
+            };
         }
         Fault::KillOrderService => {
             stack.kill_order();
@@ -702,7 +707,7 @@ async fn inject(
                     standby.name
                 ));
             }
-            stack.kill_relay_for((standby, listener));
+            stack.kill_relay_for(standby, listener);
         }
         Fault::CutInventoryDatabase => {
             let down = between(rng, 2.0, 6.0);
@@ -712,7 +717,7 @@ async fn inject(
             proxy.bring_up();
         }
     }
-    Injected::Yes
+    Injected::AS_MEANT
 }
 
 /// Ends a second service instance: `kill -9`, or SIGTERM and a clean exit. Either way it must
@@ -798,17 +803,12 @@ async fn quiesce(stack: &Stack, accepted: &HashMap<Uuid, Accepted>) -> (Value, R
         }
         let outbox: i64 = outboxes.iter().sum();
         let settled = open == 0 && outboxes.iter().all(|n| *n == 0);
-        let settled_for = match (settled, settled_since) {
-            (false, _) => {
-                settled_since = None;
-                Duration::ZERO
-            }
-            (true, None) => {
-                settled_since = Some(Instant::now());
-                Duration::ZERO
-            }
-            (true, Some(since)) => since.elapsed(),
-        };
+        if settled {
+            settled_since.get_or_insert_with(Instant::now);
+        } else {
+            settled_since = None;
+        }
+        let settled_for = settled_since.map_or(Duration::ZERO, |since| since.elapsed());
         let out_of_time = Instant::now() >= deadline || settled_for >= SETTLED_FINDINGS_WITHIN;
         if settled || out_of_time {
             let (status, report, stderr) = stack.audit("0s", &["--outbox-age", "0s"]);

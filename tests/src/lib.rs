@@ -128,7 +128,9 @@ pub const OWN_STACK_MODULE: &str = "own_stack::";
 pub fn requires_own_stack(what_it_does: &str) {
     if let Some(stack) = external_stack() {
         panic!(
-            "this test {what_it_does}, so it cannot run against E2E_STACK={}: leave out the              tests named {OWN_STACK_MODULE}* (`cargo nextest run -p e2e -- --skip {OWN_STACK_MODULE}`,              as scripts/test.sh does)",
+            "this test {what_it_does}, so it cannot run against E2E_STACK={}: leave out the \
+             tests named {OWN_STACK_MODULE}* (`cargo nextest run -p e2e -- --skip {OWN_STACK_MODULE}`, \
+             as scripts/test.sh does)",
             stack.name
         );
     }
@@ -242,6 +244,11 @@ pub fn listens_on(pid: u32, port: u16) -> bool {
         .any(|target| sockets.iter().any(|s| target.as_os_str() == s.as_str()))
 }
 
+/// The log level of the project's processes: `E2E_RUST_LOG`, `info` by default.
+fn project_log_level() -> String {
+    std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into())
+}
+
 /// A child process killed (SIGKILL) when dropped.
 pub struct Proc {
     pub name: String,
@@ -262,8 +269,7 @@ impl Proc {
         log_dir: &Path,
         env: &[(String, String)],
     ) -> Proc {
-        let log_level = std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into());
-        Self::spawn_logging(name, program, args, log_dir, &log_level, env)
+        Self::spawn_logging(name, program, args, log_dir, &project_log_level(), env)
     }
 
     /// [`Proc::spawn_env`] for a process that serves HTTP on `listener`, given to it as its
@@ -276,8 +282,8 @@ impl Proc {
         env: &[(String, String)],
         listener: &TcpListener,
     ) -> Proc {
-        let log_level = std::env::var("E2E_RUST_LOG").unwrap_or_else(|_| "info".into());
         let socket = std::os::fd::OwnedFd::from(listener.try_clone().expect("the listener"));
+        let log_level = project_log_level();
         Self::spawn_with_stdin(name, program, args, log_dir, &log_level, env, socket.into())
     }
 
@@ -954,19 +960,9 @@ impl Stack {
         (proc, url_of(&listener))
     }
 
-    /// Starts another relay for the same sources (a standby while the first one publishes),
-    /// logging to `<name>.log`, and waits until it is ready; returns it and its metrics URL.
-    pub async fn spawn_relay_instance(&self, name: &str) -> (Proc, String) {
-        let (proc, listener) = self
-            .spawn_instance(name, "outbox-relay", &self.relay_args(), "--metrics-addr")
-            .await;
-        (proc, url_of(&listener))
-    }
-
     /// Kills the relay (`kill -9`) and makes `standby`, started by
-    /// [`Stack::spawn_standby_relay`], the stack's relay: restarts serve on its listener.
-    pub fn kill_relay_for(&mut self, standby: (Proc, TcpListener)) {
-        let (standby, listener) = standby;
+    /// [`Stack::spawn_standby_relay`] on `listener`, the stack's relay: restarts serve there.
+    pub fn kill_relay_for(&mut self, standby: Proc, listener: TcpListener) {
         if let Some(relay) = self.relay.as_mut() {
             relay.kill9();
         }
@@ -978,7 +974,9 @@ impl Stack {
             .relay = listener;
     }
 
-    /// [`Stack::spawn_relay_instance`], keeping its listener for [`Stack::kill_relay_for`].
+    /// Starts another relay for the same sources (a standby while the first one publishes),
+    /// logging to `<name>.log`, and waits until it is ready; returns it and the listener it
+    /// serves its metrics on ([`url_of`]; for [`Stack::kill_relay_for`]).
     pub async fn spawn_standby_relay(&self, name: &str) -> (Proc, TcpListener) {
         self.spawn_instance(name, "outbox-relay", &self.relay_args(), "--metrics-addr")
             .await

@@ -111,18 +111,6 @@ fn strip_colours(text: &str) -> String {
     out
 }
 
-/// The sum of gauge `name` of the inventory group at `url`; 0 when it cannot be read.
-async fn gauge(stack: &Stack, url: &str, name: &str) -> f64 {
-    match stack.http.get(format!("{url}/metrics")).send().await {
-        Ok(r) => e2e::sum_metric(
-            &r.text().await.unwrap_or_default(),
-            name,
-            &[("group", GROUP)],
-        ),
-        Err(_) => 0.0,
-    }
-}
-
 /// The inventory group's live members (per the ownership table) and what each reads of
 /// orders.v1.
 async fn members(stack: &Stack) -> HashMap<Uuid, Vec<i32>> {
@@ -239,7 +227,9 @@ mod own_stack {
             stranded = eventually(Duration::from_secs(40), || async {
                 let mut unowned = 0.0;
                 for url in &urls {
-                    unowned += gauge(&stack, url, "consumer_unowned_partitions").await;
+                    unowned += stack
+                        .metric(url, "consumer_unowned_partitions", &[("group", GROUP)])
+                        .await;
                 }
                 Ok((unowned > 0.0).then_some(()))
             })

@@ -402,8 +402,8 @@ mod own_stack {
         stack
             .wait_for_statuses(&[first], &["CONFIRMED"], TIMEOUT)
             .await;
-        let (_standby, standby_url) = stack.spawn_relay_instance("outbox-relay-standby").await;
-        let urls = [stack.relay_metrics_url.clone(), standby_url];
+        let (_standby, listener) = stack.spawn_standby_relay("outbox-relay-standby").await;
+        let urls = [stack.relay_metrics_url.clone(), e2e::url_of(&listener)];
 
         let orders_db = stack.orders_pool().await;
         let lock_holders = "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
