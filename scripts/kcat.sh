@@ -6,6 +6,4 @@ source "$(dirname "$0")/lib.sh"
 ensure_kcat
 args=("$@")
 case " $* " in *" -b "*) ;; *) args=(-b "${KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:9092}" "${args[@]}") ;; esac
-# Producing to the local broker: one record per batch, so consumers can resume at any offset.
-case " $* " in *" -P "*) args=(-X batch.num.messages=1 "${args[@]}") ;; esac
 LD_LIBRARY_PATH="$KCAT_LIB_DIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec kcat "${args[@]}"

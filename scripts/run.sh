@@ -67,8 +67,6 @@ else
 fi
 
 export RUST_LOG="${RUST_LOG:-info}"
-# One record per producer batch for the local broker (see LOCAL_BROKER_KAFKA_CONFIG in lib.sh).
-export KAFKA_CONFIG="${KAFKA_CONFIG:+$KAFKA_CONFIG;}$LOCAL_BROKER_KAFKA_CONFIG"
 start order-service "$BIN/order-service" --database-url "$PG_URL/orders" --kafka-bootstrap-servers "$BROKER"
 start inventory-service "$BIN/inventory-service" --database-url "$PG_URL/inventory" --kafka-bootstrap-servers "$BROKER"
 wait_ready order-service http://127.0.0.1:8080/readyz

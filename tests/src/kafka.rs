@@ -229,12 +229,6 @@ pub async fn produce_many(
 ) -> anyhow::Result<Vec<(i32, i64)>> {
     let producer: FutureProducer = config(bootstrap)
         .set("message.max.bytes", "2000000")
-        // One record per batch, as every producer on the local broker (LOCAL_BROKER_KAFKA_CONFIG):
-        // Tansu answers a fetch from an offset inside a multi-record batch with the next batch,
-        // and a consumer that re-fetched from inside one of these batches (a fetch cut short by
-        // the large records here) skipped the rest of it (seen once: 67 hostile records never
-        // delivered, counted in consumer_offset_gaps_total).
-        .set("batch.num.messages", "1")
         .create()?;
     let sends = records.iter().map(|r| {
         let mut owned = OwnedHeaders::new();

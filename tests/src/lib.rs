@@ -19,6 +19,7 @@ pub mod kafka;
 pub mod pg_cluster;
 pub mod proxy;
 pub mod tls;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -184,7 +185,7 @@ pub fn tansu_binary() -> PathBuf {
     }
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
     // scripts/lib.sh's TANSU_BIN: Tansu 0.6.0 with the project's patches (scripts/tansu/).
-    let cached = PathBuf::from(home).join(".cache/order-saga/tansu-0.6.0-p2/bin/tansu");
+    let cached = PathBuf::from(home).join(".cache/order-saga/tansu-0.6.0-p3/bin/tansu");
     if cached.exists() {
         return cached;
     }
@@ -419,6 +420,14 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// The `--kafka-config` arguments of every process talking to this broker.
+    fn kafka_config_args(&self) -> Vec<String> {
+        self.client_config
+            .iter()
+            .flat_map(|p| ["--kafka-config".to_owned(), p.clone()])
+            .collect()
+    }
+
     /// SIGSTOP: the broker holds every connection open and answers nothing, as a hung or
     /// partitioned broker does.
     pub fn pause(&mut self) {
@@ -436,10 +445,28 @@ impl Broker {
     }
 
     pub async fn start(log_dir: &Path) -> Broker {
+        Broker::start_with(log_dir, &[]).await
+    }
+
+    /// The external stack's broker, or one of the test's own ([`Broker::start`]).
+    pub async fn for_test(log_dir: &Path) -> Broker {
+        match external_stack() {
+            Some(external) => Broker {
+                bootstrap: external.bootstrap.clone(),
+                proc: None,
+                client_config: Vec::new(),
+                _tls_proxy: None,
+            },
+            None => Broker::start(log_dir).await,
+        }
+    }
+
+    /// [`Broker::start`] with these environment variables (a fault to inject).
+    pub async fn start_with(log_dir: &Path, env: &[(&str, &str)]) -> Broker {
         for _ in 0..5 {
             let port = free_port();
             let url = format!("tcp://127.0.0.1:{port}");
-            let mut proc = spawn_tansu(log_dir, &url, &url);
+            let mut proc = spawn_tansu(log_dir, &url, &url, env);
             // Another test may have taken the port first: then the broker exits.
             if !owns_port(&mut proc, port).await {
                 continue;
@@ -484,7 +511,7 @@ impl Broker {
     ) -> Option<Broker> {
         let listener = format!("tcp://127.0.0.1:{plain}");
         let advertised = format!("tcp://localhost:{tls_port}");
-        let mut proc = spawn_tansu(log_dir, &listener, &advertised);
+        let mut proc = spawn_tansu(log_dir, &listener, &advertised, &[]);
         if !owns_port(&mut proc, plain).await {
             return None;
         }
@@ -538,7 +565,7 @@ pub async fn owns_port(proc: &mut Proc, port: u16) -> bool {
 }
 
 /// Tansu with memory storage, listening on `listener` and advertising `advertised`.
-fn spawn_tansu(log_dir: &Path, listener: &str, advertised: &str) -> Proc {
+fn spawn_tansu(log_dir: &Path, listener: &str, advertised: &str, env: &[(&str, &str)]) -> Proc {
     let args: Vec<String> = [
         "broker",
         "--listener-url",
@@ -553,7 +580,11 @@ fn spawn_tansu(log_dir: &Path, listener: &str, advertised: &str) -> Proc {
     .collect();
     // Tansu logs every request's spans at info: millions of lines per test, and CPU with them.
     let log_level = std::env::var("E2E_BROKER_LOG").unwrap_or_else(|_| "warn".into());
-    Proc::spawn_logging("broker", &tansu_binary(), &args, log_dir, &log_level, &[])
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .collect();
+    Proc::spawn_logging("broker", &tansu_binary(), &args, log_dir, &log_level, &env)
 }
 
 /// The path of `program` on `PATH`.
@@ -581,10 +612,10 @@ pub struct StackOptions {
     pub saga_deadline: Option<String>,
     /// Extra environment variables for the services and the relay (for example OTLP export).
     pub env: Vec<(String, String)>,
-    /// Give the processes [`LOCAL_BROKER_KAFKA_CONFIG`], as `scripts/run.sh` does: producers
-    /// write one record per batch, which the local broker needs to fetch correctly from any
-    /// offset. Only a test of what happens without it turns this off.
-    pub one_record_per_batch: bool,
+    /// Start the broker with a fault: a fetch from inside a record batch answers with the next
+    /// batch, as unpatched Tansu 0.6.0 did (`TANSU_FAULT_FETCH_SKIPS_MID_BATCH`), so that consumers
+    /// skip records; for the test of their gap detection.
+    pub broker_skips_mid_batch: bool,
     /// Put the broker behind a TLS-terminating proxy ([`Broker::start_tls`]): every process
     /// talks to it over TLS only.
     pub kafka_tls: bool,
@@ -595,11 +626,6 @@ pub struct StackOptions {
     pub postgres_url: Option<String>,
 }
 
-/// The Kafka client settings the local Tansu broker needs (`--kafka-config`): its memory storage
-/// answers a fetch from an offset inside a multi-record batch with the next batch, so producers
-/// write one record per batch (see the README, "The local broker"). `scripts/run.sh` sets the same.
-pub const LOCAL_BROKER_KAFKA_CONFIG: &str = "producer.batch.num.messages=1";
-
 impl Default for StackOptions {
     fn default() -> Self {
         StackOptions {
@@ -609,25 +635,11 @@ impl Default for StackOptions {
             retry_delays: None,
             saga_deadline: Some("10m".into()),
             env: Vec::new(),
-            one_record_per_batch: true,
+            broker_skips_mid_batch: false,
             inventory: true,
             postgres_url: None,
             kafka_tls: false,
         }
-    }
-}
-
-impl StackOptions {
-    /// The `--kafka-config` arguments of every process talking to `broker`.
-    fn kafka_config_args(&self, broker: &Broker) -> Vec<String> {
-        let mut properties = broker.client_config.clone();
-        if self.one_record_per_batch {
-            properties.push(LOCAL_BROKER_KAFKA_CONFIG.into());
-        }
-        properties
-            .into_iter()
-            .flat_map(|p| ["--kafka-config".to_owned(), p])
-            .collect()
     }
 }
 
@@ -693,6 +705,8 @@ impl Stack {
         }
         let broker = if options.kafka_tls {
             Broker::start_tls(&log_dir).await
+        } else if options.broker_skips_mid_batch {
+            Broker::start_with(&log_dir, &[("TANSU_FAULT_FETCH_SKIPS_MID_BATCH", "1")]).await
         } else {
             Broker::start(&log_dir).await
         };
@@ -728,7 +742,7 @@ impl Stack {
                 "--kafka-bootstrap-servers".into(),
                 broker.bootstrap.clone(),
             ]);
-            args.extend(options.kafka_config_args(&broker));
+            args.extend(broker.kafka_config_args());
             args
         };
         let mut order_args = service_args(&pg, &orders_db);
@@ -1035,7 +1049,7 @@ impl Stack {
             self.options.relay_batch_size.to_string(),
         ];
         args.into_iter()
-            .chain(self.options.kafka_config_args(&self.broker))
+            .chain(self.broker.kafka_config_args())
             .collect()
     }
 
@@ -1146,6 +1160,20 @@ impl Stack {
         PgPool::connect(&db_url(&self.pg, &self.inventory_db))
             .await
             .expect("inventory db")
+    }
+
+    /// Waits until the outbox of `db` (a pool of one of the stack's databases) is empty: every row
+    /// published and deleted by the relay.
+    pub async fn wait_for_empty_outbox(&self, db: &PgPool, timeout: Duration) {
+        eventually(timeout, || async {
+            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+                .fetch_one(db)
+                .await?;
+            anyhow::ensure!(left == 0, "{left} outbox rows not published yet");
+            Ok(Some(()))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; {}", self.where_logs_are()));
     }
 
     /// Rows still in the orders and the inventory outbox whose message is already on its topic:

@@ -59,18 +59,11 @@ mod own_stack {
         stack.kill_inventory();
 
         let orders_db = stack.orders_pool().await;
-        let relayed = || async {
-            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-                .fetch_one(&orders_db)
-                .await?;
-            anyhow::ensure!(left == 0, "{left} OrderPlaced not relayed yet");
-            Ok(Some(()))
-        };
         let mut ids = Vec::new();
         for _ in 0..100 {
             ids.push(stack.place_order(&[("A", 1)]).await);
         }
-        eventually(TIMEOUT, relayed).await.unwrap();
+        stack.wait_for_empty_outbox(&orders_db, TIMEOUT).await;
 
         // In the middle of the backlog: an undecodable record, an OrderConfirmed for an order
         // inventory never reserved ("not yet", then dead-lettered after its retry), and an
@@ -121,7 +114,7 @@ mod own_stack {
         for _ in 0..100 {
             ids.push(stack.place_order(&[("A", 1)]).await);
         }
-        eventually(TIMEOUT, relayed).await.unwrap();
+        stack.wait_for_empty_outbox(&orders_db, TIMEOUT).await;
         stack.start_inventory().await;
 
         // Every order around the bad records is confirmed.

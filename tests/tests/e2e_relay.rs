@@ -298,14 +298,7 @@ mod own_stack {
         }
         filling.store(false, std::sync::atomic::Ordering::Relaxed);
         filler.await.unwrap();
-        eventually(TIMEOUT, || async {
-            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-                .fetch_one(&orders_db)
-                .await?;
-            Ok((left == 0).then_some(()))
-        })
-        .await
-        .expect("the relay published every row");
+        stack.wait_for_empty_outbox(&orders_db, TIMEOUT).await;
         let batches = stack
             .metric(&stack.relay_metrics_url, "relay_batch_size_count", &[])
             .await;
@@ -449,14 +442,7 @@ mod own_stack {
         // The last OrderConfirmed rows commit with their orders' status and are published just
         // after: wait until the outbox is empty (a row is counted when acknowledged, deleted
         // after).
-        eventually(TIMEOUT, || async {
-            let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
-                .fetch_one(&orders_db)
-                .await?;
-            Ok((left == 0).then_some(()))
-        })
-        .await
-        .expect("the outbox drains");
+        stack.wait_for_empty_outbox(&orders_db, TIMEOUT).await;
         let after = [
             published(urls[0].clone()).await,
             published(urls[1].clone()).await,

@@ -78,8 +78,6 @@ impl RelayBench {
         args.extend([
             "--kafka-bootstrap-servers".to_owned(),
             self.broker.bootstrap.clone(),
-            "--kafka-config".to_owned(),
-            crate::LOCAL_BROKER_KAFKA_CONFIG.to_owned(),
             "--metrics-addr".to_owned(),
             "stdin".to_owned(),
         ]);
