@@ -47,6 +47,29 @@ impl Watched {
         self.0.entry(name.to_owned()).or_default().push(pid);
     }
 
+    /// Adds the Postgres server's own processes, as `postgres`: the postmaster and what
+    /// `pg_stat_activity` lists that is not a client's backend (checkpointer, background and WAL
+    /// writers, autovacuum launcher). With the stack's backends, that is what Postgres costs.
+    pub async fn add_postgres_server(&mut self, admin: &PgPool) {
+        let pids: Vec<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type <> 'client backend'",
+        )
+        .fetch_all(admin)
+        .await
+        .unwrap_or_default();
+        let own: Option<i32> = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(admin)
+            .await
+            .ok();
+        // The postmaster is every backend's parent.
+        if let Some(postmaster) = own.and_then(|pid| parent_pid(pid as u32)) {
+            self.add("postgres", postmaster);
+        }
+        for pid in pids {
+            self.add("postgres", pid as u32);
+        }
+    }
+
     /// Adds the Postgres backends serving `databases` (the stack's connections), as `postgres`.
     pub async fn add_postgres_backends(&mut self, admin: &PgPool, databases: &[&str]) {
         let names: Vec<String> = databases.iter().map(|d| d.to_string()).collect();
@@ -60,6 +83,16 @@ impl Watched {
             self.add("postgres", pid as u32);
         }
     }
+}
+
+/// The parent of `pid` (field 4 of `/proc/<pid>/stat`).
+fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// What each watched process used over a window.
@@ -80,6 +113,13 @@ impl Usage {
 
     pub fn total_cpu_percent(&self) -> f64 {
         self.per_process.keys().map(|n| self.cpu_percent(n)).sum()
+    }
+
+    /// CPU milliseconds `name` used per unit of work, for `units` done in the window.
+    pub fn cpu_ms_per(&self, name: &str, units: usize) -> f64 {
+        self.per_process
+            .get(name)
+            .map_or(0.0, |(cpu, _)| 1000.0 * cpu / units.max(1) as f64)
     }
 
     pub fn max_rss(&self, name: &str) -> f64 {

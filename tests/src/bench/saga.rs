@@ -56,7 +56,32 @@ impl RateResult {
             "seconds_to_drain_after_offer_stopped": super::secs(self.drain_after_window),
             "sustained": self.sustained(),
             "resources": self.usage.json(),
+            "cpu_ms_per_saga": self.usage.per_process.keys()
+                .map(|name| (name.clone(), json!(super::stats::round(self.usage.cpu_ms_per(name, self.accepted)))))
+                .collect::<serde_json::Map<_, _>>(),
         })
+    }
+
+    /// CPU milliseconds per accepted order, per process and in all.
+    pub fn describe_cpu_per_saga(&self) -> String {
+        let per: Vec<String> = self
+            .usage
+            .per_process
+            .keys()
+            .map(|name| {
+                format!(
+                    "{name} {:.2} ms",
+                    self.usage.cpu_ms_per(name, self.accepted)
+                )
+            })
+            .collect();
+        let total: f64 = self
+            .usage
+            .per_process
+            .keys()
+            .map(|name| self.usage.cpu_ms_per(name, self.accepted))
+            .sum();
+        format!("{}; {total:.2} ms in all", per.join(", "))
     }
 
     pub fn describe(&self) -> String {
