@@ -451,13 +451,18 @@ impl Broker {
     /// The external stack's broker, or one of the test's own ([`Broker::start`]).
     pub async fn for_test(log_dir: &Path) -> Broker {
         match external_stack() {
-            Some(external) => Broker {
-                bootstrap: external.bootstrap.clone(),
-                proc: None,
-                client_config: Vec::new(),
-                _tls_proxy: None,
-            },
+            Some(external) => Broker::of(external),
             None => Broker::start(log_dir).await,
+        }
+    }
+
+    /// The broker of an external stack (nothing to start or stop).
+    fn of(external: &ExternalStack) -> Broker {
+        Broker {
+            bootstrap: external.bootstrap.clone(),
+            proc: None,
+            client_config: Vec::new(),
+            _tls_proxy: None,
         }
     }
 
@@ -814,12 +819,7 @@ impl Stack {
         );
         let suffix = Uuid::new_v4().simple().to_string()[..10].to_owned();
         let mut stack = Stack {
-            broker: Broker {
-                bootstrap: external.bootstrap.clone(),
-                proc: None,
-                client_config: Vec::new(),
-                _tls_proxy: None,
-            },
+            broker: Broker::of(external),
             orders_db: external.orders_db.clone(),
             inventory_db: external.inventory_db.clone(),
             order_url: external.order_url.clone(),

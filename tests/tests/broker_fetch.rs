@@ -21,8 +21,12 @@ fn log_dir(test: &str) -> PathBuf {
     dir
 }
 
-/// A new one-partition topic holding a, b, c as one batch (offsets 0-2) and d, e as another (3-4).
-async fn two_batches(connection: &mut Connection) -> String {
+/// A connection to `broker` and a new one-partition topic holding a, b, c as one batch (offsets
+/// 0-2) and d, e as another (3-4).
+async fn two_batches(broker: &Broker) -> (Connection, String) {
+    let mut connection = Connection::connect(&broker.bootstrap)
+        .await
+        .expect("connect");
     let topic = format!("fetch-{}", Uuid::new_v4().simple());
     connection
         .create_topic(&topic, 1)
@@ -52,7 +56,7 @@ async fn two_batches(connection: &mut Connection) -> String {
         [(0, 3), (3, 2)],
         "the log holds two batches, of 3 and 2 records"
     );
-    topic
+    (connection, topic)
 }
 
 /// What a consumer must get from every offset of [`two_batches`]' topic: the batch holding the
@@ -102,10 +106,7 @@ async fn check_fetches(connection: &mut Connection, topic: &str) -> anyhow::Resu
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fetch_from_any_offset_returns_the_records_from_there_once_each() {
     let broker = Broker::for_test(&log_dir("broker_fetch_any_offset")).await;
-    let mut connection = Connection::connect(&broker.bootstrap)
-        .await
-        .expect("connect");
-    let topic = two_batches(&mut connection).await;
+    let (mut connection, topic) = two_batches(&broker).await;
     check_fetches(&mut connection, &topic).await.unwrap();
     let at_end = connection
         .fetch(&topic, 0, 5, 100)
@@ -121,10 +122,7 @@ async fn a_fetch_from_any_offset_returns_the_records_from_there_once_each() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fetch_outside_the_log_is_out_of_range_and_the_broker_goes_on() {
     let broker = Broker::for_test(&log_dir("broker_fetch_out_of_range")).await;
-    let mut connection = Connection::connect(&broker.bootstrap)
-        .await
-        .expect("connect");
-    let topic = two_batches(&mut connection).await;
+    let (mut connection, topic) = two_batches(&broker).await;
     for offset in [6, 1_000_000, i64::MAX, -5] {
         let fetched = connection
             .fetch(&topic, 0, offset, 10_000)
@@ -152,10 +150,7 @@ mod own_stack {
         e2e::requires_own_stack("starts a broker with a fault");
         let dir = log_dir("broker_fetch_skipping");
         let broker = Broker::start_with(&dir, &[("TANSU_FAULT_FETCH_SKIPS_MID_BATCH", "1")]).await;
-        let mut connection = Connection::connect(&broker.bootstrap)
-            .await
-            .expect("connect");
-        let topic = two_batches(&mut connection).await;
+        let (mut connection, topic) = two_batches(&broker).await;
         let error = check_fetches(&mut connection, &topic)
             .await
             .expect_err("the skipping broker passed the fetch checks");
