@@ -12,7 +12,9 @@
 //!   process and for Postgres, and the whole stack when idle (the Postgres server included).
 //!
 //! Run it with `scripts/bench.sh` (release build; options after `--`):
-//! `--quick` (smaller sizes, a minute or two), `--drain-rows N`, `--produce-records N`,
+//! `--quick` (smaller sizes, a minute or two), `--drain-rows N` (also the batched produce
+//! ceiling's records), `--produce-records N` (the one-record-per-batch ceiling's),
+//! `--relay-args "--batch-size 5000 …"` (the relay's flags in the drain and latency runs),
 //! `--window-seconds S`, `--saga-rates 100,200,400,600`, `--report PATH`.
 
 use std::time::Duration;
@@ -22,6 +24,7 @@ use serde_json::{Value, json};
 
 struct Options {
     drain_rows: usize,
+    relay_args: Vec<String>,
     produce_records: usize,
     window: Duration,
     pg_seconds: Duration,
@@ -61,7 +64,10 @@ fn options() -> Options {
             .collect()
     };
     Options {
-        drain_rows: number("--drain-rows", if quick { 20_000.0 } else { 100_000.0 }) as usize,
+        drain_rows: number("--drain-rows", if quick { 100_000.0 } else { 300_000.0 }) as usize,
+        relay_args: value("--relay-args")
+            .map(|v| v.split_whitespace().map(str::to_owned).collect())
+            .unwrap_or_default(),
         produce_records: number(
             "--produce-records",
             if quick { 20_000.0 } else { 100_000.0 },
@@ -120,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
     });
 
     let mut relay = RelayBench::start(&server, &log_dir.join("relay")).await?;
+    relay.relay_args = options.relay_args.clone();
     let payload = bench::order_placed_payload();
     progress(format!(
         "broker ceiling: {} records from an idempotent producer, one record per batch",
@@ -133,21 +140,50 @@ async fn main() -> anyhow::Result<()> {
         3,
     )
     .await?;
-    progress("broker ceiling: the same batched, with the relay's producer settings");
-    let produce_batched = ceilings::produce_rate(
-        &relay.broker.bootstrap,
-        &[],
-        options.produce_records,
-        &payload,
-        3,
-    )
-    .await?;
+    // The batched ceiling and the drain, in turns, three times: each one lasts a few seconds
+    // and varied by half from run to run on these machines, so the summary compares medians.
+    // The ceiling sends as many records as the relay drains.
+    let (mut ceilings_batched, mut drains) = (Vec::new(), Vec::new());
+    let mut drain_usages = Vec::new();
+    for round in 1..=DRAIN_ROUNDS {
+        progress(format!(
+            "broker ceiling ({round}/{DRAIN_ROUNDS}): {} records batched, with the relay's producer settings",
+            options.drain_rows
+        ));
+        ceilings_batched.push(
+            ceilings::produce_rate(
+                &relay.broker.bootstrap,
+                &[],
+                options.drain_rows,
+                &payload,
+                3,
+            )
+            .await?,
+        );
+        let (drain, usage) = relay.drain(options.drain_rows).await?;
+        drains.push(drain);
+        drain_usages.push(usage);
+    }
+    let produce_batched = median(ceilings_batched.clone());
+    let drain_rates: Vec<f64> = drains
+        .iter()
+        .map(|d| d["rows_per_second"].as_f64().unwrap_or(0.0))
+        .collect();
+    let drain_rate = median(drain_rates.clone());
+    let drain = json!({
+        "rows": options.drain_rows,
+        "rows_per_second": drain_rate.round(),
+        "rounds": drains,
+    });
     report["ceilings"]["produce_records_per_second_one_per_batch"] =
         json!(produce_one_per_batch.round());
     report["ceilings"]["produce_records_per_second_batched"] = json!(produce_batched.round());
-
-    let (drain, drain_usage) = relay.drain(options.drain_rows).await?;
-    let drain_rate = drain["rows_per_second"].as_f64().unwrap_or(0.0);
+    report["ceilings"]["produce_records_per_second_batched_rounds"] = json!(
+        ceilings_batched
+            .iter()
+            .map(|r| r.round())
+            .collect::<Vec<_>>()
+    );
     let mut latencies = Vec::new();
     for rate in &options.relay_rates {
         progress(format!(
@@ -237,12 +273,35 @@ async fn main() -> anyhow::Result<()> {
         options.idle
     ));
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let ((), idle_after_load) =
+        resources::measure(&watched().await, tokio::time::sleep(options.idle)).await;
+    // Right after the load, Postgres is still vacuuming what the load left (the orders, the
+    // deleted outbox and inbox rows): measured again once no autovacuum worker has run for
+    // five seconds (at most two minutes later), that is the idle stack.
+    progress("idle: waiting for Postgres's autovacuum to finish, then measuring again");
+    let settle_deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut quiet_since = std::time::Instant::now();
+    while std::time::Instant::now() < settle_deadline
+        && quiet_since.elapsed() < Duration::from_secs(5)
+    {
+        let vacuuming: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'",
+        )
+        .fetch_one(&admin)
+        .await
+        .unwrap_or(0);
+        if vacuuming > 0 {
+            quiet_since = std::time::Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let ((), idle) = resources::measure(&watched().await, tokio::time::sleep(options.idle)).await;
     report["saga"] = json!({
         "open_loop": results.iter().map(saga::RateResult::json).collect::<Vec<_>>(),
         "highest_sustained_orders_per_second": sustained,
     });
     report["idle"] = idle.json();
+    report["idle_right_after_load"] = idle_after_load.json();
 
     // The summary: each measure against its ceiling or target.
     let at_400 = results.iter().find(|r| r.offered_per_second == 400.0);
@@ -250,7 +309,7 @@ async fn main() -> anyhow::Result<()> {
         results
             .iter()
             .map(|r| r.usage.max_rss(name))
-            .chain([drain_usage.max_rss(name)])
+            .chain(drain_usages.iter().map(|u| u.max_rss(name)))
             .fold(0.0, f64::max)
     };
     let process_rss: Vec<(String, f64)> = [
@@ -280,12 +339,16 @@ async fn main() -> anyhow::Result<()> {
         None => println!("  pgbench                                  (not run)"),
     }
     println!("  produce, one record per batch          {produce_one_per_batch:>9.0} records/s");
-    println!("  produce, batched (relay's settings)    {produce_batched:>9.0} records/s");
+    println!(
+        "  produce, batched (relay's settings)    {produce_batched:>9.0} records/s (median of {})",
+        rounded(&ceilings_batched)
+    );
     println!("relay");
     println!(
-        "  drain of {} rows                   {drain_rate:>9.0} rows/s = {:.2} × the batched produce ceiling (target ≥ 0.6)",
+        "  drain of {} rows                   {drain_rate:>9.0} rows/s = {:.2} × the batched produce ceiling (target ≥ 0.6; median of {})",
         drain["rows"],
-        drain_rate / produce_batched
+        drain_rate / produce_batched,
+        rounded(&drain_rates)
     );
     for l in &report["relay"]["commit_to_ack"]
         .as_array()
@@ -326,6 +389,11 @@ async fn main() -> anyhow::Result<()> {
         idle.describe()
     );
     println!(
+        "  idle right after the load: {:.1}% of one core in all: {}",
+        idle_after_load.total_cpu_percent(),
+        idle_after_load.describe()
+    );
+    println!(
         "  largest RSS under load: {} (target ≤ 50 MiB per process)",
         process_rss
             .iter()
@@ -342,6 +410,22 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// `a / b` to two decimals (null when it is not a number).
+/// How many times the batched ceiling and the drain are measured (in turns).
+const DRAIN_ROUNDS: usize = 3;
+
+fn rounded(values: &[f64]) -> String {
+    values
+        .iter()
+        .map(|v| format!("{v:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
 fn ratio(a: f64, b: f64) -> Value {
     let r = a / b;
     if r.is_finite() {
