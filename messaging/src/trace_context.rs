@@ -7,7 +7,9 @@
 
 use std::collections::HashMap;
 
-use opentelemetry::trace::TraceContextExt as _;
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+};
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use uuid::Uuid;
 
@@ -16,17 +18,63 @@ use uuid::Uuid;
 pub fn of(span: &tracing::Span) -> String {
     let context = span.context();
     let otel = context.span();
-    let sc = otel.span_context();
+    format(otel.span_context())
+}
+
+/// The `traceparent` of an OpenTelemetry span context; a new root when it is not valid.
+pub fn format(sc: &SpanContext) -> String {
     if sc.is_valid() {
-        format!(
-            "00-{}-{}-{:02x}",
-            sc.trace_id(),
-            sc.span_id(),
-            sc.trace_flags().to_u8()
-        )
+        traceparent(sc.trace_id(), sc.span_id(), sc.trace_flags())
     } else {
         new_root()
     }
+}
+
+/// A `traceparent` for a new span that is a child of `parent` (same trace, same sampling
+/// decision, a new span id), or a new root without one: for a hop whose span is not exported.
+pub fn child_of(parent: Option<&SpanContext>) -> String {
+    match parent.filter(|p| p.is_valid()) {
+        Some(parent) => traceparent(
+            parent.trace_id(),
+            SpanId::from_bytes(rand_span_id()),
+            parent.trace_flags(),
+        ),
+        None => new_root(),
+    }
+}
+
+fn traceparent(trace: TraceId, span: SpanId, flags: TraceFlags) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(55);
+    let _ = write!(out, "00-{trace}-{span}-{:02x}", flags.to_u8());
+    out
+}
+
+/// Eight random bytes, never all zero (an invalid span id).
+fn rand_span_id() -> [u8; 8] {
+    let bytes = Uuid::new_v4().into_bytes();
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&bytes[..8]);
+    if id == [0; 8] {
+        id[7] = 1;
+    }
+    id
+}
+
+/// The remote span a well-formed `traceparent` names (`None` for anything else), to be the parent
+/// of a span made with OpenTelemetry directly.
+pub fn parse(traceparent: &str) -> Option<SpanContext> {
+    trace_id(traceparent)?;
+    let mut parts = traceparent.split('-').skip(1);
+    let (trace, span, flags) = (parts.next()?, parts.next()?, parts.next()?);
+    let sc = SpanContext::new(
+        TraceId::from_hex(trace).ok()?,
+        SpanId::from_hex(span).ok()?,
+        TraceFlags::new(u8::from_str_radix(flags, 16).ok()?),
+        true,
+        TraceState::default(),
+    );
+    sc.is_valid().then_some(sc)
 }
 
 /// The `traceparent` of the current span (see [`of`]).
@@ -59,8 +107,12 @@ pub fn trace_id(traceparent: &str) -> Option<&str> {
     let (version, trace, span, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
-    (hex(version, 2) && hex(trace, 32) && hex(span, 16) && hex(flags, 2) && trace != "0".repeat(32))
-        .then_some(trace)
+    (hex(version, 2)
+        && hex(trace, 32)
+        && hex(span, 16)
+        && hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0'))
+    .then_some(trace)
 }
 
 fn span_id() -> String {
@@ -78,6 +130,29 @@ mod tests {
         let b = of(&tracing::Span::none());
         assert!(trace_id(&a).is_some(), "{a}");
         assert_ne!(trace_id(&a), trace_id(&b));
+    }
+
+    #[test]
+    fn a_parsed_traceparent_formats_back_to_itself() {
+        let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let sc = parse(good).expect("well formed");
+        assert!(sc.is_remote() && sc.is_sampled());
+        assert_eq!(format(&sc), good);
+        let child = child_of(Some(&sc));
+        assert_eq!(trace_id(&child), trace_id(good));
+        assert_ne!(child, good, "a child has a span id of its own");
+        assert!(
+            child.ends_with("-01"),
+            "the parent's sampling decision: {child}"
+        );
+        assert!(trace_id(&child_of(None)).is_some());
+        for bad in [
+            "garbage",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+        ] {
+            assert!(parse(bad).is_none(), "{bad}");
+        }
     }
 
     #[test]

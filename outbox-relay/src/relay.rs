@@ -12,7 +12,10 @@ use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
 use messaging::outbox::OutboxRow;
 use messaging::shutdown::Shutdown;
-use metrics::{counter, gauge, histogram};
+use metrics::{Counter, Histogram, counter, gauge, histogram};
+use opentelemetry::KeyValue;
+use opentelemetry::global::{BoxedSpan, BoxedTracer};
+use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
@@ -115,6 +118,11 @@ pub async fn tail(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let mut failures: u32 = 0;
+    let meters = Meters::new(&source.name);
+    // Send spans only when they are exported: otherwise the record's traceparent is still a
+    // child of the row's (a new span id in the same trace), made without a span.
+    let tracer =
+        messaging::telemetry::exporting().then(|| opentelemetry::global::tracer("outbox-relay"));
     while !shutdown.is_fired() {
         let publisher = Publisher {
             source: &source,
@@ -122,6 +130,8 @@ pub async fn tail(
             options: &options,
             activity: &activity,
             shutdown: &shutdown,
+            meters: &meters,
+            tracer: tracer.as_ref(),
         };
         match publisher.tail_connected(&mut failures).await {
             Ok(()) => return Ok(()),
@@ -147,6 +157,45 @@ struct Publisher<'a> {
     options: &'a Options,
     activity: &'a Activity,
     shutdown: &'a Shutdown,
+    meters: &'a Meters,
+    /// `None` when spans are not exported.
+    tracer: Option<&'a BoxedTracer>,
+}
+
+/// The per-row metrics of one source, registered once rather than looked up by name and labels
+/// (a string copied and hashed) for every row.
+struct Meters {
+    batch_size: Histogram,
+    send_to_ack: Histogram,
+    commit_to_ack: Histogram,
+    delivery_errors: Counter,
+    /// `relay_rows_published_total` of each event topic.
+    published: Vec<(&'static str, Counter)>,
+}
+
+impl Meters {
+    fn new(source: &str) -> Meters {
+        let source = source.to_owned();
+        Meters {
+            batch_size: histogram!("relay_batch_size", "source" => source.clone()),
+            send_to_ack: histogram!("relay_send_to_ack_seconds", "source" => source.clone()),
+            commit_to_ack: histogram!("relay_commit_to_ack_seconds", "source" => source.clone()),
+            delivery_errors: counter!("relay_publish_errors_total", "source" => source.clone(), "reason" => "delivery"),
+            published: messaging::kafka::EVENT_TOPICS
+                .iter()
+                .map(|&topic| {
+                    let counter = counter!("relay_rows_published_total", "source" => source.clone(), "topic" => topic);
+                    (topic, counter)
+                })
+                .collect(),
+        }
+    }
+
+    fn published(&self, topic: &str) -> Option<&Counter> {
+        self.published
+            .iter()
+            .find_map(|(t, counter)| (*t == topic).then_some(counter))
+    }
 }
 
 /// A row handed to the producer: what is left to do when its delivery report comes.
@@ -159,12 +208,14 @@ struct Settled {
     topic: &'static str,
     created_at: DateTime<Utc>,
     sent_at: Instant,
-    span: tracing::Span,
-    report: Result<
-        rdkafka::producer::future_producer::OwnedDeliveryResult,
-        futures::channel::oneshot::Canceled,
-    >,
+    span: Option<BoxedSpan>,
+    report: DeliveryReport,
 }
+
+type DeliveryReport = Result<
+    rdkafka::producer::future_producer::OwnedDeliveryResult,
+    futures::channel::oneshot::Canceled,
+>;
 
 impl Publisher<'_> {
     /// Connects, becomes the source's leader and publishes until shutdown or an error.
@@ -191,6 +242,12 @@ impl Publisher<'_> {
         .map_err(|_| anyhow::anyhow!("timed out after 5 s"))
         .and_then(|connected| Ok(connected?))
         .with_context(|| format!("connecting to source {}", source.name))?;
+        // The backlog count is the relay's one scan of the table: one backend, not a parallel
+        // plan's workers started for it every time.
+        sqlx::query("SET max_parallel_workers_per_gather = 0")
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("setting up the session of source {}", source.name))?;
         if !become_leader(&mut conn, source, self.shutdown).await? {
             return Ok(());
         }
@@ -198,17 +255,14 @@ impl Publisher<'_> {
         let conn = &mut conn;
         let mut pipeline = Pipeline::new(self.options.max_batch, self.options.max_in_flight);
         let mut deliveries: FuturesUnordered<Delivery<'_>> = FuturesUnordered::new();
-        let mut last_backlog_report = Instant::now() - Duration::from_secs(10);
+        let mut backlog = Backlog::default();
         let mut next_read = Instant::now();
         let (mut acked, mut failed) = (Vec::new(), 0usize);
         loop {
             if self.shutdown.is_fired() {
                 return Ok(());
             }
-            if last_backlog_report.elapsed() >= Duration::from_secs(1) {
-                report_backlog(&mut *conn, source).await?;
-                last_backlog_report = Instant::now();
-            }
+            backlog.report(&mut *conn, source).await?;
             if let Some(limit) = pipeline.next_limit()
                 && Instant::now() >= next_read
             {
@@ -233,8 +287,7 @@ impl Publisher<'_> {
                     Instant::now() + self.activity.poll_interval(self.options)
                 } else {
                     self.activity.mark();
-                    histogram!("relay_batch_size", "source" => source.name.clone())
-                        .record(rows.len() as f64);
+                    self.meters.batch_size.record(rows.len() as f64);
                     tracing::debug!(source = %source.name, rows = rows.len(), in_flight = pipeline.in_flight(),
                         oldest_waited_ms = (Utc::now() - rows[0].created_at).num_milliseconds(), "rows found");
                     let full = rows.len() as i64 >= limit;
@@ -312,11 +365,21 @@ impl Publisher<'_> {
                 counter!("relay_publish_errors_total", "source" => source.name.clone(), "reason" => "unknown_aggregate").increment(1);
                 return total - sent;
             };
-            let span = send_span(source, &row, topic);
+            let parent = row
+                .traceparent
+                .as_deref()
+                .and_then(messaging::trace_context::parse);
+            let span = self
+                .tracer
+                .map(|tracer| send_span(tracer, source, &row, topic, parent.clone()));
+            let traceparent = match &span {
+                Some(span) => messaging::trace_context::format(span.span_context()),
+                None => messaging::trace_context::child_of(parent.as_ref()),
+            };
             let record = FutureRecord::to(topic)
                 .key(row.aggregate_id.as_str())
                 .payload(row.payload.as_slice())
-                .headers(row.kafka_headers(&messaging::trace_context::of(&span)));
+                .headers(row.kafka_headers(&traceparent));
             // Any refusal, a full client queue included (the rows in flight are capped far
             // below the queue's size), stalls the pipeline: the rows are read again once what
             // was sent has been acknowledged.
@@ -358,34 +421,25 @@ impl Publisher<'_> {
             span,
             report,
         } = settled;
-        match &report {
-            Ok(Ok(delivery)) => {
-                span.record("messaging.destination.partition.id", delivery.partition);
-                span.record("messaging.kafka.offset", delivery.offset);
-            }
-            Ok(Err((e, _))) => {
-                span.record("error.type", e.to_string());
-            }
-            Err(_) => {
-                span.record("error.type", "canceled");
-            }
+        if let Some(mut span) = span {
+            end_send_span(&mut span, &report);
         }
-        // The send span ends here, at the acknowledgement.
-        drop(span);
         match report {
             Ok(Ok(_)) => {
                 acked.push(id);
-                counter!("relay_rows_published_total", "source" => source.clone(), "topic" => topic).increment(1);
-                histogram!("relay_send_to_ack_seconds", "source" => source.clone())
+                if let Some(published) = self.meters.published(topic) {
+                    published.increment(1);
+                }
+                self.meters
+                    .send_to_ack
                     .record(sent_at.elapsed().as_secs_f64());
                 let waited = (Utc::now() - created_at).to_std().unwrap_or_default();
-                histogram!("relay_commit_to_ack_seconds", "source" => source.clone())
-                    .record(waited.as_secs_f64());
+                self.meters.commit_to_ack.record(waited.as_secs_f64());
             }
             Ok(Err((e, _))) => {
                 tracing::warn!(source = %source, id, %message_id, error = %e,
                     "delivery failed; the row stays in the outbox and will be sent again");
-                counter!("relay_publish_errors_total", "source" => source.clone(), "reason" => "delivery").increment(1);
+                self.meters.delivery_errors.increment(1);
                 *failed += 1;
             }
             Err(_) => {
@@ -422,55 +476,132 @@ async fn become_leader(
     }
 }
 
-async fn report_backlog(conn: &mut PgConnection, source: &Source) -> anyhow::Result<()> {
-    let (pending, oldest): (i64, Option<f64>) = sqlx::query_as(
-        "SELECT count(*), EXTRACT(EPOCH FROM clock_timestamp() - min(created_at))::float8 FROM outbox",
-    )
-    .fetch_one(&mut *conn)
-    .await
-    .with_context(|| format!("measuring the backlog of source {}", source.name))?;
-    gauge!("relay_outbox_pending_rows", "source" => source.name.clone()).set(pending as f64);
-    gauge!("relay_outbox_oldest_pending_age_seconds", "source" => source.name.clone())
-        .set(oldest.unwrap_or(0.0));
-    let unpublishable: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE aggregate_type <> ALL($1)")
+/// The source's backlog gauges. The age of the oldest row is an index probe, every second; when
+/// it finds the table empty, the counts are 0 without more. The counts (pending rows,
+/// unpublishable rows) need a scan of the table, so they are taken less often the more rows
+/// there are: every second up to 20,000 rows, then every
+/// `rows / 20,000` seconds up to 30 s. So a backlog of a million rows costs one scan every 30 s
+/// rather than two full scans a second (each, with parallel workers, started two more processes).
+#[derive(Debug, Default)]
+struct Backlog {
+    aged_at: Option<Instant>,
+    counted_at: Option<Instant>,
+    count_every: Duration,
+}
+
+impl Backlog {
+    const ROWS_PER_SECOND_OF_INTERVAL: i64 = 20_000;
+    const LONGEST_COUNT_INTERVAL: Duration = Duration::from_secs(30);
+
+    async fn report(&mut self, conn: &mut PgConnection, source: &Source) -> anyhow::Result<()> {
+        let due = |at: Option<Instant>, every: Duration| at.is_none_or(|at| at.elapsed() >= every);
+        if due(self.aged_at, Duration::from_secs(1)) {
+            // The lowest id is the oldest row but for a transaction that began before another
+            // and inserted after it: close enough for an age measured in seconds.
+            let oldest: Option<f64> = sqlx::query_scalar(
+                "SELECT EXTRACT(EPOCH FROM clock_timestamp() - created_at)::float8 \
+                 FROM outbox ORDER BY id LIMIT 1",
+            )
+            .fetch_optional(&mut *conn)
+            .await
+            .with_context(|| format!("measuring the backlog of source {}", source.name))?;
+            gauge!("relay_outbox_oldest_pending_age_seconds", "source" => source.name.clone())
+                .set(oldest.unwrap_or(0.0));
+            self.aged_at = Some(Instant::now());
+            if oldest.is_none() {
+                // An empty table (an idle relay's usual state): nothing to count.
+                gauge!("relay_outbox_pending_rows", "source" => source.name.clone()).set(0.0);
+                gauge!("relay_outbox_unpublishable_rows", "source" => source.name.clone()).set(0.0);
+                self.counted_at = Some(Instant::now());
+                self.count_every = Duration::from_secs(1);
+                return Ok(());
+            }
+        }
+        if due(self.counted_at, self.count_every) {
+            let (pending, unpublishable): (i64, i64) = sqlx::query_as(
+                "SELECT count(*), count(*) FILTER (WHERE aggregate_type <> ALL($1)) FROM outbox",
+            )
             .bind(&schemas::events::AGGREGATES[..])
             .fetch_one(&mut *conn)
             .await
-            .with_context(|| format!("counting unpublishable rows of source {}", source.name))?;
-    if unpublishable > 0 {
-        tracing::error!(source = %source.name, rows = unpublishable,
-            "outbox rows of an aggregate type without a topic are left in place (is this relay older than the service that wrote them?)");
+            .with_context(|| format!("counting the backlog of source {}", source.name))?;
+            gauge!("relay_outbox_pending_rows", "source" => source.name.clone())
+                .set(pending as f64);
+            if unpublishable > 0 {
+                tracing::error!(source = %source.name, rows = unpublishable,
+                    "outbox rows of an aggregate type without a topic are left in place (is this relay older than the service that wrote them?)");
+            }
+            gauge!("relay_outbox_unpublishable_rows", "source" => source.name.clone())
+                .set(unpublishable as f64);
+            self.counted_at = Some(Instant::now());
+            self.count_every =
+                Duration::from_secs((pending / Self::ROWS_PER_SECOND_OF_INTERVAL).max(1) as u64)
+                    .min(Self::LONGEST_COUNT_INTERVAL);
+        }
+        Ok(())
     }
-    gauge!("relay_outbox_unpublishable_rows", "source" => source.name.clone())
-        .set(unpublishable as f64);
-    Ok(())
 }
 
 /// The OpenTelemetry producer span of one row (`send orders.v1`), a child of the span that wrote
 /// the row (its stored `traceparent`), from the send to the broker's acknowledgement. It records
 /// how long the row waited in the outbox (`messaging.outbox.wait_ms`, commit to send); the record
 /// carries this span as its `traceparent`, so the consumer's span is its child.
-fn send_span(source: &Source, row: &OutboxRow, topic: &str) -> tracing::Span {
+///
+/// Made with OpenTelemetry directly, not as a `tracing` span: the relay never logs inside it, and
+/// a `tracing` span per row (its fields formatted for the log layer, then copied into the
+/// OpenTelemetry one) was the largest single cost of a relay at full speed. Made only when spans
+/// are exported: unexported, a span per row in flight was a tenth of the relay's CPU and most of
+/// its memory during a backlog.
+fn send_span(
+    tracer: &BoxedTracer,
+    source: &Source,
+    row: &OutboxRow,
+    topic: &'static str,
+    parent: Option<opentelemetry::trace::SpanContext>,
+) -> BoxedSpan {
     let waited = (Utc::now() - row.created_at).num_milliseconds().max(0);
-    let span = tracing::info_span!("send",
-        otel.name = %format!("send {topic}"),
-        otel.kind = "producer",
-        messaging.system = "kafka",
-        messaging.operation.type = "send",
-        messaging.destination.name = %topic,
-        messaging.destination.partition.id = tracing::field::Empty,
-        messaging.kafka.offset = tracing::field::Empty,
-        messaging.kafka.message.key = %row.aggregate_id,
-        messaging.message.id = %row.message_id,
-        messaging.outbox.wait_ms = waited,
-        outbox.source = %source.name,
-        order_id = %row.aggregate_id,
-        trace_id = tracing::field::Empty,
-        error.type = tracing::field::Empty,
-    );
-    messaging::trace_context::continue_from(&span, row.traceparent.as_deref());
-    span
+    let parent = match parent {
+        Some(parent) => opentelemetry::Context::new().with_remote_span_context(parent),
+        None => opentelemetry::Context::new(),
+    };
+    tracer
+        .span_builder(format!("send {topic}"))
+        .with_kind(SpanKind::Producer)
+        .with_attributes([
+            KeyValue::new("messaging.system", "kafka"),
+            KeyValue::new("messaging.operation.type", "send"),
+            KeyValue::new("messaging.destination.name", topic),
+            KeyValue::new("messaging.kafka.message.key", row.aggregate_id.clone()),
+            KeyValue::new("messaging.message.id", row.message_id.to_string()),
+            KeyValue::new("messaging.outbox.wait_ms", waited),
+            KeyValue::new("outbox.source", source.name.clone()),
+            KeyValue::new("order_id", row.aggregate_id.clone()),
+        ])
+        .start_with_context(tracer, &parent)
+}
+
+/// Ends a send span at the row's delivery report: where the record went, or why it did not.
+fn end_send_span(span: &mut BoxedSpan, report: &DeliveryReport) {
+    match report {
+        Ok(Ok(delivery)) => {
+            span.set_attributes([
+                KeyValue::new(
+                    "messaging.destination.partition.id",
+                    i64::from(delivery.partition),
+                ),
+                KeyValue::new("messaging.kafka.offset", delivery.offset),
+            ]);
+        }
+        Ok(Err((e, _))) => {
+            span.set_attribute(KeyValue::new("error.type", e.to_string()));
+            span.set_status(Status::error(e.to_string()));
+        }
+        Err(_) => {
+            span.set_attribute(KeyValue::new("error.type", "canceled"));
+            span.set_status(Status::error("canceled"));
+        }
+    }
+    span.end();
 }
 
 #[cfg(test)]
@@ -493,12 +624,16 @@ mod tests {
         };
         let activity = Activity::default();
         let (_trigger, shutdown) = Shutdown::new();
+        let meters = Meters::new(&source.name);
+        let tracer = opentelemetry::global::tracer("outbox-relay");
         let publisher = Publisher {
             source,
             producer,
             options: &options,
             activity: &activity,
             shutdown: &shutdown,
+            meters: &meters,
+            tracer: Some(&tracer),
         };
         let mut deliveries = FuturesUnordered::new();
         let mut failed = publisher.send(rows, &mut deliveries);
