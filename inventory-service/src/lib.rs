@@ -52,12 +52,13 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         name: "inventory-service",
         migrations: &MIGRATIONS,
         group: consumer::GROUP,
-        subscribe: schemas::ORDERS_TOPIC,
+        subscribe: &[schemas::ORDERS_TOPIC],
         handler: consumer::OrderEvents,
         routes: move |pool| http::routes(http::AppState { pool, admin_token }),
         background: Vec::new(),
         // A cancellation seen before its OrderPlaced is kept as long as that OrderPlaced (or a
         // copy of it) can still arrive.
+        jobs: messaging::jobs::Runner::default(),
         pruned: vec![PrunedTable {
             table: "cancelled_orders",
             time_column: "cancelled_at",

@@ -10,14 +10,15 @@ use rdkafka::producer::FutureProducer;
 use schemas::headers;
 use schemas::limits::truncate_chars;
 
+use crate::decision::Class;
 use crate::delivery::{self, Delivery};
 use crate::kafka;
 
 /// Why and how often a record failed.
 #[derive(Debug, Clone)]
 pub struct Failure {
-    /// `permanent` (can never apply) or `retryable` (still "not yet" after its last retry).
-    pub class: &'static str,
+    /// Permanent (can never apply) or retryable (still "not yet" after its last retry).
+    pub class: Class,
     pub reason: String,
     pub attempts: usize,
     pub first_failure_at: DateTime<Utc>,
@@ -81,7 +82,7 @@ pub async fn send(
         send_stub(producer, &topic, group, delivery, failure, &why).await?;
     }
     tracing::warn!(%topic, original_topic = %truncate_chars(&origin_topic, 64), partition = origin_partition,
-        offset = origin_offset, class = failure.class, reason = %truncate_chars(&failure.reason, 300), stub,
+        offset = origin_offset, class = failure.class.as_str(), reason = %truncate_chars(&failure.reason, 300), stub,
         "dead-lettered a record");
     Ok(())
 }
@@ -150,7 +151,7 @@ fn dlq_headers(
         ),
         (headers::DLQ_ORIGINAL_OFFSET, origin_offset.to_string()),
         (headers::DLQ_CONSUMER_GROUP, group.to_owned()),
-        (headers::DLQ_ERROR_CLASS, failure.class.to_owned()),
+        (headers::DLQ_ERROR_CLASS, failure.class.as_str().to_owned()),
         (
             headers::DLQ_ERROR_MESSAGE,
             truncate_chars(reason, MAX_REASON_CHARS),

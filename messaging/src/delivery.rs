@@ -27,6 +27,32 @@ pub const MAX_KEY_BYTES: usize = 64;
 /// propagated); a longer one is dropped, not copied into the events this record causes.
 pub const MAX_TRACESTATE_BYTES: usize = 512;
 
+/// Why a record can never be applied as it is: it breaks the bounds every record must keep, its
+/// headers are missing or malformed, or its payload is not a valid event. Such a record is
+/// dead-lettered as permanent with this as its reason. Anything it echoes is bounded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Undecodable {
+    #[error("the payload has {bytes} bytes; a saga event has at most {MAX_PAYLOAD_BYTES}")]
+    PayloadTooLarge { bytes: usize },
+    #[error("the key has {bytes} bytes; keys are order ids of at most {MAX_KEY_BYTES}")]
+    KeyTooLong { bytes: usize },
+    #[error("the record has {count} headers; at most {MAX_HEADERS} are accepted")]
+    TooManyHeaders { count: usize },
+    #[error("the headers have {bytes} bytes; at most {MAX_HEADER_BYTES} are accepted")]
+    HeadersTooLarge { bytes: usize },
+    #[error("the record has no message-id header")]
+    NoMessageId,
+    #[error("the message-id header {value:?} is not a UUID: {error}")]
+    MessageIdNotUuid { value: String, error: uuid::Error },
+    /// The payload is not a valid event, or breaks the contract's bounds.
+    #[error(transparent)]
+    Event(#[from] schemas::DecodeError),
+    /// The key orders the order's events: an event keyed by another order could overtake or
+    /// trail that order's own events.
+    #[error("the record key {key:?} is not the event's order id {order_id}")]
+    KeyIsNotTheOrder { key: String, order_id: Uuid },
+}
+
 /// A record read from Kafka (or from the parking table).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Delivery {
@@ -73,30 +99,23 @@ impl Delivery {
     /// and header sizes); the error says which it breaks. What is out of bounds is dead-lettered
     /// (as a stub if even that copy would be too large), so no field of it is ever copied into an
     /// event, a log line or a retry copy at full size.
-    pub fn check_bounds(&self) -> Result<(), String> {
+    pub fn check_bounds(&self) -> Result<(), Undecodable> {
         let payload = self.payload.as_ref().map_or(0, Vec::len);
         if payload > MAX_PAYLOAD_BYTES {
-            return Err(format!(
-                "the payload has {payload} bytes; a saga event has at most {MAX_PAYLOAD_BYTES}"
-            ));
+            return Err(Undecodable::PayloadTooLarge { bytes: payload });
         }
         let key = self.key.as_ref().map_or(0, Vec::len);
         if key > MAX_KEY_BYTES {
-            return Err(format!(
-                "the key has {key} bytes; keys are order ids of at most {MAX_KEY_BYTES}"
-            ));
+            return Err(Undecodable::KeyTooLong { bytes: key });
         }
         if self.headers.len() > MAX_HEADERS {
-            return Err(format!(
-                "the record has {} headers; at most {MAX_HEADERS} are accepted",
-                self.headers.len()
-            ));
+            return Err(Undecodable::TooManyHeaders {
+                count: self.headers.len(),
+            });
         }
         let bytes = self.header_bytes();
         if bytes > MAX_HEADER_BYTES {
-            return Err(format!(
-                "the headers have {bytes} bytes; at most {MAX_HEADER_BYTES} are accepted"
-            ));
+            return Err(Undecodable::HeadersTooLarge { bytes });
         }
         Ok(())
     }
@@ -221,7 +240,7 @@ pub fn is_too_large(error: &KafkaError) -> bool {
 }
 
 /// A decoded record with the headers the saga relies on.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Envelope {
     pub message_id: Uuid,
     pub event: Event,
@@ -238,33 +257,30 @@ impl Envelope {
     /// Decodes a delivery and checks it against the contract ([`Delivery::check_bounds`],
     /// [`schemas::limits`], the key is the event's order id); the error says why it can never be
     /// applied.
-    pub fn decode(delivery: &Delivery) -> Result<Envelope, String> {
+    pub fn decode(delivery: &Delivery) -> Result<Envelope, Undecodable> {
         delivery.check_bounds()?;
         let message_id = delivery
             .header(headers::MESSAGE_ID)
-            .ok_or_else(|| "the record has no message-id header".to_owned())?;
-        let message_id = Uuid::parse_str(message_id).map_err(|e| {
-            format!(
-                "the message-id header {:?} is not a UUID: {e}",
-                schemas::limits::truncate_chars(message_id, 64)
-            )
-        })?;
+            .ok_or(Undecodable::NoMessageId)?;
+        let message_id =
+            Uuid::parse_str(message_id).map_err(|error| Undecodable::MessageIdNotUuid {
+                value: schemas::limits::truncate_chars(message_id, 64),
+                error,
+            })?;
         let event = schemas::decode_with_content_type(
             delivery.header(headers::CONTENT_TYPE),
             delivery.header(headers::EVENT_TYPE),
             delivery.payload.as_deref().unwrap_or_default(),
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         // The key orders the order's events: an event keyed by another order could overtake or
         // trail that order's own events.
         if let Some(key) = &delivery.key
             && Uuid::try_parse_ascii(key).ok() != Some(event.order_id())
         {
-            return Err(format!(
-                "the record key {:?} is not the event's order id {}",
-                schemas::limits::truncate_chars(String::from_utf8_lossy(key), 64),
-                event.order_id()
-            ));
+            return Err(Undecodable::KeyIsNotTheOrder {
+                key: schemas::limits::truncate_chars(String::from_utf8_lossy(key), 64),
+                order_id: event.order_id(),
+            });
         }
         let (topic, partition, offset) = delivery.origin();
         Ok(Envelope {
@@ -352,26 +368,27 @@ mod tests {
         keyed.key = Some(order_id.to_string().into_bytes());
         assert!(Envelope::decode(&keyed).is_ok());
         keyed.key = Some(Uuid::new_v4().to_string().into_bytes());
-        assert!(
-            Envelope::decode(&keyed)
-                .unwrap_err()
-                .contains("not the event's order id")
-        );
+        assert!(matches!(
+            Envelope::decode(&keyed),
+            Err(Undecodable::KeyIsNotTheOrder { order_id: id, .. }) if id == order_id
+        ));
         keyed.key = Some(vec![b'k'; MAX_KEY_BYTES + 1]);
-        assert!(
-            Envelope::decode(&keyed)
-                .unwrap_err()
-                .contains("the key has")
+        assert_eq!(
+            Envelope::decode(&keyed),
+            Err(Undecodable::KeyTooLong {
+                bytes: MAX_KEY_BYTES + 1
+            })
         );
 
         let big = delivery(
             &[("message-id", id.as_bytes())],
             vec![0; MAX_PAYLOAD_BYTES + 1],
         );
-        assert!(
-            Envelope::decode(&big)
-                .unwrap_err()
-                .contains("the payload has")
+        assert_eq!(
+            Envelope::decode(&big),
+            Err(Undecodable::PayloadTooLarge {
+                bytes: MAX_PAYLOAD_BYTES + 1
+            })
         );
 
         let many: Vec<(String, Vec<u8>)> = (0..=MAX_HEADERS)
@@ -381,15 +398,18 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_slice()))
             .collect();
-        assert!(
-            Envelope::decode(&delivery(&many, payload.clone()))
-                .unwrap_err()
-                .contains("headers")
+        assert_eq!(
+            Envelope::decode(&delivery(&many, payload.clone())),
+            Err(Undecodable::TooManyHeaders {
+                count: MAX_HEADERS + 1
+            })
         );
 
         let fat = vec![b'x'; MAX_HEADER_BYTES];
-        let err = Envelope::decode(&delivery(&[("message-id", &fat)], payload)).unwrap_err();
-        assert!(err.contains("the headers have"), "{err}");
+        assert!(matches!(
+            Envelope::decode(&delivery(&[("message-id", &fat)], payload)),
+            Err(Undecodable::HeadersTooLarge { bytes }) if bytes > MAX_HEADER_BYTES
+        ));
     }
 
     #[test]
@@ -399,10 +419,10 @@ mod tests {
         let err =
             Envelope::decode(&delivery(&[("message-id", long.as_bytes())], payload)).unwrap_err();
         assert!(
-            err.contains("is not a UUID") && err.len() < 300,
-            "{} bytes",
-            err.len()
+            matches!(&err, Undecodable::MessageIdNotUuid { value, .. } if value.chars().count() == 64),
+            "{err:?}"
         );
+        assert!(err.to_string().len() < 300, "{err}");
     }
 
     #[test]

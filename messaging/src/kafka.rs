@@ -21,9 +21,6 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, Top
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
-/// The saga's event topics.
-pub const EVENT_TOPICS: [&str; 2] = [schemas::ORDERS_TOPIC, schemas::INVENTORY_TOPIC];
-
 /// The dead-letter topic of a consumer group.
 pub fn dead_letter_topic(group: &str) -> String {
     format!("{group}.dlq")

@@ -4,6 +4,7 @@
 //! transient failures retried in place, permanent ones dead-lettered), HTTP problem responses,
 //! logs and metrics.
 
+pub mod backoff;
 pub mod consumer;
 pub mod db;
 pub mod dead_letter;
@@ -12,6 +13,7 @@ pub mod delivery;
 pub mod http;
 pub mod http_server;
 pub mod inbox;
+pub mod jobs;
 pub mod kafka;
 pub mod offset_gaps;
 pub mod outbox;

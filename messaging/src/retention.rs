@@ -77,7 +77,7 @@ pub struct TopicRetention {
 impl TopicRetention {
     /// The event topics, as a process creates them when they are missing.
     pub fn event_topics(&self) -> Vec<crate::kafka::TopicSpec> {
-        crate::kafka::EVENT_TOPICS
+        schemas::EVENT_TOPICS
             .iter()
             .map(|t| crate::kafka::TopicSpec::new(*t, self.topic_retention))
             .collect()

@@ -16,14 +16,19 @@ pub struct ServiceSpec<H, R> {
     pub name: &'static str,
     pub migrations: &'static Migrator,
     pub group: &'static str,
-    pub subscribe: &'static str,
+    /// The topics the service consumes (in one consumer group).
+    pub subscribe: &'static [&'static str],
     pub handler: H,
     /// Builds the service's API routes from its database pool.
     pub routes: R,
     /// Background work started once the database is ready (for example the saga deadline
     /// check); each runs until shutdown.
     pub background: Vec<Background>,
-    /// The service's own tables that the retention job prunes (the inbox is always pruned).
+    /// The service's jobs ([`crate::jobs`]): what runs outside the consumer's transaction, or
+    /// later.
+    pub jobs: crate::jobs::Runner,
+    /// The service's own tables that the retention job prunes (the inbox and the jobs given up
+    /// on are always pruned).
     pub pruned: Vec<crate::retention::PrunedTable>,
     /// Counters the service sets to 0 at start (once the metrics recorder is installed), so that
     /// rates and alerts over rare events have a series to read before the first one happens.
@@ -194,10 +199,12 @@ where
         retentions = kafka::ensure_topics_with_retry(&config.common.kafka, &topics, config.common.topic_partitions) => retentions,
         _ = shutdown.wait() => Vec::new(),
     };
-    // A copy of a message can come back from the subscribed topic, the retry topics and the DLQ.
+    // A copy of a message can come back from the subscribed topics, the retry topics and the DLQ.
     let sources: Vec<_> = retentions
         .into_iter()
-        .filter(|(t, _)| t == spec.subscribe || t.starts_with(&format!("{}.", spec.group)))
+        .filter(|(t, _)| {
+            spec.subscribe.contains(&t.as_str()) || t.starts_with(&format!("{}.", spec.group))
+        })
         .collect();
     let window = match crate::retention::inbox_window(retention.inbox_retention, &sources) {
         Ok(window) => Some(window),
@@ -211,12 +218,21 @@ where
         time_column: "processed_at",
         keep: crate::retention::Keep::DuplicateWindow,
     }];
+    // A job given up on is evidence, kept as long as a dead letter.
+    pruned.push(crate::retention::PrunedTable {
+        table: "jobs",
+        time_column: "failed_at",
+        keep: crate::retention::Keep::For(retention.dlq_retention),
+    });
     pruned.extend(spec.pruned);
     let mut background: Vec<_> = spec
         .background
         .into_iter()
         .map(|job| tokio::spawn(job(workers.clone(), shutdown.clone())))
         .collect();
+    background.push(tokio::spawn(
+        spec.jobs.run(workers.clone(), shutdown.clone()),
+    ));
     background.push(tokio::spawn(crate::retention::run(
         workers.clone(),
         pruned,
@@ -227,7 +243,7 @@ where
         ConsumerSettings {
             kafka: config.common.kafka.clone(),
             group: spec.group.to_owned(),
-            topics: vec![spec.subscribe.to_owned()],
+            topics: spec.subscribe.iter().map(|t| (*t).to_owned()).collect(),
             retry_delays: config.common.retry_delays.0.clone(),
             parked_key_timeout: config.common.parked_key_timeout,
             max_batch: config.common.consumer_max_batch.into(),

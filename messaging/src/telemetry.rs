@@ -190,6 +190,7 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
 /// recorded). The README's tables and the dashboards use these names.
 fn describe_metrics() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    crate::jobs::describe_metrics();
     describe_gauge!(
         "process_start_time_seconds",
         Unit::Seconds,

@@ -1,49 +1,156 @@
 //! The saga deadline: an order still PENDING after the deadline is cancelled with reason
 //! DEADLINE_EXCEEDED, exactly as a customer cancel would (OrderCancelled, then inventory releases
-//! whatever it reserved). The deadline is data, not a timer: a periodic query finds overdue
-//! orders by `created_at`, so it survives restarts. Overdue rows are taken `FOR UPDATE SKIP
-//! LOCKED` and re-decided by the state machine, so several order-service instances never cancel
-//! one order twice.
+//! whatever it reserved). The deadline is data, not a timer: placing an order enqueues a
+//! `saga-deadline` job for it on the service's job runner ([`messaging::jobs`]) in the same
+//! transaction, due when the deadline passes, and the order leaving PENDING takes the job off the
+//! queue in the transaction of that change ([`transition::apply`]). So it survives restarts, and
+//! any of several order-service instances may run it: the job locks the order's row and
+//! re-decides through the state machine, so an order is never cancelled twice.
+//!
+//! The job checks the deadline again when it runs, against the current `--saga-deadline`: a
+//! deadline made longer since the order was placed moves the job later; one made shorter takes
+//! effect for the orders placed after the change.
 
 use std::time::Duration;
 
+use chrono::{TimeDelta, Utc};
+use messaging::jobs::{self, Completed, Job, JobError, JobHandler, JobKind};
 use messaging::outbox::Cause;
 use messaging::shutdown::Shutdown;
 use schemas::CancelReason;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::domain::{Input, OrderStatus};
+use crate::store;
 use crate::transition::{self, Applied};
 
-/// Most orders cancelled per check (one transaction).
-const BATCH: i64 = 100;
+/// The job kind of a saga deadline; its key is the order id.
+pub const KIND: &str = "saga-deadline";
 
 /// How often the orders still in flight are counted ([`measure_in_flight`]).
 const MEASURE_EVERY: Duration = Duration::from_secs(5);
 
-/// Checks for overdue orders every `deadline / 10` (between 100 ms and 1 s) until shutdown, and
-/// measures the orders in flight every [`MEASURE_EVERY`].
-pub async fn run(pool: PgPool, deadline: Duration, shutdown: Shutdown) {
-    let every = (deadline / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
-    tracing::info!(?deadline, ?every, "saga deadline check started");
-    let mut measured_at: Option<std::time::Instant> = None;
-    while shutdown.sleep(every).await.is_ok() {
-        if measured_at.is_none_or(|t| t.elapsed() >= MEASURE_EVERY) {
-            if let Err(e) = measure_in_flight(&pool).await {
-                tracing::warn!(error = %e, "could not count the orders in flight; trying again later");
+/// Starts the deadline of a new order (in the transaction that places it).
+pub async fn start(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+    deadline: Duration,
+) -> sqlx::Result<()> {
+    jobs::enqueue(
+        conn,
+        KIND,
+        &order_id.to_string(),
+        &serde_json::Value::Null,
+        deadline,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Ends the deadline of an order that left PENDING (in the transaction of that change).
+pub async fn stop(conn: &mut PgConnection, order_id: Uuid) -> sqlx::Result<()> {
+    jobs::cancel(conn, KIND, &order_id.to_string()).await?;
+    Ok(())
+}
+
+/// How the job runner runs deadlines: a failure (the database away) is tried again from 1 s
+/// to 1 min for about an hour; an order whose deadline job was given up on stays PENDING and
+/// shows in `orders_in_flight_oldest_age_seconds` and `jobs_given_up_total`.
+pub fn kind() -> JobKind {
+    JobKind {
+        kind: KIND,
+        max_attempts: 60,
+        lease: Duration::from_secs(30),
+        backoff: messaging::backoff::Backoff {
+            first: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+        },
+    }
+}
+
+/// Cancels an order whose deadline passed while it was PENDING.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    /// `--saga-deadline`.
+    pub deadline: Duration,
+}
+
+impl JobHandler for Deadline {
+    async fn run(&self, pool: &PgPool, job: &Job) -> Result<Completed, JobError> {
+        let order_id = Uuid::parse_str(&job.key)
+            .map_err(|e| JobError::Permanent(format!("the job's key is not an order id: {e}")))?;
+        let mut tx = pool.begin().await?;
+        let Some((status, created_at)) = store::lock_for_deadline(&mut tx, order_id).await? else {
+            let done = job.complete(&mut tx).await?;
+            tx.commit().await?;
+            return Ok(done);
+        };
+        if status == OrderStatus::Pending {
+            let deadline = TimeDelta::from_std(self.deadline).unwrap_or(TimeDelta::MAX);
+            let wait = created_at
+                .checked_add_signed(deadline)
+                .map_or(Ok(Duration::from_secs(3600)), |due| {
+                    (due - Utc::now()).to_std()
+                });
+            if let Ok(wait) = wait
+                && !wait.is_zero()
+            {
+                return Err(JobError::Later {
+                    after: wait,
+                    why: "the saga deadline is longer than when the order was placed".into(),
+                });
             }
-            measured_at = Some(std::time::Instant::now());
         }
-        loop {
-            match cancel_overdue(&pool, deadline).await {
-                Ok(n) if n as i64 == BATCH => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "saga deadline check failed; trying again later");
-                    break;
-                }
-            }
+        // Completed first: leaving PENDING takes the order's deadline job (this one) off the queue.
+        let done = job.complete(&mut tx).await?;
+        let cancelled = cancel_if_pending(&mut tx, order_id, status).await?;
+        tx.commit().await?;
+        if let Some(saga) = cancelled {
+            saga.record();
+            tracing::info!(%order_id, deadline = ?self.deadline, "order still PENDING after the saga deadline; cancelled it");
+        }
+        Ok(done)
+    }
+}
+
+/// Cancels the order (DEADLINE_EXCEEDED) if the state machine says so for `status`; what to
+/// record once the transaction commits.
+async fn cancel_if_pending(
+    tx: &mut PgConnection,
+    order_id: Uuid,
+    status: OrderStatus,
+) -> sqlx::Result<Option<transition::SagaMetrics>> {
+    if status != OrderStatus::Pending {
+        return Ok(None);
+    }
+    // Each deadline cancellation starts a trace of its own; the order's events follow it.
+    let span = tracing::info_span!("saga deadline", otel.name = "cancel overdue order",
+        order_id = %order_id, trace_id = tracing::field::Empty);
+    messaging::trace_context::continue_from(&span, None);
+    let cause = Cause {
+        traceparent: Some(messaging::trace_context::of(&span)),
+        ..Cause::default()
+    };
+    let input = Input::CancelRequested {
+        reason: CancelReason::DeadlineExceeded,
+    };
+    Ok(
+        match transition::apply(tx, order_id, status, &input, &cause).await? {
+            Ok(Applied::Changed { saga, .. }) => Some(saga),
+            _ => None,
+        },
+    )
+}
+
+/// Measures the orders in flight every [`MEASURE_EVERY`] until shutdown.
+pub async fn measure(pool: PgPool, shutdown: Shutdown) {
+    loop {
+        if let Err(e) = measure_in_flight(&pool).await {
+            tracing::warn!(error = %e, "could not count the orders in flight; trying again later");
+        }
+        if shutdown.sleep(MEASURE_EVERY).await.is_err() {
+            return;
         }
     }
 }
@@ -74,45 +181,4 @@ pub async fn measure_in_flight(pool: &PgPool) -> sqlx::Result<()> {
         metrics::gauge!("orders_in_flight_oldest_age_seconds", "status" => status).set(oldest);
     }
     Ok(())
-}
-
-/// Cancels (DEADLINE_EXCEEDED) up to [`BATCH`] orders PENDING for longer than `deadline`;
-/// returns how many.
-pub async fn cancel_overdue(pool: &PgPool, deadline: Duration) -> sqlx::Result<usize> {
-    let mut tx = pool.begin().await?;
-    let overdue: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT order_id FROM orders WHERE status = $1 AND created_at < now() - make_interval(secs => $2) \
-         ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED",
-    )
-    .bind(OrderStatus::Pending.as_str())
-    .bind(deadline.as_secs_f64())
-    .bind(BATCH)
-    .fetch_all(&mut *tx)
-    .await?;
-    let input = Input::CancelRequested {
-        reason: CancelReason::DeadlineExceeded,
-    };
-    let mut cancelled = Vec::new();
-    for order_id in &overdue {
-        // Each deadline cancellation starts a trace of its own; the order's events follow it.
-        let span = tracing::info_span!("saga deadline", otel.name = "cancel overdue order",
-            order_id = %order_id, trace_id = tracing::field::Empty);
-        messaging::trace_context::continue_from(&span, None);
-        let cause = Cause {
-            traceparent: Some(messaging::trace_context::of(&span)),
-            ..Cause::default()
-        };
-        if let Ok(Applied::Changed { saga, .. }) =
-            transition::apply(&mut tx, *order_id, OrderStatus::Pending, &input, &cause).await?
-        {
-            cancelled.push((order_id, saga));
-        }
-    }
-    tx.commit().await?;
-    let n = cancelled.len();
-    for (order_id, saga) in cancelled {
-        saga.record();
-        tracing::info!(%order_id, ?deadline, "order still PENDING after the saga deadline; cancelled it");
-    }
-    Ok(n)
 }

@@ -26,6 +26,8 @@ pub struct AppState {
     pub pool: PgPool,
     /// How long an Idempotency-Key is remembered (`--idempotency-key-ttl`).
     pub idempotency_key_ttl: std::time::Duration,
+    /// How long a new order may stay PENDING (`--saga-deadline`).
+    pub saga_deadline: std::time::Duration,
 }
 
 pub fn routes(state: AppState) -> axum::Router {
@@ -114,7 +116,7 @@ async fn place_order(
             serde_json::from_value(earlier.response).map_err(Problem::internal)?;
         return Ok(created(view));
     }
-    let view = store::insert_order(&mut tx, &order, &cause).await?;
+    let view = store::insert_order(&mut tx, &order, state.saga_deadline, &cause).await?;
     if let Some(key) = &key {
         store::remember(&mut tx, key, &normalized, &view).await?;
     }

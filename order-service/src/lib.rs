@@ -10,6 +10,7 @@ pub mod transition;
 
 use clap::Parser;
 use messaging::http_server::ListenAddr;
+use messaging::jobs::Runner;
 use messaging::retention::{Keep, PrunedTable};
 use messaging::service::{CommonSettings, ServiceConfig, ServiceSpec};
 use messaging::shutdown::Shutdown;
@@ -45,21 +46,29 @@ pub struct Settings {
 /// Runs the service until `shutdown` fires.
 pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     let idempotency_key_ttl = settings.idempotency_key_ttl;
+    let saga_deadline = settings.saga_deadline;
     let spec = ServiceSpec {
         name: "order-service",
         migrations: &MIGRATIONS,
         group: consumer::GROUP,
-        subscribe: schemas::INVENTORY_TOPIC,
+        subscribe: &[schemas::INVENTORY_TOPIC],
         handler: consumer::InventoryEvents,
         routes: move |pool| {
             http::routes(http::AppState {
                 pool,
                 idempotency_key_ttl,
+                saga_deadline,
             })
         },
-        background: vec![Box::new(move |pool, shutdown| {
-            Box::pin(deadline::run(pool, settings.saga_deadline, shutdown))
+        background: vec![Box::new(|pool, shutdown| {
+            Box::pin(deadline::measure(pool, shutdown))
         })],
+        jobs: Runner::default().with(
+            deadline::kind(),
+            deadline::Deadline {
+                deadline: saga_deadline,
+            },
+        ),
         pruned: vec![PrunedTable {
             table: "idempotency_keys",
             time_column: "created_at",

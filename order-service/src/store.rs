@@ -2,6 +2,8 @@
 //! idempotency keys. Every write takes the caller's transaction; writes that change an order also
 //! append its event to the outbox in that same transaction.
 
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use messaging::outbox::{self, Cause};
 use schemas::{Event, OrderItem, OrderPlaced};
@@ -51,13 +53,15 @@ fn now_millis(at: DateTime<Utc>) -> i64 {
     at.timestamp_millis()
 }
 
-/// Writes a new PENDING order, its view row and its OrderPlaced outbox row. The caller commits.
+/// Writes a new PENDING order, its view row, its OrderPlaced outbox row and its saga deadline
+/// (due after `deadline`, [`crate::deadline`]). The caller commits.
 pub async fn insert_order(
     conn: &mut PgConnection,
     order: &NewOrder,
+    deadline: Duration,
     cause: &Cause,
 ) -> sqlx::Result<OrderView> {
-    insert_order_with_id(conn, Uuid::now_v7(), order, cause).await
+    insert_order_with_id(conn, Uuid::now_v7(), order, deadline, cause).await
 }
 
 /// [`insert_order`] with the id chosen by the caller (tests and tools that need a known id).
@@ -65,6 +69,7 @@ pub async fn insert_order_with_id(
     conn: &mut PgConnection,
     order_id: Uuid,
     order: &NewOrder,
+    deadline: Duration,
     cause: &Cause,
 ) -> sqlx::Result<OrderView> {
     // Millisecond precision, so the view and the event agree exactly.
@@ -120,7 +125,8 @@ pub async fn insert_order_with_id(
             .collect(),
         placed_at: now_millis(now),
     });
-    outbox::append(conn, &event, cause).await?;
+    outbox::append(&mut *conn, &event, cause).await?;
+    crate::deadline::start(conn, order_id, deadline).await?;
     Ok(view)
 }
 
@@ -136,6 +142,19 @@ pub async fn lock_status(
             .fetch_optional(conn)
             .await?;
     Ok(status.and_then(|s| s.parse().ok()))
+}
+
+/// The order's status and when it was placed, locking its row as [`lock_status`] does.
+pub async fn lock_for_deadline(
+    conn: &mut PgConnection,
+    order_id: Uuid,
+) -> sqlx::Result<Option<(OrderStatus, DateTime<Utc>)>> {
+    let row: Option<(String, DateTime<Utc>)> =
+        sqlx::query_as("SELECT status, created_at FROM orders WHERE order_id = $1 FOR UPDATE")
+            .bind(order_id)
+            .fetch_optional(conn)
+            .await?;
+    Ok(row.and_then(|(s, at)| Some((s.parse().ok()?, at))))
 }
 
 /// What changes with a status.

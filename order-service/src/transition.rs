@@ -54,6 +54,9 @@ pub async fn apply(
         None => Change::default(),
     };
     let changed = store::set_status(conn, order_id, to, &change).await?;
+    if status == OrderStatus::Pending && to != OrderStatus::Pending {
+        crate::deadline::stop(conn, order_id).await?;
+    }
     let at = changed.at.timestamp_millis();
     let event = emit.map(|emit| match emit {
         Emit::OrderConfirmed { total_cents } => Event::OrderConfirmed(OrderConfirmed {

@@ -84,7 +84,7 @@ pub fn producer(kafka: &messaging::kafka::KafkaSettings) -> anyhow::Result<Futur
 /// Waits until the producer knows the event topics' leaders, so the first rows after start are
 /// not held back by connection and metadata set-up (about a second on the local broker).
 pub async fn warm_up(producer: &FutureProducer, shutdown: &Shutdown) {
-    for topic in messaging::kafka::EVENT_TOPICS {
+    for topic in schemas::EVENT_TOPICS {
         loop {
             let client = producer.clone();
             let found = tokio::task::spawn_blocking(move || {
@@ -138,7 +138,7 @@ pub async fn tail(
             Err(e) if producer.client().fatal_error().is_some() => return Err(e),
             Err(e) => {
                 failures += 1;
-                let delay = messaging::consumer::backoff(failures);
+                let delay = messaging::backoff::transient(failures);
                 tracing::warn!(source = %source.name, error = %format!("{e:#}"), ?delay,
                     "outbox source unavailable; retrying");
                 if shutdown.sleep(delay).await.is_err() {
@@ -181,7 +181,7 @@ impl Meters {
             send_to_ack: histogram!("relay_send_to_ack_seconds", "source" => source.clone()),
             commit_to_ack: histogram!("relay_commit_to_ack_seconds", "source" => source.clone()),
             delivery_errors: counter!("relay_publish_errors_total", "source" => source.clone(), "reason" => "delivery"),
-            published: messaging::kafka::EVENT_TOPICS
+            published: schemas::EVENT_TOPICS
                 .iter()
                 .map(|&topic| {
                     let counter = counter!("relay_rows_published_total", "source" => source.clone(), "topic" => topic);

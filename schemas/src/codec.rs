@@ -6,14 +6,10 @@
 //! of the writer schema's parsing canonical form, then the Avro binary datum.
 
 use apache_avro::types::Value;
-use apache_avro::{from_avro_datum, from_value, to_avro_datum, to_value};
-use serde::de::DeserializeOwned;
+use apache_avro::{from_avro_datum, to_avro_datum};
 
 use crate::error::{DecodeError, bounded};
-use crate::events::{
-    Event, OrderCancelled, OrderConfirmed, OrderPlaced, OrderRejected, StockReleased,
-    StockReservationRejected, StockReserved,
-};
+use crate::events::Event;
 use crate::registry::{entry, index_of, index_of_fingerprint};
 
 /// Content type of Avro single-object encoded payloads.
@@ -26,38 +22,6 @@ pub const SINGLE_OBJECT_MARKER: [u8; 2] = [0xC3, 0x01];
 /// Marker plus fingerprint.
 pub(crate) const HEADER_LEN: usize = 10;
 
-/// Applies `$body` to the struct inside any [`Event`] variant, bound as `$e`.
-macro_rules! with_inner {
-    ($event:expr, $e:ident => $body:expr) => {
-        match $event {
-            Event::OrderPlaced($e) => $body,
-            Event::OrderConfirmed($e) => $body,
-            Event::OrderRejected($e) => $body,
-            Event::OrderCancelled($e) => $body,
-            Event::StockReserved($e) => $body,
-            Event::StockReservationRejected($e) => $body,
-            Event::StockReleased($e) => $body,
-        }
-    };
-}
-
-/// Calls `$f::<T>($args)` with `T` the struct of the event type at `$index` of
-/// [`Event::EVENT_TYPES`].
-macro_rules! by_index {
-    ($index:expr, $f:ident($($arg:expr),*)) => {
-        match $index {
-            0 => $f::<OrderPlaced>($($arg),*),
-            1 => $f::<OrderConfirmed>($($arg),*),
-            2 => $f::<OrderRejected>($($arg),*),
-            3 => $f::<OrderCancelled>($($arg),*),
-            4 => $f::<StockReserved>($($arg),*),
-            5 => $f::<StockReservationRejected>($($arg),*),
-            6 => $f::<StockReleased>($($arg),*),
-            other => unreachable!("event type index {other} out of range"),
-        }
-    };
-}
-
 /// Encodes an event with Avro single-object encoding.
 ///
 /// Infallible: every value of the Rust types is valid for its schema (the test suite encodes every
@@ -65,7 +29,8 @@ macro_rules! by_index {
 /// programming bug, and panics.
 pub fn encode(event: &Event) -> Vec<u8> {
     let entry = entry(event.index());
-    let datum = with_inner!(event, e => to_value(e))
+    let datum = event
+        .to_avro_value()
         .and_then(|value| value.resolve(&entry.schema))
         .and_then(|value| to_avro_datum(&entry.schema, value))
         .unwrap_or_else(|e| {
@@ -85,7 +50,8 @@ pub fn encode(event: &Event) -> Vec<u8> {
 /// milliseconds, enums as their symbols): the format [`decode_json`] reads. The event type is not
 /// part of the JSON; it travels in the `event-type` header ([`Event::event_type`]).
 pub fn encode_json(event: &Event) -> Vec<u8> {
-    with_inner!(event, e => serde_json::to_vec(e))
+    event
+        .to_json()
         .expect("bug: serializing plain structs to JSON cannot fail")
 }
 
@@ -105,7 +71,7 @@ pub fn decode_json(event_type: &str, bytes: &[u8]) -> Result<Event, DecodeError>
         event_type,
         message: bounded(e.to_string()),
     };
-    let event: Event = by_index!(index, typed_from_json(bytes)).map_err(invalid)?;
+    let event = Event::from_json(index, bytes).map_err(invalid)?;
     // The typed parse succeeded, so the bytes are well-formed JSON; now check the same JSON
     // against the Avro schema itself (e.g. UUID syntax, enum symbols, number ranges).
     let raw: serde_json::Value = serde_json::from_slice(bytes).map_err(invalid)?;
@@ -193,7 +159,7 @@ fn decode_body(index: usize, body: &[u8]) -> Result<Event, DecodeError> {
             count: rest.len(),
         });
     }
-    let event = by_index!(index, typed_from_avro(&value)).map_err(|e| DecodeError::Mapping {
+    let event = Event::from_avro_value(index, &value).map_err(|e| DecodeError::Mapping {
         event_type,
         message: bounded(e.to_string()),
     })?;
@@ -202,23 +168,11 @@ fn decode_body(index: usize, body: &[u8]) -> Result<Event, DecodeError> {
 
 /// Every decoded event is also checked against the contract's bounds ([`crate::limits`]).
 fn within_bounds(event: Event) -> Result<Event, DecodeError> {
-    crate::limits::validate(&event).map_err(|message| DecodeError::OutOfBounds {
-        event_type: event.event_type(),
-        message: bounded(message),
-    })?;
+    event
+        .check_bounds()
+        .map_err(|error| DecodeError::OutOfBounds {
+            event_type: event.event_type(),
+            error,
+        })?;
     Ok(event)
-}
-
-fn typed_from_avro<T>(value: &Value) -> Result<Event, apache_avro::Error>
-where
-    T: DeserializeOwned + Into<Event>,
-{
-    from_value::<T>(value).map(Into::into)
-}
-
-fn typed_from_json<T>(bytes: &[u8]) -> Result<Event, serde_json::Error>
-where
-    T: DeserializeOwned + Into<Event>,
-{
-    serde_json::from_slice::<T>(bytes).map(Into::into)
 }

@@ -73,10 +73,10 @@ pub enum DecodeError {
     /// The event decoded but breaks a bound of the contract ([`crate::limits`]): a negative
     /// quantity, too many lines, a price above the largest, a reservation whose total is not the
     /// sum of its lines, ...
-    #[error("{event_type} is outside the contract: {message}")]
+    #[error("{event_type} is outside the contract: {error}")]
     OutOfBounds {
         event_type: &'static str,
-        message: String,
+        error: crate::limits::BoundsError,
     },
 
     /// An `event-type` header disagrees with the schema the Avro payload was written with.

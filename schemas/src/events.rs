@@ -1,5 +1,13 @@
 //! Rust types of the saga's events: one struct per Avro record, the [`CancelReason`] enum, and
-//! the [`Event`] sum type with its routing metadata (event type, order id, topic, aggregate type).
+//! the [`Event`] sum type with its routing metadata (event type, order id, topic, aggregate).
+//!
+//! Two tables at the end of this file say everything else about an event: `aggregates!` lists
+//! each aggregate with its name and topic, and `events!` lists each event with its aggregate.
+//! Every match on an event type follows from them (the [`Event`] enum, its event type, order id,
+//! aggregate and topic, the embedded schema `avro/<EventType>.avsc`, the codecs' dispatch, the
+//! contract check), so adding an event is its struct, its schema file, its bounds
+//! ([`crate::limits::WithinContract`]) and one row; an event without an aggregate, a schema or
+//! bounds does not compile, and routing has no fallback arm.
 //!
 //! Field names are exactly the Avro field names (and therefore the JSON field names). Ids are
 //! [`Uuid`]s, times are `i64` milliseconds since the Unix epoch, money is `i64` cents and counts are
@@ -7,28 +15,6 @@
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
-
-/// Topic of the `order` aggregate: `OrderPlaced`, `OrderConfirmed`, `OrderRejected`, `OrderCancelled`.
-pub const ORDERS_TOPIC: &str = "orders.v1";
-/// Topic of the `inventory` aggregate: `StockReserved`, `StockReservationRejected`, `StockReleased`.
-pub const INVENTORY_TOPIC: &str = "inventory.v1";
-/// Aggregate type of the events on [`ORDERS_TOPIC`].
-pub const ORDER_AGGREGATE: &str = "order";
-/// Aggregate type of the events on [`INVENTORY_TOPIC`].
-pub const INVENTORY_AGGREGATE: &str = "inventory";
-
-/// The topic an aggregate type publishes to (`"order"` → `orders.v1`, `"inventory"` →
-/// `inventory.v1`), `None` for anything else.
-/// Every aggregate type an outbox row can name (each has a topic, [`topic_for_aggregate`]).
-pub const AGGREGATES: [&str; 2] = [ORDER_AGGREGATE, INVENTORY_AGGREGATE];
-
-pub fn topic_for_aggregate(aggregate_type: &str) -> Option<&'static str> {
-    match aggregate_type {
-        ORDER_AGGREGATE => Some(ORDERS_TOPIC),
-        INVENTORY_AGGREGATE => Some(INVENTORY_TOPIC),
-        _ => None,
-    }
-}
 
 /// One ordered product line (Avro `saga.events.OrderItem`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,99 +134,192 @@ pub struct StockReleased {
     pub released_at: i64,
 }
 
-/// Any event of the saga. The variant name is the Avro record name and the `event-type` header.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    OrderPlaced(OrderPlaced),
-    OrderConfirmed(OrderConfirmed),
-    OrderRejected(OrderRejected),
-    OrderCancelled(OrderCancelled),
-    StockReserved(StockReserved),
-    StockReservationRejected(StockReservationRejected),
-    StockReleased(StockReleased),
-}
+/// Declares the aggregates: each with the name outbox rows carry in `aggregate_type` and the
+/// topic its events go to.
+macro_rules! aggregates {
+    ($($(#[$doc:meta])* $variant:ident = $name:literal on $topic_const:ident = $topic:literal, $name_const:ident;)*) => {
+        $(
+            #[doc = concat!("Topic of the `", $name, "` aggregate.")]
+            pub const $topic_const: &str = $topic;
+            #[doc = concat!("Aggregate type (outbox `aggregate_type`) of the events on `", $topic, "`.")]
+            pub const $name_const: &str = $name;
+        )*
 
-impl Event {
-    /// Every event type (Avro record name), in declaration order.
-    pub const EVENT_TYPES: [&'static str; 7] = [
-        "OrderPlaced",
-        "OrderConfirmed",
-        "OrderRejected",
-        "OrderCancelled",
-        "StockReserved",
-        "StockReservationRejected",
-        "StockReleased",
-    ];
-
-    /// Position of this variant in [`Event::EVENT_TYPES`].
-    pub(crate) fn index(&self) -> usize {
-        match self {
-            Event::OrderPlaced(_) => 0,
-            Event::OrderConfirmed(_) => 1,
-            Event::OrderRejected(_) => 2,
-            Event::OrderCancelled(_) => 3,
-            Event::StockReserved(_) => 4,
-            Event::StockReservationRejected(_) => 5,
-            Event::StockReleased(_) => 6,
+        /// The kind of entity whose events share a topic (all keyed by order id).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum Aggregate {
+            $($(#[$doc])* $variant,)*
         }
-    }
 
-    /// The Avro record name, e.g. `"OrderPlaced"` (the `event-type` header value).
-    pub fn event_type(&self) -> &'static str {
-        Self::EVENT_TYPES[self.index()]
-    }
+        impl Aggregate {
+            /// Every aggregate, in declaration order.
+            pub const ALL: [Aggregate; [$($name),*].len()] = [$(Aggregate::$variant),*];
 
-    /// The order the event belongs to (the record key and `correlation-id`).
-    pub fn order_id(&self) -> Uuid {
-        match self {
-            Event::OrderPlaced(e) => e.order_id,
-            Event::OrderConfirmed(e) => e.order_id,
-            Event::OrderRejected(e) => e.order_id,
-            Event::OrderCancelled(e) => e.order_id,
-            Event::StockReserved(e) => e.order_id,
-            Event::StockReservationRejected(e) => e.order_id,
-            Event::StockReleased(e) => e.order_id,
-        }
-    }
+            /// The name outbox rows carry in `aggregate_type`, e.g. `"order"`.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Aggregate::$variant => $name,)*
+                }
+            }
 
-    /// `"order"` for `Order*` events, `"inventory"` for `Stock*` events.
-    pub fn aggregate_type(&self) -> &'static str {
-        match self {
-            Event::OrderPlaced(_)
-            | Event::OrderConfirmed(_)
-            | Event::OrderRejected(_)
-            | Event::OrderCancelled(_) => ORDER_AGGREGATE,
-            Event::StockReserved(_)
-            | Event::StockReservationRejected(_)
-            | Event::StockReleased(_) => INVENTORY_AGGREGATE,
-        }
-    }
+            /// The topic the aggregate's events go to, e.g. `orders.v1`.
+            pub const fn topic(self) -> &'static str {
+                match self {
+                    $(Aggregate::$variant => $topic,)*
+                }
+            }
 
-    /// [`ORDERS_TOPIC`] for `Order*` events, [`INVENTORY_TOPIC`] for `Stock*` events.
-    pub fn topic(&self) -> &'static str {
-        match self.aggregate_type() {
-            ORDER_AGGREGATE => ORDERS_TOPIC,
-            _ => INVENTORY_TOPIC,
-        }
-    }
-}
-
-macro_rules! impl_from {
-    ($($name:ident),* $(,)?) => {$(
-        impl From<$name> for Event {
-            fn from(event: $name) -> Self {
-                Event::$name(event)
+            /// The aggregate of this name, `None` for anything else.
+            pub fn from_name(name: &str) -> Option<Aggregate> {
+                match name {
+                    $($name => Some(Aggregate::$variant),)*
+                    _ => None,
+                }
             }
         }
-    )*};
+
+        /// Every aggregate type an outbox row can name (each has a topic, [`topic_for_aggregate`]).
+        pub const AGGREGATES: [&str; Aggregate::ALL.len()] = [$($name),*];
+
+        /// Every event topic, in the order of [`Aggregate::ALL`].
+        pub const EVENT_TOPICS: [&str; Aggregate::ALL.len()] = [$($topic),*];
+    };
 }
 
-impl_from!(
-    OrderPlaced,
-    OrderConfirmed,
-    OrderRejected,
-    OrderCancelled,
-    StockReserved,
-    StockReservationRejected,
-    StockReleased,
-);
+/// Declares the events: each with its aggregate. The variant name is the struct's, the Avro
+/// record name and the `event-type` header; its schema is `avro/<name>.avsc`.
+macro_rules! events {
+    ($($name:ident in $aggregate:ident,)*) => {
+        /// Any event of the saga. The variant name is the Avro record name and the `event-type`
+        /// header.
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub enum Event {
+            $($name($name),)*
+        }
+
+        /// The position of each event type in [`Event::EVENT_TYPES`].
+        #[derive(Clone, Copy)]
+        #[allow(clippy::enum_variant_names)]
+        enum Index {
+            $($name,)*
+        }
+
+        impl Event {
+            /// Every event type (Avro record name), in declaration order.
+            pub const EVENT_TYPES: [&'static str; [$(stringify!($name)),*].len()] =
+                [$(stringify!($name)),*];
+
+            /// Position of this variant in [`Event::EVENT_TYPES`].
+            pub(crate) fn index(&self) -> usize {
+                match self {
+                    $(Event::$name(_) => Index::$name as usize,)*
+                }
+            }
+
+            /// The Avro record name, e.g. `"OrderPlaced"` (the `event-type` header value).
+            pub fn event_type(&self) -> &'static str {
+                Self::EVENT_TYPES[self.index()]
+            }
+
+            /// The order the event belongs to (the record key and `correlation-id`).
+            pub fn order_id(&self) -> Uuid {
+                match self {
+                    $(Event::$name(e) => e.order_id,)*
+                }
+            }
+
+            /// The aggregate the event belongs to.
+            pub fn aggregate(&self) -> Aggregate {
+                match self {
+                    $(Event::$name(_) => Aggregate::$aggregate,)*
+                }
+            }
+
+            /// The aggregate's name, e.g. `"order"` (the outbox row's `aggregate_type`).
+            pub fn aggregate_type(&self) -> &'static str {
+                self.aggregate().name()
+            }
+
+            /// The topic the event goes to: its aggregate's.
+            pub fn topic(&self) -> &'static str {
+                self.aggregate().topic()
+            }
+
+            /// Checks the event against the contract's bounds ([`crate::limits`]).
+            pub fn check_bounds(&self) -> Result<(), crate::limits::BoundsError> {
+                use crate::limits::WithinContract as _;
+                match self {
+                    $(Event::$name(e) => e.check(),)*
+                }
+            }
+
+            /// The event as an Avro value of its own schema's shape.
+            pub(crate) fn to_avro_value(&self) -> Result<apache_avro::types::Value, apache_avro::Error> {
+                match self {
+                    $(Event::$name(e) => apache_avro::to_value(e),)*
+                }
+            }
+
+            /// The event as JSON with the schema's field names.
+            pub(crate) fn to_json(&self) -> serde_json::Result<Vec<u8>> {
+                match self {
+                    $(Event::$name(e) => serde_json::to_vec(e),)*
+                }
+            }
+
+            /// The event of type `index` read from an Avro value.
+            pub(crate) fn from_avro_value(
+                index: usize,
+                value: &apache_avro::types::Value,
+            ) -> Result<Event, apache_avro::Error> {
+                $(if index == Index::$name as usize {
+                    return apache_avro::from_value::<$name>(value).map(Event::$name);
+                })*
+                unreachable!("event type index {index} out of range")
+            }
+
+            /// The event of type `index` read from JSON.
+            pub(crate) fn from_json(index: usize, bytes: &[u8]) -> serde_json::Result<Event> {
+                $(if index == Index::$name as usize {
+                    return serde_json::from_slice::<$name>(bytes).map(Event::$name);
+                })*
+                unreachable!("event type index {index} out of range")
+            }
+        }
+
+        /// Schema JSON text per event type, in the order of [`Event::EVENT_TYPES`].
+        pub(crate) const SCHEMA_SOURCES: [&str; Event::EVENT_TYPES.len()] =
+            [$(include_str!(concat!("../avro/", stringify!($name), ".avsc"))),*];
+
+        $(
+            impl From<$name> for Event {
+                fn from(event: $name) -> Self {
+                    Event::$name(event)
+                }
+            }
+        )*
+    };
+}
+
+aggregates! {
+    /// Orders: `OrderPlaced`, `OrderConfirmed`, `OrderRejected`, `OrderCancelled`.
+    Order = "order" on ORDERS_TOPIC = "orders.v1", ORDER_AGGREGATE;
+    /// Stock: `StockReserved`, `StockReservationRejected`, `StockReleased`.
+    Inventory = "inventory" on INVENTORY_TOPIC = "inventory.v1", INVENTORY_AGGREGATE;
+}
+
+events! {
+    OrderPlaced in Order,
+    OrderConfirmed in Order,
+    OrderRejected in Order,
+    OrderCancelled in Order,
+    StockReserved in Inventory,
+    StockReservationRejected in Inventory,
+    StockReleased in Inventory,
+}
+
+/// The topic an aggregate type publishes to (`"order"` → `orders.v1`, `"inventory"` →
+/// `inventory.v1`), `None` for anything else.
+pub fn topic_for_aggregate(aggregate_type: &str) -> Option<&'static str> {
+    Aggregate::from_name(aggregate_type).map(Aggregate::topic)
+}

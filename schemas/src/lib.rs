@@ -1,13 +1,14 @@
 //! Event contracts of the order saga: the Avro schemas (`avro/*.avsc`, namespace `saga.events`),
 //! the matching Rust types, and the codecs used on Kafka.
 //!
-//! * [`events`] owns the Rust types ([`Event`] and one struct per record), topics and aggregates.
+//! * [`events`] owns the Rust types ([`Event`] and one struct per record) and the table of
+//!   events and aggregates that every match on an event type follows from.
 //! * [`registry`] owns the embedded schemas, parsed once, and their fingerprints.
 //! * [`codec`] owns the wire formats: Avro single-object encoding ([`encode`], [`decode`]), JSON
 //!   ([`encode_json`], [`decode_json`]) and the content-type dispatch
 //!   ([`decode_with_content_type`]).
-//! * [`limits`] owns the contract's bounds (money, stock, quantities, counts, text) and checks
-//!   every decoded event against them.
+//! * [`limits`] owns the contract's bounds (money, stock, quantities, counts, text), the check of
+//!   each event record against them, and [`BoundsError`].
 //! * [`error`] owns [`DecodeError`].
 //! * [`headers`] owns the names of the Kafka record headers.
 //!
@@ -42,10 +43,12 @@ pub use codec::{
 };
 pub use error::DecodeError;
 pub use events::{
-    CancelReason, Event, INVENTORY_AGGREGATE, INVENTORY_TOPIC, ORDER_AGGREGATE, ORDERS_TOPIC,
-    OrderCancelled, OrderConfirmed, OrderItem, OrderPlaced, OrderRejected, ReservedLine, Shortage,
-    StockReleased, StockReservationRejected, StockReserved, topic_for_aggregate,
+    AGGREGATES, Aggregate, CancelReason, EVENT_TOPICS, Event, INVENTORY_AGGREGATE, INVENTORY_TOPIC,
+    ORDER_AGGREGATE, ORDERS_TOPIC, OrderCancelled, OrderConfirmed, OrderItem, OrderPlaced,
+    OrderRejected, ReservedLine, Shortage, StockReleased, StockReservationRejected, StockReserved,
+    topic_for_aggregate,
 };
+pub use limits::BoundsError;
 pub use registry::{event_type_for_fingerprint, fingerprint, schema, schema_json};
-pub use sku::{MAX_SKU_LEN, validate_sku};
+pub use sku::{MAX_SKU_LEN, SkuError, validate_sku};
 pub use uuid::Uuid;

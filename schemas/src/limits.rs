@@ -1,5 +1,5 @@
 //! The contract's bounds on money, stock, quantities, counts and text, shared by the HTTP APIs
-//! and the event consumers, and [`validate`], which checks a decoded event against them.
+//! and the event consumers, and each event record's check against them ([`WithinContract`]).
 //!
 //! The bounds are chosen so that no sum the saga computes can overflow an `i64`: an order has at
 //! most [`MAX_ITEMS`] lines of at most [`MAX_QUANTITY`] units at most [`MAX_PRICE_CENTS`] each, so
@@ -7,11 +7,14 @@
 //! checked anyway; the bounds make the checks unreachable for valid input.
 //!
 //! An event that breaks a bound never has an effect: the consumer dead-letters it as permanent
-//! with the reason [`validate`] gives (a forged `OrderPlaced` with a negative quantity would
+//! with the reason its check gives (a forged `OrderPlaced` with a negative quantity would
 //! otherwise move other orders' reserved units back to available).
 
-use crate::events::{Event, OrderItem, ReservedLine, Shortage};
-use crate::sku::validate_sku;
+use crate::events::{
+    OrderCancelled, OrderConfirmed, OrderItem, OrderPlaced, OrderRejected, ReservedLine, Shortage,
+    StockReleased, StockReservationRejected, StockReserved,
+};
+use crate::sku::{SkuError, validate_sku};
 
 /// Lines in one order (and reserved lines or shortages in one inventory event).
 pub const MAX_ITEMS: usize = 100;
@@ -47,126 +50,189 @@ pub fn truncate_chars(text: impl Into<String>, max: usize) -> String {
     text
 }
 
-/// Checks `event` against the contract's bounds; the error names the field and the bound.
-pub fn validate(event: &Event) -> Result<(), String> {
-    match event {
-        Event::OrderPlaced(e) => {
-            time("placed_at", e.placed_at)?;
-            count("items", e.items.len(), 1)?;
-            for (i, OrderItem { sku, quantity }) in e.items.iter().enumerate() {
-                sku_at("items", i, sku)?;
-                range(&format!("items[{i}].quantity"), *quantity, 1, MAX_QUANTITY)?;
-            }
-            Ok(())
+/// How an event breaks the contract: the field and the bound.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BoundsError {
+    /// A number outside its range.
+    #[error("{field} must be between {min} and {max}, got {value}")]
+    OutOfRange {
+        field: String,
+        value: i64,
+        min: i64,
+        max: i64,
+    },
+    /// A list with too few or too many entries.
+    #[error("{field} must have {min} to {max} entries, got {len}")]
+    Count {
+        field: &'static str,
+        len: usize,
+        min: usize,
+        max: usize,
+    },
+    /// A sku that is not one ([`crate::sku`]).
+    #[error("{field}: {error}")]
+    Sku { field: String, error: SkuError },
+    /// A reservation whose total is not the sum of its lines (`None`: the sum overflows).
+    #[error("total_cents {total_cents} is not the sum of its lines ({})",
+        sum.map_or("more than the largest amount".to_owned(), |t| t.to_string()))]
+    TotalMismatch { total_cents: i64, sum: Option<i64> },
+    /// A reason longer than [`MAX_REASON_CHARS`].
+    #[error("reason must have at most {MAX_REASON_CHARS} characters, got {chars}")]
+    ReasonTooLong { chars: usize },
+    /// A reason with a NUL character, which Postgres text cannot hold (the consumer that stores
+    /// the reason would fail).
+    #[error("reason must not contain NUL characters")]
+    ReasonHasNul,
+}
+
+/// An event record's bounds. Every struct that [`crate::events`] lists implements it, so an
+/// event without bounds does not compile; [`Event::check_bounds`] dispatches to it.
+pub trait WithinContract {
+    /// Checks the record against the contract's bounds; the error names the field and the bound.
+    fn check(&self) -> Result<(), BoundsError>;
+}
+
+impl WithinContract for OrderPlaced {
+    fn check(&self) -> Result<(), BoundsError> {
+        time("placed_at", self.placed_at)?;
+        count("items", self.items.len(), 1)?;
+        for (i, OrderItem { sku, quantity }) in self.items.iter().enumerate() {
+            sku_at("items", i, sku)?;
+            range(format!("items[{i}].quantity"), *quantity, 1, MAX_QUANTITY)?;
         }
-        Event::OrderConfirmed(e) => {
-            time("confirmed_at", e.confirmed_at)?;
-            range("total_cents", e.total_cents, 0, MAX_TOTAL_CENTS)
-        }
-        Event::OrderRejected(e) => {
-            time("rejected_at", e.rejected_at)?;
-            reason(&e.reason)
-        }
-        Event::OrderCancelled(e) => time("cancelled_at", e.cancelled_at),
-        Event::StockReserved(e) => {
-            time("reserved_at", e.reserved_at)?;
-            count("lines", e.lines.len(), 1)?;
-            let mut total = Some(0i64);
-            for (i, line) in e.lines.iter().enumerate() {
-                let ReservedLine {
-                    sku,
-                    quantity,
-                    unit_price_cents,
-                } = line;
-                sku_at("lines", i, sku)?;
-                // A line sums the order's lines of one sku.
-                let most = MAX_QUANTITY * MAX_ITEMS as i64;
-                range(&format!("lines[{i}].quantity"), *quantity, 1, most)?;
-                range(
-                    &format!("lines[{i}].unit_price_cents"),
-                    *unit_price_cents,
-                    0,
-                    MAX_PRICE_CENTS,
-                )?;
-                total = total.and_then(|t| t.checked_add(quantity.checked_mul(*unit_price_cents)?));
-            }
-            range("total_cents", e.total_cents, 0, MAX_TOTAL_CENTS)?;
-            if total != Some(e.total_cents) {
-                let sum =
-                    total.map_or("more than the largest amount".to_owned(), |t| t.to_string());
-                return Err(format!(
-                    "total_cents {} is not the sum of its lines ({sum})",
-                    e.total_cents
-                ));
-            }
-            Ok(())
-        }
-        Event::StockReservationRejected(e) => {
-            time("rejected_at", e.rejected_at)?;
-            reason(&e.reason)?;
-            count("shortages", e.shortages.len(), 0)?;
-            for (i, shortage) in e.shortages.iter().enumerate() {
-                let Shortage {
-                    sku,
-                    requested,
-                    available,
-                } = shortage;
-                sku_at("shortages", i, sku)?;
-                let most = MAX_QUANTITY * MAX_ITEMS as i64;
-                range(&format!("shortages[{i}].requested"), *requested, 1, most)?;
-                range(
-                    &format!("shortages[{i}].available"),
-                    *available,
-                    0,
-                    MAX_STOCK,
-                )?;
-            }
-            Ok(())
-        }
-        Event::StockReleased(e) => {
-            time("released_at", e.released_at)?;
-            reason(&e.reason)
-        }
+        Ok(())
     }
 }
 
-fn range(field: &str, value: i64, min: i64, max: i64) -> Result<(), String> {
+impl WithinContract for OrderConfirmed {
+    fn check(&self) -> Result<(), BoundsError> {
+        time("confirmed_at", self.confirmed_at)?;
+        range("total_cents", self.total_cents, 0, MAX_TOTAL_CENTS)
+    }
+}
+
+impl WithinContract for OrderRejected {
+    fn check(&self) -> Result<(), BoundsError> {
+        time("rejected_at", self.rejected_at)?;
+        reason(&self.reason)
+    }
+}
+
+impl WithinContract for OrderCancelled {
+    fn check(&self) -> Result<(), BoundsError> {
+        time("cancelled_at", self.cancelled_at)
+    }
+}
+
+impl WithinContract for StockReserved {
+    fn check(&self) -> Result<(), BoundsError> {
+        time("reserved_at", self.reserved_at)?;
+        count("lines", self.lines.len(), 1)?;
+        let mut total = Some(0i64);
+        for (i, line) in self.lines.iter().enumerate() {
+            let ReservedLine {
+                sku,
+                quantity,
+                unit_price_cents,
+            } = line;
+            sku_at("lines", i, sku)?;
+            // A line sums the order's lines of one sku.
+            let most = MAX_QUANTITY * MAX_ITEMS as i64;
+            range(format!("lines[{i}].quantity"), *quantity, 1, most)?;
+            range(
+                format!("lines[{i}].unit_price_cents"),
+                *unit_price_cents,
+                0,
+                MAX_PRICE_CENTS,
+            )?;
+            total = total.and_then(|t| t.checked_add(quantity.checked_mul(*unit_price_cents)?));
+        }
+        range("total_cents", self.total_cents, 0, MAX_TOTAL_CENTS)?;
+        if total != Some(self.total_cents) {
+            return Err(BoundsError::TotalMismatch {
+                total_cents: self.total_cents,
+                sum: total,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl WithinContract for StockReservationRejected {
+    fn check(&self) -> Result<(), BoundsError> {
+        time("rejected_at", self.rejected_at)?;
+        reason(&self.reason)?;
+        count("shortages", self.shortages.len(), 0)?;
+        for (i, shortage) in self.shortages.iter().enumerate() {
+            let Shortage {
+                sku,
+                requested,
+                available,
+            } = shortage;
+            sku_at("shortages", i, sku)?;
+            let most = MAX_QUANTITY * MAX_ITEMS as i64;
+            range(format!("shortages[{i}].requested"), *requested, 1, most)?;
+            range(
+                format!("shortages[{i}].available"),
+                *available,
+                0,
+                MAX_STOCK,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl WithinContract for StockReleased {
+    fn check(&self) -> Result<(), BoundsError> {
+        time("released_at", self.released_at)?;
+        reason(&self.reason)
+    }
+}
+
+fn range(field: impl Into<String>, value: i64, min: i64, max: i64) -> Result<(), BoundsError> {
     if (min..=max).contains(&value) {
         Ok(())
     } else {
-        Err(format!(
-            "{field} must be between {min} and {max}, got {value}"
-        ))
+        Err(BoundsError::OutOfRange {
+            field: field.into(),
+            value,
+            min,
+            max,
+        })
     }
 }
 
-fn count(field: &str, len: usize, min: usize) -> Result<(), String> {
+fn count(field: &'static str, len: usize, min: usize) -> Result<(), BoundsError> {
     if (min..=MAX_ITEMS).contains(&len) {
         Ok(())
     } else {
-        Err(format!(
-            "{field} must have {min} to {MAX_ITEMS} entries, got {len}"
-        ))
+        Err(BoundsError::Count {
+            field,
+            len,
+            min,
+            max: MAX_ITEMS,
+        })
     }
 }
 
-fn sku_at(field: &str, i: usize, sku: &str) -> Result<(), String> {
-    validate_sku(sku).map_err(|e| format!("{field}[{i}].sku: {}", crate::error::bounded(e)))
+fn sku_at(field: &str, i: usize, sku: &str) -> Result<(), BoundsError> {
+    validate_sku(sku).map_err(|error| BoundsError::Sku {
+        field: format!("{field}[{i}].sku"),
+        error,
+    })
 }
 
-fn time(field: &str, millis: i64) -> Result<(), String> {
+fn time(field: &str, millis: i64) -> Result<(), BoundsError> {
     range(field, millis, 0, MAX_TIME_MILLIS)
 }
 
-fn reason(text: &str) -> Result<(), String> {
+fn reason(text: &str) -> Result<(), BoundsError> {
     let chars = text.chars().count();
     if chars > MAX_REASON_CHARS {
-        Err(format!(
-            "reason must have at most {MAX_REASON_CHARS} characters, got {chars}"
-        ))
+        Err(BoundsError::ReasonTooLong { chars })
     } else if text.contains('\0') {
-        // Postgres text cannot hold NUL: the consumer that stores the reason would fail.
-        Err("reason must not contain NUL characters".to_owned())
+        Err(BoundsError::ReasonHasNul)
     } else {
         Ok(())
     }
@@ -175,6 +241,10 @@ fn reason(text: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn validate(event: &Event) -> Result<(), BoundsError> {
+        event.check_bounds()
+    }
     use crate::events::*;
     use uuid::Uuid;
 
@@ -228,52 +298,69 @@ mod tests {
     #[test]
     fn negative_zero_or_huge_quantities_are_refused() {
         for quantity in [-1, 0, MAX_QUANTITY + 1, i64::MIN, i64::MAX] {
-            let err = validate(&placed(vec![("A", 1), ("B", quantity)])).unwrap_err();
-            assert!(
-                err.starts_with("items[1].quantity must be between 1"),
-                "{err}"
+            assert_eq!(
+                validate(&placed(vec![("A", 1), ("B", quantity)])),
+                Err(BoundsError::OutOfRange {
+                    field: "items[1].quantity".into(),
+                    value: quantity,
+                    min: 1,
+                    max: MAX_QUANTITY
+                })
             );
         }
     }
 
     #[test]
     fn empty_or_too_long_orders_and_bad_skus_are_refused() {
-        assert!(
-            validate(&placed(vec![]))
-                .unwrap_err()
-                .contains("items must have 1 to 100")
-        );
+        let items = |len| BoundsError::Count {
+            field: "items",
+            len,
+            min: 1,
+            max: MAX_ITEMS,
+        };
+        assert_eq!(validate(&placed(vec![])), Err(items(0)));
         let many: Vec<_> = (0..=MAX_ITEMS).map(|_| ("A", 1)).collect();
-        assert!(validate(&placed(many)).unwrap_err().contains("got 101"));
+        assert_eq!(validate(&placed(many)), Err(items(101)));
         let long = "x".repeat(10_000);
         let err = validate(&placed(vec![(long.as_str(), 1)])).unwrap_err();
-        assert!(err.starts_with("items[0].sku"), "{err}");
+        assert_eq!(
+            err,
+            BoundsError::Sku {
+                field: "items[0].sku".into(),
+                error: SkuError::Length { len: 10_000 }
+            }
+        );
         assert!(
-            err.len() < 400,
-            "the error echoes a bounded sku: {} bytes",
-            err.len()
+            err.to_string().len() < 400,
+            "the error does not echo a long sku: {err}"
         );
     }
 
     #[test]
     fn a_reservation_must_add_up_and_stay_within_the_price_bound() {
         assert_eq!(validate(&reserved(vec![(2, 150), (1, 50)], 350)), Ok(()));
-        assert!(
-            validate(&reserved(vec![(2, 150)], 299))
-                .unwrap_err()
-                .contains("not the sum of its lines (300)")
+        assert_eq!(
+            validate(&reserved(vec![(2, 150)], 299)),
+            Err(BoundsError::TotalMismatch {
+                total_cents: 299,
+                sum: Some(300)
+            })
         );
-        assert!(
-            validate(&reserved(vec![(2, -150)], -300))
-                .unwrap_err()
-                .contains("unit_price_cents")
+        let price = |value| BoundsError::OutOfRange {
+            field: "lines[0].unit_price_cents".into(),
+            value,
+            min: 0,
+            max: MAX_PRICE_CENTS,
+        };
+        assert_eq!(validate(&reserved(vec![(2, -150)], -300)), Err(price(-150)));
+        assert_eq!(
+            validate(&reserved(vec![(2, i64::MAX)], 0)),
+            Err(price(i64::MAX))
         );
-        assert!(
-            validate(&reserved(vec![(2, i64::MAX)], 0))
-                .unwrap_err()
-                .contains("unit_price_cents")
-        );
-        assert!(validate(&reserved(vec![(2, 10)], i64::MIN)).is_err());
+        assert!(matches!(
+            validate(&reserved(vec![(2, 10)], i64::MIN)),
+            Err(BoundsError::OutOfRange { field, .. }) if field == "total_cents"
+        ));
     }
 
     #[test]
@@ -286,10 +373,27 @@ mod tests {
             })
         };
         assert_eq!(validate(&rejected("no".into(), 0)), Ok(()));
-        assert!(validate(&rejected("x".repeat(MAX_REASON_CHARS + 1), 0)).is_err());
-        assert!(validate(&rejected("no".into(), -1)).is_err());
-        assert!(validate(&rejected("no\0stock".into(), 0)).is_err());
-        assert!(validate(&rejected("no".into(), i64::MAX)).is_err());
+        assert_eq!(
+            validate(&rejected("x".repeat(MAX_REASON_CHARS + 1), 0)),
+            Err(BoundsError::ReasonTooLong {
+                chars: MAX_REASON_CHARS + 1
+            })
+        );
+        let at = |value| BoundsError::OutOfRange {
+            field: "rejected_at".into(),
+            value,
+            min: 0,
+            max: MAX_TIME_MILLIS,
+        };
+        assert_eq!(validate(&rejected("no".into(), -1)), Err(at(-1)));
+        assert_eq!(
+            validate(&rejected("no\0stock".into(), 0)),
+            Err(BoundsError::ReasonHasNul)
+        );
+        assert_eq!(
+            validate(&rejected("no".into(), i64::MAX)),
+            Err(at(i64::MAX))
+        );
     }
 
     #[test]

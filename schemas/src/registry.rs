@@ -6,18 +6,7 @@ use std::sync::LazyLock;
 use apache_avro::Schema;
 use apache_avro::rabin::Rabin;
 
-use crate::events::Event;
-
-/// Schema JSON text per event type, in the order of [`Event::EVENT_TYPES`].
-const SCHEMA_SOURCES: [&str; 7] = [
-    include_str!("../avro/OrderPlaced.avsc"),
-    include_str!("../avro/OrderConfirmed.avsc"),
-    include_str!("../avro/OrderRejected.avsc"),
-    include_str!("../avro/OrderCancelled.avsc"),
-    include_str!("../avro/StockReserved.avsc"),
-    include_str!("../avro/StockReservationRejected.avsc"),
-    include_str!("../avro/StockReleased.avsc"),
-];
+use crate::events::{Event, SCHEMA_SOURCES};
 
 /// Upper bound (bytes for strings, items for arrays) that apache-avro may allocate for one
 /// length read from a payload. 1 MiB is Kafka's default maximum message size, so it never rejects

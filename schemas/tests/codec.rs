@@ -3,7 +3,7 @@
 use apache_avro::Schema;
 use apache_avro::rabin::Rabin;
 use schemas::{
-    CancelReason, DecodeError, Event, INVENTORY_TOPIC, ORDERS_TOPIC, OrderCancelled,
+    BoundsError, CancelReason, DecodeError, Event, INVENTORY_TOPIC, ORDERS_TOPIC, OrderCancelled,
     OrderConfirmed, OrderItem, OrderPlaced, OrderRejected, ReservedLine, Shortage, StockReleased,
     StockReservationRejected, StockReserved, Uuid, decode, decode_json, decode_with_content_type,
     encode, encode_json,
@@ -134,7 +134,12 @@ fn an_event_outside_the_contract_is_refused_by_both_decoders() {
     .into();
     let expected = Err(DecodeError::OutOfBounds {
         event_type: "OrderPlaced",
-        message: "items[0].quantity must be between 1 and 1000000, got -5".into(),
+        error: BoundsError::OutOfRange {
+            field: "items[0].quantity".into(),
+            value: -5,
+            min: 1,
+            max: 1_000_000,
+        },
     });
     assert_eq!(decode(&encode(&forged)), expected);
     assert_eq!(decode_json("OrderPlaced", &encode_json(&forged)), expected);

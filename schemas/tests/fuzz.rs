@@ -164,7 +164,7 @@ fn event() -> impl Strategy<Value = Event> {
 
 /// What every accepted event must be: within the bounds, and the same after a round trip.
 fn accepted_is_sound(event: &Event) -> Result<(), TestCaseError> {
-    prop_assert_eq!(limits::validate(event), Ok(()));
+    prop_assert_eq!(event.check_bounds(), Ok(()));
     let back = decode(&encode(event));
     prop_assert_eq!(back.as_ref(), Ok(event));
     Ok(())
@@ -174,7 +174,7 @@ fn accepted_is_sound(event: &Event) -> Result<(), TestCaseError> {
 fn any_event_decodes_to_itself_when_within_bounds_and_is_refused_otherwise() {
     runner()
         .run(&event(), |event| {
-            let valid = limits::validate(&event).is_ok();
+            let valid = event.check_bounds().is_ok();
             for decoded in [
                 decode(&encode(&event)),
                 decode_json(event.event_type(), &encode_json(&event)),

@@ -1397,7 +1397,9 @@ impl Stack {
                 quantity: 1,
             }],
         };
-        store::insert_order_with_id(&mut tx, id, &order, &Cause::default())
+        // Its saga deadline is the default's (the tests that need it due make it so).
+        let deadline = Duration::from_secs(30);
+        store::insert_order_with_id(&mut tx, id, &order, deadline, &Cause::default())
             .await
             .expect("insert order");
         sqlx::query("DELETE FROM outbox WHERE aggregate_id = $1")

@@ -62,11 +62,12 @@ mod own_stack {
     }
 
     #[tokio::test(flavor = "multi_thread")]
-    async fn concurrent_deadline_checks_cancel_each_overdue_order_exactly_once() {
+    async fn concurrent_deadline_runners_cancel_each_overdue_order_exactly_once() {
         e2e::requires_own_stack("runs without a relay");
-        // Three checks run here at the same time, as three order-service instances would (the
-        // service's own check has a deadline of an hour, so it stays out of the way).
-        let stack = Stack::start_with(
+        // Three job runners run here at the same time, as three order-service instances would.
+        // The service itself is stopped once the orders are in: its runner (with its deadline of
+        // an hour) would find them not due yet and move them an hour later.
+        let mut stack = Stack::start_with(
             "deadline_concurrent",
             StackOptions {
                 relay: false,
@@ -79,22 +80,39 @@ mod own_stack {
         for id in &ids {
             stack.create_order_quietly(*id).await;
         }
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        stack.kill_order();
         let pool = stack.orders_pool().await;
-        let counts = join_all((0..3).map(|_| {
-            let pool = pool.clone();
-            async move {
-                order_service::deadline::cancel_overdue(&pool, Duration::from_secs(1))
-                    .await
-                    .unwrap()
-            }
-        }))
-        .await;
+        // Their deadline jobs are due now.
+        let due = sqlx::query("UPDATE jobs SET run_at = now() WHERE kind = $1")
+            .bind(order_service::deadline::KIND)
+            .execute(&pool)
+            .await
+            .unwrap()
+            .rows_affected();
+        assert_eq!(due, ids.len() as u64, "every order has its deadline job");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let (stop, shutdown) = messaging::shutdown::Shutdown::new();
+        let runners: Vec<_> = (0..3)
+            .map(|_| {
+                let runner = messaging::jobs::Runner::default().with(
+                    order_service::deadline::kind(),
+                    order_service::deadline::Deadline {
+                        deadline: Duration::from_secs(1),
+                    },
+                );
+                tokio::spawn(runner.run(pool.clone(), shutdown.clone()))
+            })
+            .collect();
         stack
             .wait_for_statuses(&ids, &["CANCELLING"], TIMEOUT)
             .await;
-        println!("orders cancelled by each of three concurrent checks: {counts:?}");
-        assert_eq!(counts.iter().sum::<usize>(), ids.len());
+        stop.fire();
+        join_all(runners).await;
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(left, 0, "every deadline job was completed");
         let per_order: Vec<(String, i64)> = sqlx::query_as(
             "SELECT aggregate_id, count(*) FROM outbox WHERE event_type = 'OrderCancelled' GROUP BY 1",
         )

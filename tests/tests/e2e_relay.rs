@@ -28,9 +28,14 @@ async fn a_row_that_commits_after_later_rows_were_published_is_still_published()
             quantity: 1,
         }],
     };
-    let late_view = store::insert_order(&mut late, &order, &Cause::default())
-        .await
-        .unwrap();
+    let late_view = store::insert_order(
+        &mut late,
+        &order,
+        Duration::from_secs(30),
+        &Cause::default(),
+    )
+    .await
+    .unwrap();
     let late_row: i64 = sqlx::query_scalar("SELECT id FROM outbox WHERE aggregate_id = $1")
         .bind(late_view.order_id.to_string())
         .fetch_one(&mut *late)

@@ -2,14 +2,9 @@
 //! succeeds, shutdown comes, or the retry and dead-letter producer has failed for good.
 
 use std::future::Future;
-use std::time::Duration;
-
-use rand::Rng;
 
 use super::{Delivery, HandlerError, Worker};
 use schemas::headers;
-
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// Shutdown came (or the producer failed fatally) before the work was done: the record's offset
 /// must not be stored, so it is read again after the restart.
@@ -46,7 +41,7 @@ impl<H> Worker<H> {
                 Err(_) if self.producer_failed() => return Err(Interrupted),
                 Err(e) => {
                     attempt += 1;
-                    let delay = backoff(attempt);
+                    let delay = crate::backoff::transient(attempt);
                     tracing::warn!(error = %e, ?delay, "retrying");
                     if self.shutdown.sleep(delay).await.is_err() {
                         return Err(Interrupted);
@@ -64,7 +59,7 @@ impl<H> Worker<H> {
         error: &anyhow::Error,
     ) -> Result<(), Interrupted> {
         self.count("consumer_transient_retries_total", delivery, event_type);
-        let delay = backoff(attempt);
+        let delay = crate::backoff::transient(attempt);
         let message_id =
             schemas::limits::truncate_chars(delivery.header(headers::MESSAGE_ID).unwrap_or(""), 64);
         tracing::warn!(%message_id, event_type, attempt, ?delay,
@@ -73,17 +68,10 @@ impl<H> Worker<H> {
     }
 }
 
-/// Exponential backoff from 100 ms, capped at [`MAX_BACKOFF`], with full jitter on the upper half.
-pub fn backoff(attempt: u32) -> Duration {
-    let base = Duration::from_millis(100)
-        .saturating_mul(1u32 << attempt.saturating_sub(1).min(16))
-        .min(MAX_BACKOFF);
-    let half = base / 2;
-    half + half.mul_f64(rand::rng().random::<f64>())
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use rdkafka::producer::{FutureProducer, Producer as _};
     use sqlx::PgConnection;
 
@@ -91,13 +79,6 @@ mod tests {
     use crate::consumer::{AfterCommit, Envelope, Handler};
     use crate::shutdown::Shutdown;
     use crate::{kafka, retry};
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        assert!(backoff(1) <= Duration::from_millis(100));
-        assert!(backoff(4) >= Duration::from_millis(400));
-        assert!(backoff(40) <= MAX_BACKOFF);
-    }
 
     struct NoHandler;
 

@@ -57,7 +57,6 @@ use rdkafka::producer::{FutureProducer, Producer};
 use sqlx::PgPool;
 use tracing::Instrument as _;
 
-pub use self::backoff::backoff;
 use self::client::{GroupConsumer, close, stream_consumer};
 pub use self::handler::{AfterCommit, Handler, HandlerError};
 use crate::decision::Stage;

@@ -8,9 +8,9 @@ use std::time::Duration;
 use metrics::counter;
 use schemas::headers;
 
-use super::backoff::{Interrupted, backoff};
+use super::backoff::Interrupted;
 use super::{Handler, HandlerError, Worker};
-use crate::decision::{self, Attempt, Gate, Route, Stage};
+use crate::decision::{self, Attempt, Class, Gate, Route, Stage};
 use crate::delivery::Envelope;
 use crate::{inbox, parking, retry};
 
@@ -38,7 +38,7 @@ impl<H: Handler> Worker<H> {
                 Err(_) if self.producer_failed() => return Err(Interrupted),
                 Err(e) => {
                     transient_attempt += 1;
-                    let delay = backoff(transient_attempt);
+                    let delay = crate::backoff::transient(transient_attempt);
                     tracing::warn!(%key, error = %e, ?delay, "could not apply parked messages yet; retrying");
                     if self.shutdown.sleep(delay).await.is_err() {
                         return Err(Interrupted);
@@ -65,7 +65,7 @@ impl<H: Handler> Worker<H> {
         // The key's lock is held to the end; the attempt runs in a savepoint, so that a "not yet"
         // or a failure undoes its effects without letting another path in on this key.
         let (envelope, attempt, reason) = match Envelope::decode(&delivery) {
-            Err(reason) => (None, Attempt::Undecodable, reason),
+            Err(reason) => (None, Attempt::Undecodable, reason.to_string()),
             Ok(envelope) => {
                 let mut attempt_tx = sqlx::Connection::begin(&mut *tx).await?;
                 if !inbox::claim(&mut attempt_tx, &self.group, &envelope).await? {
@@ -130,7 +130,7 @@ impl<H: Handler> Worker<H> {
                 Ok(Drain::Reparked)
             }
             Route::DeadLetter { class, attempts } => {
-                self.dead_letter_now(&delivery, event_type, class.as_str(), reason, attempts)
+                self.dead_letter_now(&delivery, event_type, class, reason, attempts)
                     .await?;
                 parking::remove_message(&mut tx, id).await?;
                 tx.commit().await?;
@@ -191,7 +191,7 @@ impl<H: Handler> Worker<H> {
                             .header(headers::EVENT_TYPE)
                             .unwrap_or("unknown")
                             .to_owned();
-                        self.dead_letter_now(delivery, &event_type, "retryable", reason, 1)
+                        self.dead_letter_now(delivery, &event_type, Class::Retryable, reason, 1)
                             .await?;
                     }
                     None => tracing::error!(group = %self.group, %key, message_id = %head,

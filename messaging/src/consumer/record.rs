@@ -10,7 +10,7 @@ use metrics::{counter, histogram};
 use super::backoff::Interrupted;
 use super::{Handler, HandlerError, Worker};
 use crate::dead_letter::{self, Failure};
-use crate::decision::{self, Attempt, Gate, Route, Stage};
+use crate::decision::{self, Attempt, Class, Gate, Route, Stage};
 use crate::delivery::{Delivery, Envelope};
 use crate::{inbox, parking, retry};
 use schemas::headers;
@@ -84,7 +84,7 @@ impl<H: Handler> Worker<H> {
                         stage,
                         gate,
                         Attempt::Undecodable,
-                        reason,
+                        reason.to_string(),
                     )
                     .await;
             }
@@ -307,7 +307,7 @@ impl<H: Handler> Worker<H> {
                     tracing::warn!(event_type, %key, %reason, attempts,
                         "still not applicable after its last retry; dead-lettering it");
                 }
-                self.dead_letter(delivery, event_type, class.as_str(), reason, attempts)
+                self.dead_letter(delivery, event_type, class, reason, attempts)
                     .await?;
             }
         }
@@ -324,7 +324,7 @@ impl<H: Handler> Worker<H> {
         &self,
         delivery: &Delivery,
         event_type: &str,
-        class: &'static str,
+        class: Class,
         reason: String,
         attempts: usize,
     ) -> Result<(), Interrupted> {
@@ -341,7 +341,7 @@ impl<H: Handler> Worker<H> {
         })
         .await?;
         counter!("consumer_messages_dead_lettered_total", "group" => self.group.clone(),
-            "topic" => self.topic_label(delivery), "event_type" => event_type.to_owned(), "error_class" => class)
+            "topic" => self.topic_label(delivery), "event_type" => event_type.to_owned(), "error_class" => class.as_str())
         .increment(1);
         Ok(())
     }
@@ -351,7 +351,7 @@ impl<H: Handler> Worker<H> {
         &self,
         delivery: &Delivery,
         event_type: &str,
-        class: &'static str,
+        class: Class,
         reason: String,
         attempts: usize,
     ) -> Result<(), HandlerError> {
