@@ -1,70 +1,97 @@
-//! Waiting out what is not the message's fault: a step retried with exponential backoff until it
-//! succeeds, shutdown comes, or the retry and dead-letter producer has failed for good.
+//! Waiting out what is not the message's fault: the one loop that repeats a step with backoff
+//! ([`crate::backoff::Backoff::TRANSIENT`]) until it succeeds, shutdown comes, or the retry and
+//! dead-letter producer has failed for good. Every path of the runtime uses it: a record's own
+//! try, draining a released key, and the steps after a try (parking, retry and dead-letter sends).
 
 use std::future::Future;
 
-use super::{Delivery, HandlerError, Worker};
+use super::{Delivery, Worker};
 use schemas::headers;
 
 /// Shutdown came (or the producer failed fatally) before the work was done: the record's offset
 /// must not be stored, so it is read again after the restart.
 pub(super) struct Interrupted;
 
+/// What is being retried: it decides what a failure logs and counts, and whether shutdown
+/// abandons a step in progress.
+#[derive(Clone, Copy)]
+pub(super) enum Retrying<'a> {
+    /// A record's own try, in its transaction. Never abandoned half-way: shutdown lets the
+    /// current message finish. Each failure counts in `consumer_transient_retries_total`.
+    Record {
+        delivery: &'a Delivery,
+        event_type: &'static str,
+    },
+    /// One step of applying a released key's parked messages.
+    Drain { key: &'a str },
+    /// A step after the try: parking its key, sending it to a retry or dead-letter topic.
+    Step,
+}
+
 impl<H> Worker<H> {
     /// Runs `step` until it succeeds, pausing with backoff on transient failures.
     pub(super) async fn until_done<F, Fut>(&self, step: F) -> Result<(), Interrupted>
     where
         F: FnMut() -> Fut,
-        Fut: Future<Output = Result<(), HandlerError>>,
+        Fut: Future<Output = anyhow::Result<()>>,
     {
-        self.until_done_with(step).await
+        self.until_done_with(Retrying::Step, step).await
     }
 
-    /// [`Self::until_done`] for a step that returns a value. A step still running when shutdown
-    /// comes is abandoned (a send waiting for a broker that is down would otherwise hold up the
-    /// shutdown for as long as the outage lasts); the record's offset is then not stored, so it
-    /// is read again after the restart. A Kafka producer that failed fatally ends the consumer
-    /// (see [`Worker::fatal`]) instead of being retried forever.
-    pub(super) async fn until_done_with<T, F, Fut>(&self, mut step: F) -> Result<T, Interrupted>
+    /// Runs `step` until it succeeds and returns its value; every error of `step` is transient
+    /// by construction. Except for a record's own try ([`Retrying::Record`]), a step still
+    /// running when shutdown comes is abandoned (a send waiting for a broker that is down would
+    /// otherwise hold up the shutdown for as long as the outage lasts); the record's offset is
+    /// then not stored, so it is read again after the restart. A Kafka producer that failed
+    /// fatally ends the consumer (see [`Worker::fatal`]) instead of being retried forever.
+    pub(super) async fn until_done_with<T, F, Fut>(
+        &self,
+        retrying: Retrying<'_>,
+        mut step: F,
+    ) -> Result<T, Interrupted>
     where
         F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, HandlerError>>,
+        Fut: Future<Output = anyhow::Result<T>>,
     {
         let mut attempt = 0;
         loop {
-            let result = tokio::select! {
-                result = step() => result,
-                _ = self.shutdown.wait() => return Err(Interrupted),
+            let result = match retrying {
+                Retrying::Record { .. } => step().await,
+                Retrying::Drain { .. } | Retrying::Step => tokio::select! {
+                    result = step() => result,
+                    _ = self.shutdown.wait() => return Err(Interrupted),
+                },
             };
-            match result {
+            let error = match result {
                 Ok(value) => return Ok(value),
                 Err(_) if self.producer_failed() => return Err(Interrupted),
-                Err(e) => {
-                    attempt += 1;
-                    let delay = crate::backoff::transient(attempt);
-                    tracing::warn!(error = %e, ?delay, "retrying");
-                    if self.shutdown.sleep(delay).await.is_err() {
-                        return Err(Interrupted);
-                    }
+                Err(e) => e,
+            };
+            attempt += 1;
+            let delay = crate::backoff::transient(attempt);
+            let error = format!("{error:#}");
+            match retrying {
+                Retrying::Record {
+                    delivery,
+                    event_type,
+                } => {
+                    self.count("consumer_transient_retries_total", delivery, event_type);
+                    let message_id = schemas::limits::truncate_chars(
+                        delivery.header(headers::MESSAGE_ID).unwrap_or(""),
+                        64,
+                    );
+                    tracing::warn!(%message_id, event_type, attempt, ?delay, %error,
+                        "transient failure; retrying the same message");
                 }
+                Retrying::Drain { key } => {
+                    tracing::warn!(%key, %error, ?delay, "could not apply parked messages yet; retrying");
+                }
+                Retrying::Step => tracing::warn!(%error, ?delay, "retrying"),
+            }
+            if self.shutdown.sleep(delay).await.is_err() {
+                return Err(Interrupted);
             }
         }
-    }
-
-    pub(super) async fn transient_pause(
-        &self,
-        delivery: &Delivery,
-        event_type: &'static str,
-        attempt: u32,
-        error: &anyhow::Error,
-    ) -> Result<(), Interrupted> {
-        self.count("consumer_transient_retries_total", delivery, event_type);
-        let delay = crate::backoff::transient(attempt);
-        let message_id =
-            schemas::limits::truncate_chars(delivery.header(headers::MESSAGE_ID).unwrap_or(""), 64);
-        tracing::warn!(%message_id, event_type, attempt, ?delay,
-            error = %format!("{error:#}"), "transient failure; retrying the same message");
-        self.shutdown.sleep(delay).await.map_err(|_| Interrupted)
     }
 }
 
@@ -76,7 +103,7 @@ mod tests {
     use sqlx::PgConnection;
 
     use super::*;
-    use crate::consumer::{AfterCommit, Envelope, Handler};
+    use crate::consumer::{AfterCommit, Envelope, Handler, HandlerError};
     use crate::shutdown::Shutdown;
     use crate::{kafka, retry};
 
@@ -150,7 +177,6 @@ mod tests {
                     "not yet",
                 )
                 .await
-                .map_err(HandlerError::Transient)
             }),
         )
         .await

@@ -22,16 +22,16 @@
 
 use std::time::Instant;
 
-use metrics::histogram;
 use sqlx::PgConnection;
 use tracing::Instrument as _;
 
+use super::attempt::Tried;
 use super::backoff::Interrupted;
 use super::record::process_span;
 use super::{AfterCommit, Handler, Worker};
 use crate::decision::Stage;
 use crate::delivery::{Delivery, Envelope};
-use crate::{inbox, parking};
+use crate::parking;
 
 /// What became of one record of a group.
 enum Joined {
@@ -116,22 +116,15 @@ impl<H: Handler> Worker<H> {
             return Ok(0);
         }
         tx.commit().await?;
-        let elapsed = started.elapsed().as_secs_f64();
         let count = joined.len();
         for ((envelope, outcome), record) in joined.into_iter().zip(records) {
-            let event_type = envelope.event.event_type();
             match outcome {
                 Joined::Applied(after_commit) => {
-                    after_commit.run();
-                    self.count("consumer_messages_processed_total", record, event_type);
-                    histogram!("consumer_handler_duration_seconds", "group" => self.group.clone(),
-                        "topic" => envelope.topic.clone(), "event_type" => event_type)
-                    .record(elapsed);
+                    self.applied(record, &envelope, after_commit, started);
                 }
                 Joined::Duplicate => {
-                    self.count("consumer_messages_duplicate_total", record, event_type);
                     let _span = process_span(&self.group, record).entered();
-                    tracing::info!(message_id = %envelope.message_id, event_type, "duplicate message skipped: already applied");
+                    self.skipped_duplicate(record, &envelope);
                 }
             }
         }
@@ -147,16 +140,12 @@ impl<H: Handler> Worker<H> {
         tx: &mut PgConnection,
         envelope: &Envelope,
     ) -> sqlx::Result<Option<Joined>> {
-        in_savepoint(tx, async |tx| {
-            match inbox::claim(tx, &self.group, envelope).await {
-                // A duplicate wrote nothing: rolled back, it is skipped.
-                Ok(false) => (false, Some(Joined::Duplicate)),
-                Ok(true) => match self.handler.handle(tx, envelope).await {
-                    Ok(after_commit) => (true, Some(Joined::Applied(after_commit))),
-                    Err(_) => (false, None),
-                },
-                Err(_) => (false, None),
-            }
+        in_savepoint(tx, async |tx| match self.attempt(tx, envelope).await {
+            Ok(Tried::Applied(after_commit)) => (true, Some(Joined::Applied(after_commit))),
+            // A duplicate wrote nothing: rolled back, it is skipped.
+            Ok(Tried::Duplicate) => (false, Some(Joined::Duplicate)),
+            // Not applicable now (or a failure): the single-record path takes it.
+            Ok(Tried::NotYet(_) | Tried::Never(_)) | Err(_) => (false, None),
         })
         .await
     }

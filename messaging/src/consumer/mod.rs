@@ -35,11 +35,14 @@
 //! # Modules
 //! - `handler`: what a service implements ([`Handler`], [`HandlerError`], [`AfterCommit`]).
 //! - `client`: the rdkafka consumer, its settings and broker workarounds.
+//! - `attempt`: one try at one message (inbox claim and handler in the caller's transaction) and
+//!   what follows its commit (actions, counters, handler duration), the same on every path.
 //! - `record`: one record on its own, through parking, the inbox, retries and the DLQ.
 //! - `batch`: group commit of the records already read from the subscribed topics.
 //! - `parked`: applying a released key's parked messages; the sweep of stale heads.
-//! - `backoff`: waiting out transient failures.
+//! - `backoff`: waiting out transient failures: the one retry loop of every path.
 
+mod attempt;
 mod backoff;
 mod batch;
 mod client;

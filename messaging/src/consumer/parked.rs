@@ -3,13 +3,15 @@
 //! ([`Worker::sweep`]).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use metrics::counter;
 use schemas::headers;
 
-use super::backoff::Interrupted;
-use super::{Handler, HandlerError, Worker};
+use super::attempt::Tried;
+use super::backoff::{Interrupted, Retrying};
+use super::batch::in_savepoint;
+use super::{Handler, Worker};
 use crate::decision::{self, Attempt, Class, Gate, Route, Stage};
 use crate::delivery::Envelope;
 use crate::{inbox, parking, retry};
@@ -26,31 +28,20 @@ enum Drain {
 impl<H: Handler> Worker<H> {
     /// Applies the parked messages of `key`, oldest first, and releases the key.
     pub(super) async fn resolve(&self, key: &str) -> Result<(), Interrupted> {
-        let mut transient_attempt = 0;
         loop {
-            let step = tokio::select! {
-                step = self.drain_one(key) => step,
-                _ = self.shutdown.wait() => return Err(Interrupted),
-            };
-            match step {
-                Ok(Drain::Continue) => transient_attempt = 0,
-                Ok(Drain::Released | Drain::Reparked) => return Ok(()),
-                Err(_) if self.producer_failed() => return Err(Interrupted),
-                Err(e) => {
-                    transient_attempt += 1;
-                    let delay = crate::backoff::transient(transient_attempt);
-                    tracing::warn!(%key, error = %e, ?delay, "could not apply parked messages yet; retrying");
-                    if self.shutdown.sleep(delay).await.is_err() {
-                        return Err(Interrupted);
-                    }
-                }
+            match self
+                .until_done_with(Retrying::Drain { key }, || self.drain_one(key))
+                .await?
+            {
+                Drain::Continue => {}
+                Drain::Released | Drain::Reparked => return Ok(()),
             }
         }
     }
 
     /// Applies (or retries, or dead-letters) the oldest parked message of `key`, in one
     /// transaction with the removal of its parking row; releases the key when none is left.
-    async fn drain_one(&self, key: &str) -> Result<Drain, HandlerError> {
+    async fn drain_one(&self, key: &str) -> anyhow::Result<Drain> {
         let mut tx = self.pool.begin().await?;
         if parking::lock(&mut tx, &self.group, key).await?.is_none() {
             tx.rollback().await?;
@@ -62,37 +53,29 @@ impl<H: Handler> Worker<H> {
             tracing::info!(%key, "key released");
             return Ok(Drain::Released);
         };
-        // The key's lock is held to the end; the attempt runs in a savepoint, so that a "not yet"
+        // The key's lock is held to the end; the try runs in a savepoint, so that a "not yet"
         // or a failure undoes its effects without letting another path in on this key.
         let (envelope, attempt, reason) = match Envelope::decode(&delivery) {
             Err(reason) => (None, Attempt::Undecodable, reason.to_string()),
             Ok(envelope) => {
-                let mut attempt_tx = sqlx::Connection::begin(&mut *tx).await?;
-                if !inbox::claim(&mut attempt_tx, &self.group, &envelope).await? {
-                    attempt_tx.rollback().await?;
-                    (Some(envelope), Attempt::Duplicate, String::new())
-                } else {
-                    match self.handler.handle(&mut attempt_tx, &envelope).await {
-                        Ok(after_commit) => {
-                            attempt_tx.commit().await?;
-                            parking::remove_message(&mut tx, id).await?;
-                            tx.commit().await?;
-                            after_commit.run();
-                            let event_type = envelope.event.event_type();
-                            self.count("consumer_messages_processed_total", &delivery, event_type);
-                            tracing::info!(message_id = %envelope.message_id, event_type, %key, "parked message applied");
-                            return Ok(Drain::Continue);
-                        }
-                        Err(HandlerError::Retryable(reason)) => {
-                            attempt_tx.rollback().await?;
-                            (Some(envelope), Attempt::NotYet, reason)
-                        }
-                        Err(HandlerError::Permanent(reason)) => {
-                            attempt_tx.rollback().await?;
-                            (Some(envelope), Attempt::Permanent, reason)
-                        }
-                        Err(e @ HandlerError::Transient(_)) => return Err(e),
+                let started = Instant::now();
+                let tried = in_savepoint(&mut tx, async |tx| {
+                    let tried = self.attempt(tx, &envelope).await;
+                    (tried.as_ref().is_ok_and(Tried::keeps), tried)
+                })
+                .await??;
+                match tried {
+                    Tried::Applied(after_commit) => {
+                        parking::remove_message(&mut tx, id).await?;
+                        tx.commit().await?;
+                        self.applied(&delivery, &envelope, after_commit, started);
+                        tracing::info!(message_id = %envelope.message_id,
+                            event_type = envelope.event.event_type(), %key, "parked message applied");
+                        return Ok(Drain::Continue);
                     }
+                    Tried::Duplicate => (Some(envelope), Attempt::Duplicate, String::new()),
+                    Tried::NotYet(reason) => (Some(envelope), Attempt::NotYet, reason),
+                    Tried::Never(reason) => (Some(envelope), Attempt::Permanent, reason),
                 }
             }
         };
@@ -110,7 +93,9 @@ impl<H: Handler> Worker<H> {
             Route::Done => {
                 parking::remove_message(&mut tx, id).await?;
                 tx.commit().await?;
-                self.count("consumer_messages_duplicate_total", &delivery, event_type);
+                if let Some(envelope) = &envelope {
+                    self.skipped_duplicate(&delivery, envelope);
+                }
                 Ok(Drain::Continue)
             }
             Route::Retry { attempt: next } => {
@@ -121,9 +106,7 @@ impl<H: Handler> Worker<H> {
                     .await?;
                 parking::remove_message(&mut tx, id).await?;
                 let delay = self.retry_delays[next - 1];
-                retry::send(&self.producer, &self.group, &delivery, next, delay, &reason)
-                    .await
-                    .map_err(HandlerError::Transient)?;
+                retry::send(&self.producer, &self.group, &delivery, next, delay, &reason).await?;
                 tx.commit().await?;
                 tracing::info!(%message_id, event_type, %key, %reason,
                     "parked message not applicable yet; it now heads the key in the retry chain");
@@ -160,7 +143,7 @@ impl<H: Handler> Worker<H> {
     /// dead-lettered from its stored record (class `retryable`, so `saga dlq redrive` can bring
     /// it back) and the key's parked messages are applied. A copy that arrives after all is a
     /// stray ([`decision::Gate::Stray`]): never applied out of order.
-    async fn sweep_once(&self, timeout: Duration) -> Result<(), HandlerError> {
+    async fn sweep_once(&self, timeout: Duration) -> anyhow::Result<()> {
         let mut conn = self.pool.acquire().await?;
         let (parked, oldest) = parking::stats(&mut conn, &self.group).await?;
         metrics::gauge!("consumer_parked_keys", "group" => self.group.clone()).set(parked as f64);

@@ -5,10 +5,11 @@
 use std::time::Instant;
 
 use chrono::Utc;
-use metrics::{counter, histogram};
+use metrics::counter;
 
-use super::backoff::Interrupted;
-use super::{Handler, HandlerError, Worker};
+use super::attempt::Tried;
+use super::backoff::{Interrupted, Retrying};
+use super::{AfterCommit, Handler, HandlerError, Worker};
 use crate::dead_letter::{self, Failure};
 use crate::decision::{self, Attempt, Class, Gate, Route, Stage};
 use crate::delivery::{Delivery, Envelope};
@@ -46,6 +47,44 @@ pub(super) fn process_span(group: &str, delivery: &Delivery) -> tracing::Span {
     span
 }
 
+/// Why one try at a record in its own transaction did not apply it (or find it applied).
+enum NotApplied {
+    /// Its key's parking decided ([`decision::gate`]): parked, resumed, or a stray copy.
+    Gated(Gate, Attempt),
+    /// The handler said "not yet".
+    NotYet(String),
+    /// The handler, or the commit, said it can never apply.
+    Never(String),
+    /// Not the message's fault: worth repeating as it is.
+    Transient(anyhow::Error),
+}
+
+impl From<sqlx::Error> for NotApplied {
+    /// Database errors outside the handler are never the message's fault: they are retried in
+    /// place (transient), so they cannot dead-letter a message or release its key.
+    fn from(e: sqlx::Error) -> Self {
+        NotApplied::Transient(e.into())
+    }
+}
+
+impl From<anyhow::Error> for NotApplied {
+    fn from(e: anyhow::Error) -> Self {
+        NotApplied::Transient(e)
+    }
+}
+
+impl NotApplied {
+    /// A failed COMMIT of the handler's effect, classified as the handler's own database errors
+    /// are ([`HandlerError`]'s `From<sqlx::Error>`).
+    fn committing(e: sqlx::Error) -> Self {
+        match HandlerError::from(e) {
+            HandlerError::Permanent(reason) => NotApplied::Never(reason),
+            HandlerError::Retryable(reason) => NotApplied::NotYet(reason),
+            HandlerError::Transient(e) => NotApplied::Transient(e),
+        }
+    }
+}
+
 impl<H: Handler> Worker<H> {
     /// Takes one record to its end: applied, skipped, parked, sent to a retry topic or
     /// dead-lettered. `Err` only when shutdown came first (its offset must not be stored).
@@ -67,7 +106,7 @@ impl<H: Handler> Worker<H> {
                 let gate = match stage {
                     Stage::Retry => {
                         let head = self
-                            .until_done_with(|| async {
+                            .until_done_with(Retrying::Step, || async {
                                 let mut conn = self.pool.acquire().await?;
                                 Ok(parking::head(&mut conn, &self.group, &key).await?)
                             })
@@ -104,108 +143,92 @@ impl<H: Handler> Worker<H> {
             }
         }
         let started = Instant::now();
-        let mut transient_attempt = 0;
-        loop {
-            let (gate, attempt, reason) = match self
-                .apply_once(&envelope, delivery, &key, stage)
-                .await
-            {
-                Ok((gate, attempt)) => (gate, attempt, String::new()),
-                Err(HandlerError::Retryable(reason)) => (Gate::Apply, Attempt::NotYet, reason),
-                Err(HandlerError::Permanent(reason)) => (Gate::Apply, Attempt::Permanent, reason),
-                Err(HandlerError::Transient(e)) => {
-                    transient_attempt += 1;
-                    self.transient_pause(delivery, event_type, transient_attempt, &e)
-                        .await?;
-                    continue;
+        let retrying = Retrying::Record {
+            delivery,
+            event_type,
+        };
+        let (gate, attempt, reason) = self
+            .until_done_with(retrying, || async {
+                match self.apply_once(&envelope, delivery, &key, stage).await {
+                    Ok((gate, Some(after_commit))) => {
+                        self.applied(delivery, &envelope, after_commit, started);
+                        Ok((gate, Attempt::Applied, String::new()))
+                    }
+                    Ok((gate, None)) => Ok((gate, Attempt::Duplicate, String::new())),
+                    Err(NotApplied::NotYet(reason)) => Ok((Gate::Apply, Attempt::NotYet, reason)),
+                    Err(NotApplied::Never(reason)) => Ok((Gate::Apply, Attempt::Permanent, reason)),
+                    Err(NotApplied::Gated(gate, attempt)) => Ok((gate, attempt, String::new())),
+                    Err(NotApplied::Transient(e)) => Err(e),
                 }
-            };
-            match attempt {
-                Attempt::Applied => {
-                    self.count("consumer_messages_processed_total", delivery, event_type);
-                    histogram!("consumer_handler_duration_seconds", "group" => self.group.clone(),
-                        "topic" => envelope.topic.clone(), "event_type" => event_type)
-                    .record(started.elapsed().as_secs_f64());
-                    tracing::debug!(message_id = %envelope.message_id, event_type, %key, "applied");
-                }
-                Attempt::Duplicate => {
-                    self.count("consumer_messages_duplicate_total", delivery, event_type);
-                    tracing::info!(message_id = %envelope.message_id, event_type, "duplicate message skipped: already applied");
-                }
-                Attempt::Parked if gate == Gate::Stray => {
-                    tracing::info!(message_id = %envelope.message_id, event_type, %key,
-                        "a retry copy of a message still waiting behind its key's head; it will be applied from the parking table");
-                }
-                Attempt::Parked => {
-                    self.count("consumer_messages_parked_total", delivery, event_type);
-                    tracing::info!(message_id = %envelope.message_id, event_type, %key,
-                        "key is waiting for a retry; message parked behind it");
-                }
-                Attempt::Withheld => {
-                    tracing::warn!(message_id = %envelope.message_id, event_type, %key,
-                        "a retry copy of a message that no longer heads its key, never applied: its chain ended through another copy; dead-lettering this one");
-                }
-                Attempt::Permanent => {
-                    tracing::warn!(message_id = %envelope.message_id, event_type, %reason,
-                        "message can never apply; dead-lettering it");
-                }
-                Attempt::NotYet | Attempt::Undecodable => {}
+            })
+            .await?;
+        match attempt {
+            Attempt::Applied => {
+                tracing::debug!(message_id = %envelope.message_id, event_type, %key, "applied");
             }
-            let reason = match (gate, attempt) {
-                (Gate::ResumeRetry, _) => "resumed after a restart".to_owned(),
-                (_, Attempt::Withheld) => {
-                    "a retry copy whose chain already ended through another copy".to_owned()
-                }
-                _ => reason,
-            };
-            return self
-                .carry_out(delivery, event_type, &key, stage, gate, attempt, reason)
-                .await;
+            Attempt::Duplicate => self.skipped_duplicate(delivery, &envelope),
+            Attempt::Parked if gate == Gate::Stray => {
+                tracing::info!(message_id = %envelope.message_id, event_type, %key,
+                    "a retry copy of a message still waiting behind its key's head; it will be applied from the parking table");
+            }
+            Attempt::Parked => {
+                self.count("consumer_messages_parked_total", delivery, event_type);
+                tracing::info!(message_id = %envelope.message_id, event_type, %key,
+                    "key is waiting for a retry; message parked behind it");
+            }
+            Attempt::Withheld => {
+                tracing::warn!(message_id = %envelope.message_id, event_type, %key,
+                    "a retry copy of a message that no longer heads its key, never applied: its chain ended through another copy; dead-lettering this one");
+            }
+            Attempt::Permanent => {
+                tracing::warn!(message_id = %envelope.message_id, event_type, %reason,
+                    "message can never apply; dead-lettering it");
+            }
+            Attempt::NotYet | Attempt::Undecodable => {}
         }
+        let reason = match (gate, attempt) {
+            (Gate::ResumeRetry, _) => "resumed after a restart".to_owned(),
+            (_, Attempt::Withheld) => {
+                "a retry copy whose chain already ended through another copy".to_owned()
+            }
+            _ => reason,
+        };
+        self.carry_out(delivery, event_type, &key, stage, gate, attempt, reason)
+            .await
     }
 
     /// One try at `envelope` in one transaction: what its key's parking says ([`decision::gate`])
     /// and what came of it. The key's parking row stays locked until the transaction ends, so the
-    /// main consumer, the retry consumers and a drain never interleave on one key.
+    /// main consumer, the retry consumers and a drain never interleave on one key. `Ok` with the
+    /// handler's actions when it applied and committed, `Ok` with none when it was a duplicate.
     async fn apply_once(
         &self,
         envelope: &Envelope,
         delivery: &Delivery,
         key: &str,
         stage: Stage,
-    ) -> Result<(Gate, Attempt), HandlerError> {
-        // Database errors outside the handler are never the message's fault: they are retried
-        // in place (transient), so they cannot dead-letter a message or release its key.
-        let infra = |e: sqlx::Error| HandlerError::Transient(e.into());
-        let mut tx = self.pool.begin().await.map_err(infra)?;
-        let head = parking::lock(&mut tx, &self.group, key)
-            .await
-            .map_err(infra)?;
+    ) -> Result<(Gate, Option<AfterCommit>), NotApplied> {
+        let mut tx = self.pool.begin().await?;
+        let head = parking::lock(&mut tx, &self.group, key).await?;
         let gate = decision::gate(stage, head, Some(envelope.message_id));
         match gate {
             Gate::Park => {
-                parking::park_message(&mut tx, &self.group, key, delivery)
-                    .await
-                    .map_err(infra)?;
-                tx.commit().await.map_err(infra)?;
-                return Ok((gate, Attempt::Parked));
+                parking::park_message(&mut tx, &self.group, key, delivery).await?;
+                tx.commit().await?;
+                return Err(NotApplied::Gated(gate, Attempt::Parked));
             }
             Gate::ResumeRetry => {
-                tx.rollback().await.map_err(infra)?;
-                return Ok((gate, Attempt::NotYet));
+                tx.rollback().await?;
+                return Err(NotApplied::Gated(gate, Attempt::NotYet));
             }
             Gate::Stray => {
                 // Never apply a stray; only find out whether it was applied.
-                let never_applied = inbox::claim(&mut tx, &self.group, envelope)
-                    .await
-                    .map_err(infra)?;
+                let never_applied = inbox::claim(&mut tx, &self.group, envelope).await?;
                 // A copy of a message still waiting in the parking table (a drain sent it to a
                 // retry topic and then failed to commit) will be applied from there.
                 let still_parked = never_applied
-                    && parking::is_parked(&mut tx, &self.group, key, envelope.message_id)
-                        .await
-                        .map_err(infra)?;
-                tx.rollback().await.map_err(infra)?;
+                    && parking::is_parked(&mut tx, &self.group, key, envelope.message_id).await?;
+                tx.rollback().await?;
                 let attempt = if still_parked {
                     Attempt::Parked
                 } else if never_applied {
@@ -213,21 +236,22 @@ impl<H: Handler> Worker<H> {
                 } else {
                     Attempt::Duplicate
                 };
-                return Ok((gate, attempt));
+                return Err(NotApplied::Gated(gate, attempt));
             }
             Gate::Apply => {}
         }
-        if !inbox::claim(&mut tx, &self.group, envelope)
-            .await
-            .map_err(infra)?
-        {
-            tx.rollback().await.map_err(infra)?;
-            return Ok((gate, Attempt::Duplicate));
+        match self.attempt(&mut tx, envelope).await? {
+            Tried::Applied(after_commit) => {
+                tx.commit().await.map_err(NotApplied::committing)?;
+                Ok((gate, Some(after_commit)))
+            }
+            Tried::Duplicate => {
+                tx.rollback().await?;
+                Ok((gate, None))
+            }
+            Tried::NotYet(reason) => Err(NotApplied::NotYet(reason)),
+            Tried::Never(reason) => Err(NotApplied::Never(reason)),
         }
-        let after_commit = self.handler.handle(&mut tx, envelope).await?;
-        tx.commit().await?;
-        after_commit.run();
-        Ok((gate, Attempt::Applied))
     }
 
     /// Does what [`decision::after`] says: nothing, a retry topic (parking the key when the
@@ -291,9 +315,7 @@ impl<H: Handler> Worker<H> {
                     }
                 }
                 self.until_done(|| async {
-                    retry::send(&self.producer, &self.group, delivery, next, delay, &reason)
-                        .await
-                        .map_err(HandlerError::Transient)
+                    retry::send(&self.producer, &self.group, delivery, next, delay, &reason).await
                 })
                 .await?;
                 counter!("consumer_messages_retried_total", "group" => self.group.clone(),
@@ -335,9 +357,7 @@ impl<H: Handler> Worker<H> {
             first_failure_at: retry::first_failure_at(delivery).unwrap_or_else(Utc::now),
         };
         self.until_done(|| async {
-            dead_letter::send(&self.producer, &self.group, delivery, &failure)
-                .await
-                .map_err(HandlerError::Transient)
+            dead_letter::send(&self.producer, &self.group, delivery, &failure).await
         })
         .await?;
         counter!("consumer_messages_dead_lettered_total", "group" => self.group.clone(),
@@ -354,9 +374,9 @@ impl<H: Handler> Worker<H> {
         class: Class,
         reason: String,
         attempts: usize,
-    ) -> Result<(), HandlerError> {
+    ) -> anyhow::Result<()> {
         self.dead_letter(delivery, event_type, class, reason, attempts)
             .await
-            .map_err(|Interrupted| HandlerError::Transient(anyhow::anyhow!("shutting down")))
+            .map_err(|Interrupted| anyhow::anyhow!("shutting down"))
     }
 }
