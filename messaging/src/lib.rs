@@ -16,6 +16,7 @@ pub mod inbox;
 pub mod jobs;
 pub mod kafka;
 pub mod offset_gaps;
+pub mod outbound;
 pub mod outbox;
 pub mod ownership;
 pub mod parking;

@@ -191,6 +191,7 @@ pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
 fn describe_metrics() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     crate::jobs::describe_metrics();
+    crate::outbound::describe_metrics();
     describe_gauge!(
         "process_start_time_seconds",
         Unit::Seconds,

@@ -159,6 +159,14 @@ pub fn host_port_of(url: &str) -> String {
 }
 
 /// `target/debug` or `target/release`: where the running test (in `deps/`) or benchmark was built.
+/// An empty directory for a test's logs: `target/e2e-logs/<test>`.
+pub fn test_log_dir(test: &str) -> PathBuf {
+    let dir = target_dir().join("e2e-logs").join(test);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("log dir");
+    dir
+}
+
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("exe dir");

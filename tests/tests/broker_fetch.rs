@@ -5,21 +5,13 @@
 //! running stack these run on its broker (Kafka itself, in Compose), which must agree.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 
 use anyhow::ensure;
+use e2e::Broker;
 use e2e::wire::{Connection, OFFSET_OUT_OF_RANGE};
-use e2e::{Broker, target_dir};
 use uuid::Uuid;
 
 const VALUES: [&str; 5] = ["a", "b", "c", "d", "e"];
-
-fn log_dir(test: &str) -> PathBuf {
-    let dir = target_dir().join("e2e-logs").join(test);
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("log dir");
-    dir
-}
 
 /// A connection to `broker` and a new one-partition topic holding a, b, c as one batch (offsets
 /// 0-2) and d, e as another (3-4).
@@ -105,7 +97,7 @@ async fn check_fetches(connection: &mut Connection, topic: &str) -> anyhow::Resu
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fetch_from_any_offset_returns_the_records_from_there_once_each() {
-    let broker = Broker::for_test(&log_dir("broker_fetch_any_offset")).await;
+    let broker = Broker::for_test(&e2e::test_log_dir("broker_fetch_any_offset")).await;
     let (mut connection, topic) = two_batches(&broker).await;
     check_fetches(&mut connection, &topic).await.unwrap();
     let at_end = connection
@@ -121,7 +113,7 @@ async fn a_fetch_from_any_offset_returns_the_records_from_there_once_each() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fetch_outside_the_log_is_out_of_range_and_the_broker_goes_on() {
-    let broker = Broker::for_test(&log_dir("broker_fetch_out_of_range")).await;
+    let broker = Broker::for_test(&e2e::test_log_dir("broker_fetch_out_of_range")).await;
     let (mut connection, topic) = two_batches(&broker).await;
     for offset in [6, 1_000_000, i64::MAX, -5] {
         let fetched = connection
@@ -148,7 +140,7 @@ mod own_stack {
     #[tokio::test(flavor = "multi_thread")]
     async fn a_broker_that_skips_inside_a_batch_fails_the_fetch_checks() {
         e2e::requires_own_stack("starts a broker with a fault");
-        let dir = log_dir("broker_fetch_skipping");
+        let dir = e2e::test_log_dir("broker_fetch_skipping");
         let broker = Broker::start_with(&dir, &[("TANSU_FAULT_FETCH_SKIPS_MID_BATCH", "1")]).await;
         let (mut connection, topic) = two_batches(&broker).await;
         let error = check_fetches(&mut connection, &topic)
