@@ -224,3 +224,16 @@ async fn move_reservation(
         }
     }
 }
+
+/// Describes inventory's metrics.
+pub fn describe_metrics() {
+    use metrics::describe_counter;
+    describe_counter!(
+        "inventory_reservations_total",
+        "OrderPlaced answers, by outcome (reserved, rejected)"
+    );
+    describe_counter!(
+        "inventory_releases_total",
+        "Reservations released by a cancellation, by the status they were in (RESERVED, COMMITTED)"
+    );
+}

@@ -9,7 +9,7 @@ pub mod store;
 use clap::Parser;
 use messaging::http_server::ListenAddr;
 use messaging::retention::{Keep, PrunedTable};
-use messaging::service::{CommonSettings, ServiceConfig, ServiceSpec};
+use messaging::service::{CommonSettings, ServiceConfig, ServiceMetrics, ServiceSpec};
 use messaging::shutdown::Shutdown;
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -56,24 +56,28 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         handler: consumer::OrderEvents,
         routes: move |pool| http::routes(http::AppState { pool, admin_token }),
         background: Vec::new(),
+        jobs: messaging::jobs::Runner::default(),
         // A cancellation seen before its OrderPlaced is kept as long as that OrderPlaced (or a
         // copy of it) can still arrive.
-        jobs: messaging::jobs::Runner::default(),
         pruned: vec![PrunedTable {
             table: "cancelled_orders",
             time_column: "cancelled_at",
             keep: Keep::DuplicateWindow,
         }],
-        zero_counters: &[
-            (
-                "inventory_reservations_total",
-                &[&[("outcome", "reserved")], &[("outcome", "rejected")]],
-            ),
-            (
-                "inventory_releases_total",
-                &[&[("from", "RESERVED")], &[("from", "COMMITTED")]],
-            ),
-        ],
+        metrics: ServiceMetrics {
+            describe: consumer::describe_metrics,
+            buckets: &[],
+            zero_counters: &[
+                (
+                    "inventory_reservations_total",
+                    &[&[("outcome", "reserved")], &[("outcome", "rejected")]],
+                ),
+                (
+                    "inventory_releases_total",
+                    &[&[("from", "RESERVED")], &[("from", "COMMITTED")]],
+                ),
+            ],
+        },
     };
     let config = ServiceConfig {
         listen_addr: settings.listen_addr,

@@ -324,3 +324,25 @@ where
         }
     }
 }
+
+/// Describes the HTTP servers' metrics.
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_histogram};
+    describe_counter!(
+        "http_requests_total",
+        "HTTP requests answered, by method, route pattern and status code"
+    );
+    describe_histogram!(
+        "http_request_duration_seconds",
+        Unit::Seconds,
+        "Time to answer an HTTP request, by method and route pattern"
+    );
+    describe_counter!(
+        "http_requests_shed_total",
+        "HTTP requests answered 503 at once because --http-max-in-flight requests were in progress"
+    );
+    describe_counter!(
+        "http_requests_timed_out_total",
+        "HTTP requests answered 503 because they took longer than --http-request-timeout"
+    );
+}

@@ -225,6 +225,29 @@ async fn measure(pool: &PgPool, keeps: &[(PrunedTable, Option<Duration>)]) -> sq
     Ok(())
 }
 
+/// Describes the retention job's metrics.
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge};
+    describe_gauge!(
+        "db_table_rows",
+        "Rows of each table of the service's database (the statistics' live-row estimate)"
+    );
+    describe_gauge!(
+        "db_table_oldest_row_age_seconds",
+        Unit::Seconds,
+        "Age of the oldest row of each pruned table"
+    );
+    describe_gauge!(
+        "db_table_retention_seconds",
+        Unit::Seconds,
+        "How long each pruned table keeps its rows; -1 when it is not pruned (the retention of the topics its messages come from is not known)"
+    );
+    describe_counter!(
+        "db_rows_pruned_total",
+        "Rows deleted by the retention job, by table"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

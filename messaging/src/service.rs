@@ -30,9 +30,28 @@ pub struct ServiceSpec<H, R> {
     /// The service's own tables that the retention job prunes (the inbox and the jobs given up
     /// on are always pruned).
     pub pruned: Vec<crate::retention::PrunedTable>,
+    /// The service's own metrics.
+    pub metrics: ServiceMetrics,
+}
+
+/// The metrics a service owns (the kit's and the consumer runtime's are described by the kit).
+pub struct ServiceMetrics {
+    /// Describes them (help text and unit).
+    pub describe: fn(),
+    /// Histogram buckets for those that need their own.
+    pub buckets: &'static [crate::telemetry::Buckets],
     /// Counters the service sets to 0 at start (once the metrics recorder is installed), so that
     /// rates and alerts over rare events have a series to read before the first one happens.
     pub zero_counters: &'static [ZeroCounter],
+}
+
+impl ServiceMetrics {
+    /// No metrics of the service's own.
+    pub const NONE: ServiceMetrics = ServiceMetrics {
+        describe: || {},
+        buckets: &[],
+        zero_counters: &[],
+    };
 }
 
 /// A counter name and the label sets to export at 0.
@@ -150,8 +169,8 @@ where
 {
     let name = spec.name;
     config.common.validate()?;
-    let metrics = crate::telemetry::init_metrics()?;
-    for (name, label_sets) in spec.zero_counters {
+    let metrics = crate::telemetry::init_metrics(spec.metrics.buckets, spec.metrics.describe)?;
+    for (name, label_sets) in spec.metrics.zero_counters {
         for labels in *label_sets {
             let labels: Vec<metrics::Label> = labels
                 .iter()

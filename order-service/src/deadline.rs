@@ -182,3 +182,17 @@ pub async fn measure_in_flight(pool: &PgPool) -> sqlx::Result<()> {
     }
     Ok(())
 }
+
+/// Describes the orders-in-flight gauges.
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_gauge};
+    describe_gauge!(
+        "orders_in_flight",
+        "Orders whose saga is not over, by status (PENDING, CANCELLING); counted every 5 s"
+    );
+    describe_gauge!(
+        "orders_in_flight_oldest_age_seconds",
+        Unit::Seconds,
+        "Time since the last change of the oldest order in each in-flight status"
+    );
+}

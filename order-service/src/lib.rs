@@ -12,7 +12,7 @@ use clap::Parser;
 use messaging::http_server::ListenAddr;
 use messaging::jobs::Runner;
 use messaging::retention::{Keep, PrunedTable};
-use messaging::service::{CommonSettings, ServiceConfig, ServiceSpec};
+use messaging::service::{CommonSettings, ServiceConfig, ServiceMetrics, ServiceSpec};
 use messaging::shutdown::Shutdown;
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -74,25 +74,32 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
             time_column: "created_at",
             keep: Keep::For(idempotency_key_ttl),
         }],
-        zero_counters: &[
-            ("saga_started_total", &[&[]]),
-            (
-                "saga_completed_total",
-                &[
-                    &[("outcome", "confirmed")],
-                    &[("outcome", "rejected")],
-                    &[("outcome", "cancelled")],
-                ],
-            ),
-            (
-                "saga_failed_total",
-                &[
-                    &[("reason", "stock_unavailable")],
-                    &[("reason", "deadline_exceeded")],
-                ],
-            ),
-            ("saga_compensations_total", &[&[]]),
-        ],
+        metrics: ServiceMetrics {
+            describe: || {
+                transition::describe_metrics();
+                deadline::describe_metrics();
+            },
+            buckets: &[("saga_duration_seconds", &transition::SAGA_BUCKETS)],
+            zero_counters: &[
+                ("saga_started_total", &[&[]]),
+                (
+                    "saga_completed_total",
+                    &[
+                        &[("outcome", "confirmed")],
+                        &[("outcome", "rejected")],
+                        &[("outcome", "cancelled")],
+                    ],
+                ),
+                (
+                    "saga_failed_total",
+                    &[
+                        &[("reason", "stock_unavailable")],
+                        &[("reason", "deadline_exceeded")],
+                    ],
+                ),
+                ("saga_compensations_total", &[&[]]),
+            ],
+        },
     };
     let config = ServiceConfig {
         listen_addr: settings.listen_addr,

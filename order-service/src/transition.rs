@@ -86,6 +86,13 @@ pub async fn apply(
     }))
 }
 
+/// Saga duration buckets in seconds, from 50 ms to 5 minutes: a saga takes a few hundred
+/// milliseconds when all is well, and up to the saga deadline (30 s by default) plus the
+/// cancellation when it is not.
+pub const SAGA_BUCKETS: [f64; 14] = [
+    0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0,
+];
+
 /// The log line and the metrics of one status change, both written by [`SagaMetrics::record`]
 /// after the commit, so that neither tells of a change that was rolled back.
 ///
@@ -164,4 +171,34 @@ impl SagaMetrics {
                 .record(self.duration.as_secs_f64());
         }
     }
+}
+
+/// Describes the saga metrics and the status changes.
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_histogram};
+    describe_counter!(
+        "saga_started_total",
+        "Sagas started: orders accepted by POST /orders"
+    );
+    describe_counter!(
+        "saga_completed_total",
+        "Orders reaching a terminal status, by outcome (confirmed, rejected, cancelled)"
+    );
+    describe_counter!(
+        "saga_failed_total",
+        "Sagas that failed, by reason (stock_unavailable, deadline_exceeded)"
+    );
+    describe_counter!(
+        "saga_compensations_total",
+        "Cancellations that gave back reserved or sold stock"
+    );
+    describe_histogram!(
+        "saga_duration_seconds",
+        Unit::Seconds,
+        "Time from an order being placed to a terminal status, by outcome"
+    );
+    describe_counter!(
+        "orders_status_changes_total",
+        "Order status changes, by new status"
+    );
 }

@@ -130,7 +130,13 @@ pub struct Settings {
 
 /// Runs the relay until `shutdown` fires.
 pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
-    let metrics = messaging::telemetry::init_metrics()?;
+    let metrics = messaging::telemetry::init_metrics(
+        &[
+            ("relay_commit_to_ack_seconds", &relay::COMMIT_TO_ACK_BUCKETS),
+            ("relay_batch_size", &relay::BATCH_SIZE_BUCKETS),
+        ],
+        relay::describe_metrics,
+    )?;
     let readiness = Readiness::default();
     let listener = settings.metrics_addr.listen().await?;
     tracing::info!(

@@ -13,7 +13,7 @@ mod toy {
     use messaging::jobs::{self, Completed, Job, JobError, JobHandler, JobKind, Runner};
     use messaging::outbound::{self, Client};
     use messaging::outbox::{self, Cause};
-    use messaging::service::{CommonSettings, ServiceConfig, ServiceSpec};
+    use messaging::service::{CommonSettings, ServiceConfig, ServiceMetrics, ServiceSpec};
     use messaging::shutdown::Shutdown;
     use schemas::{Event, OrderConfirmed, OrderRejected};
     use serde::{Deserialize, Serialize};
@@ -140,7 +140,7 @@ mod toy {
                 .polling_every(Duration::from_millis(200))
                 .with(check, FraudCheck { api }),
             pruned: Vec::new(),
-            zero_counters: &[],
+            metrics: ServiceMetrics::NONE,
         };
         let config = ServiceConfig {
             listen_addr: "127.0.0.1:0"

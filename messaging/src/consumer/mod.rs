@@ -331,3 +331,66 @@ impl<H> Worker<H> {
             .increment(1);
     }
 }
+
+/// Describes the consumer runtime's metrics.
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "consumer_messages_processed_total",
+        "Messages applied (inbox claimed, effect committed), by group, topic and event type"
+    );
+    describe_counter!(
+        "consumer_messages_duplicate_total",
+        "Messages skipped because the inbox had their message id already, by group, topic and event type"
+    );
+    describe_counter!(
+        "consumer_messages_parked_total",
+        "Messages stored behind an earlier message of their key that waits in a retry topic"
+    );
+    describe_counter!(
+        "consumer_messages_retried_total",
+        "Messages sent to a retry topic because they were not applicable yet, by attempt"
+    );
+    describe_counter!(
+        "consumer_messages_dead_lettered_total",
+        "Messages sent to the group's dead-letter topic, by error class"
+    );
+    describe_counter!(
+        "consumer_transient_retries_total",
+        "In-place retries after a transient failure (database or broker unavailable)"
+    );
+    describe_histogram!(
+        "consumer_handler_duration_seconds",
+        Unit::Seconds,
+        "Time to apply one message: inbox claim, effect and commit"
+    );
+    describe_gauge!(
+        "consumer_lag_messages",
+        "Messages between the partition's high watermark and the group's committed offset, per assigned partition (librdkafka statistics, every 5 s)"
+    );
+    describe_counter!(
+        "consumer_offset_gaps_total",
+        "Times a consumer received an offset beyond the next one it expected on a partition: records it never received (the log names the range)"
+    );
+    describe_gauge!(
+        "consumer_unowned_partitions",
+        "Partitions of the topic that no live instance of the group reads, per the ownership watchdog (every 5 s)"
+    );
+    describe_counter!(
+        "consumer_forced_rebalances_total",
+        "Times this consumer left and rejoined its group because partitions had no live reader"
+    );
+    describe_gauge!(
+        "consumer_parked_keys",
+        "Keys (orders) whose events wait behind a message in the retry topics"
+    );
+    describe_gauge!(
+        "consumer_parked_key_oldest_age_seconds",
+        Unit::Seconds,
+        "How long the longest-waiting parked key has waited behind its current head"
+    );
+    describe_counter!(
+        "consumer_parked_heads_expired_total",
+        "Heads given up on after --parked-key-timeout (their retry copy never came back): dead-lettered, their keys' parked messages applied"
+    );
+}
