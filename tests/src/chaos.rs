@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use crate::pg_cluster::PgCluster;
-use crate::{Proc, Stack, StackOptions};
+use crate::{Proc, Process, Stack, StackOptions};
 
 /// The faults the run injects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -621,7 +621,7 @@ async fn inject(
         Fault::KillRelay => {
             relay(stack).kill9();
             tokio::time::sleep(between(rng, 0.0, 2.0)).await;
-            stack.start_relay().await;
+            stack.start_process(Process::Relay).await;
         }
         Fault::KillRelayMidBatch => {
             for attempt in 0..MID_BATCH_TRIES {
@@ -632,7 +632,7 @@ async fn inject(
                 relay(stack).kill9();
                 tokio::time::sleep(Duration::from_secs(2 + u64::from(attempt))).await;
                 let after = between(rng, 0.0, 0.02);
-                stack.launch_relay();
+                stack.launch(Process::Relay);
                 let url = stack.relay_metrics_url.clone();
                 wait_for_first_batch(stack, &url).await;
                 tokio::time::sleep(after).await;
@@ -641,7 +641,7 @@ async fn inject(
                 // relay publishes them again and the inboxes must skip the copies.
                 let (orders, inventory) = stack.published_outbox_rows().await;
                 let republished = orders + inventory;
-                stack.start_relay().await;
+                stack.start_process(Process::Relay).await;
                 eprintln!(
                     "chaos:          the kill left {republished} published rows in the outbox"
                 );
@@ -658,13 +658,13 @@ async fn inject(
             };
         }
         Fault::KillOrderService => {
-            stack.kill_order();
+            stack.kill(Process::OrderService);
             tokio::time::sleep(between(rng, 0.0, 2.0)).await;
-            stack.start_order().await;
+            stack.start_process(Process::OrderService).await;
         }
         Fault::KillInventoryService => {
             let down = between(rng, 0.0, 2.0);
-            stack.restart_inventory(down).await;
+            stack.restart(Process::InventoryService, down).await;
         }
         Fault::PauseBroker => {
             // Longer than the consumers' session timeout (10 s): the broker expires them.
@@ -682,7 +682,8 @@ async fn inject(
         Fault::SecondOrderService => {
             let (up, kill) = (between(rng, 3.0, 8.0), rng.random_bool(0.5));
             let name = format!("order-service-{instance}");
-            let (mut second, url) = stack.spawn_order_instance(&name).await;
+            let (mut second, listener) = stack.spawn_instance(Process::OrderService, &name).await;
+            let url = crate::url_of(&listener);
             load.targets.write().expect("lock").push(url.clone());
             tokio::time::sleep(up).await;
             load.targets.write().expect("lock").retain(|t| t != &url);
@@ -691,14 +692,15 @@ async fn inject(
         Fault::SecondInventoryService => {
             let (up, kill) = (between(rng, 3.0, 8.0), rng.random_bool(0.5));
             let name = format!("inventory-service-{instance}");
-            let (mut second, _) = stack.spawn_inventory_instance(&name).await;
+            let (mut second, _listener) =
+                stack.spawn_instance(Process::InventoryService, &name).await;
             tokio::time::sleep(up).await;
             end_second_instance(load, &mut second, kill);
         }
         Fault::RelayTakeover => {
             let up = between(rng, 1.0, 3.0);
             let (mut standby, listener) = stack
-                .spawn_standby_relay(&format!("outbox-relay-{instance}"))
+                .spawn_instance(Process::Relay, &format!("outbox-relay-{instance}"))
                 .await;
             tokio::time::sleep(up).await;
             if !standby.is_running() {
@@ -707,7 +709,7 @@ async fn inject(
                     standby.name
                 ));
             }
-            stack.kill_relay_for(standby, listener);
+            stack.replace(Process::Relay, standby, listener);
         }
         Fault::CutInventoryDatabase => {
             let down = between(rng, 2.0, 6.0);
@@ -740,7 +742,7 @@ fn between(rng: &mut StdRng, from_secs: f64, to_secs: f64) -> Duration {
 }
 
 fn relay(stack: &mut Stack) -> &mut Proc {
-    stack.relay.as_mut().expect("a relay runs")
+    stack.own_proc(Process::Relay)
 }
 
 /// Polls the relay's `<url>/metrics` every 5 ms until it has read a batch (at most 60 s).

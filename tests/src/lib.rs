@@ -666,11 +666,39 @@ pub fn http_client() -> reqwest::Client {
         .expect("HTTP client")
 }
 
-/// The listening sockets of a test's own stack, one per process that serves HTTP.
-struct Listeners {
-    order: TcpListener,
-    inventory: TcpListener,
-    relay: TcpListener,
+/// A process of the stack the harness starts and controls; a new one is an entry here and an
+/// arm in [`Process::program`], [`Process::port_flag`] and [`Stack::args_of`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Process {
+    OrderService,
+    InventoryService,
+    Relay,
+}
+
+impl Process {
+    /// Every process, in the order a stack starts them.
+    pub const ALL: [Process; 3] = [
+        Process::OrderService,
+        Process::InventoryService,
+        Process::Relay,
+    ];
+
+    /// Its binary, and the name of its log.
+    pub fn program(self) -> &'static str {
+        match self {
+            Process::OrderService => "order-service",
+            Process::InventoryService => "inventory-service",
+            Process::Relay => "outbox-relay",
+        }
+    }
+
+    /// The flag that says where it serves HTTP (set to `stdin`: the listener is handed to it).
+    fn port_flag(self) -> &'static str {
+        match self {
+            Process::OrderService | Process::InventoryService => "--listen-addr",
+            Process::Relay => "--metrics-addr",
+        }
+    }
 }
 
 /// The whole system for one test: broker, order-service, inventory-service, outbox-relay, and two
@@ -684,14 +712,13 @@ pub struct Stack {
     pub inventory_url: String,
     pub relay_metrics_url: String,
     /// Where the stack's own processes serve, held for the stack's lifetime ([`listener`]).
-    listeners: Option<Listeners>,
-    order_service: Option<Proc>,
-    order_args: Vec<String>,
-    inventory_service: Option<Proc>,
-    inventory_args: Vec<String>,
+    listeners: HashMap<Process, TcpListener>,
+    /// The stack's own processes that it started (and has not been told to kill).
+    procs: HashMap<Process, Proc>,
+    /// The arguments each process is started with.
+    args: HashMap<Process, Vec<String>>,
     /// The Postgres server of the stack's databases, without a database.
     pub pg: String,
-    pub relay: Option<Proc>,
     /// The inventory database's proxy, when [`StackOptions::inventory_db_proxy`] asked for one.
     pub inventory_proxy: Option<proxy::Proxy>,
     pub http: reqwest::Client,
@@ -727,74 +754,24 @@ impl Stack {
         let suffix = Uuid::new_v4().simple().to_string()[..12].to_owned();
         let orders_db = format!("e2e_orders_{suffix}");
         let inventory_db = format!("e2e_inventory_{suffix}");
-        let listeners = Listeners {
-            order: listener(),
-            inventory: listener(),
-            relay: listener(),
-        };
+        let listeners: HashMap<Process, TcpListener> =
+            Process::ALL.iter().map(|p| (*p, listener())).collect();
         let inventory_proxy = if options.inventory_db_proxy {
             Some(proxy::Proxy::start(host_port_of(&pg)).await)
         } else {
             None
         };
-        let inventory_pg = match &inventory_proxy {
-            Some(p) => format!("postgres://postgres@127.0.0.1:{}", p.port),
-            None => pg.clone(),
-        };
-        let service_args = |pg: &str, db: &str| -> Vec<String> {
-            let mut args: Vec<String> = options
-                .retry_delays
-                .iter()
-                .flat_map(|d| ["--retry-delays".to_owned(), d.clone()])
-                .collect();
-            args.extend([
-                "--listen-addr".into(),
-                "stdin".into(),
-                "--database-url".into(),
-                db_url(pg, db),
-                "--kafka-bootstrap-servers".into(),
-                broker.bootstrap.clone(),
-            ]);
-            args.extend(broker.kafka_config_args());
-            args
-        };
-        let mut order_args = service_args(&pg, &orders_db);
-        if let Some(deadline) = &options.saga_deadline {
-            order_args.extend(["--saga-deadline".to_owned(), deadline.clone()]);
-        }
-        let order_service = Proc::spawn_serving(
-            "order-service",
-            &binary("order-service"),
-            &order_args,
-            &log_dir,
-            &options.env,
-            &listeners.order,
-        );
-        let inventory_args = service_args(&inventory_pg, &inventory_db);
-        let inventory_service = options.inventory.then(|| {
-            Proc::spawn_serving(
-                "inventory-service",
-                &binary("inventory-service"),
-                &inventory_args,
-                &log_dir,
-                &options.env,
-                &listeners.inventory,
-            )
-        });
         let mut stack = Stack {
             broker,
             orders_db,
             inventory_db,
-            order_url: url_of(&listeners.order),
-            inventory_url: url_of(&listeners.inventory),
-            relay_metrics_url: url_of(&listeners.relay),
-            listeners: Some(listeners),
-            order_service: Some(order_service),
-            order_args,
-            inventory_service,
-            inventory_args,
+            order_url: url_of(&listeners[&Process::OrderService]),
+            inventory_url: url_of(&listeners[&Process::InventoryService]),
+            relay_metrics_url: url_of(&listeners[&Process::Relay]),
+            listeners,
+            procs: HashMap::new(),
+            args: HashMap::new(),
             pg,
-            relay: None,
             inventory_proxy,
             http: http_client(),
             options: options.clone(),
@@ -803,14 +780,83 @@ impl Stack {
             metrics_at_start: HashMap::new(),
             external: None,
         };
-        stack.wait_ready(&stack.order_url.clone()).await;
-        if options.inventory {
-            stack.wait_ready(&stack.inventory_url.clone()).await;
+        stack.args = Process::ALL
+            .iter()
+            .map(|p| (*p, stack.args_of(*p)))
+            .collect();
+        // The services first, then the relay once they are ready.
+        let services = [
+            (Process::OrderService, true),
+            (Process::InventoryService, options.inventory),
+        ];
+        for (process, start) in services {
+            if start {
+                stack.launch(process);
+            }
+        }
+        for (process, start) in services {
+            if start {
+                stack.wait_ready(&stack.url_of(process)).await;
+            }
         }
         if options.relay {
-            stack.start_relay().await;
+            stack.start_process(Process::Relay).await;
         }
         stack
+    }
+
+    /// The arguments `process` starts with: where it serves, its database(s) (inventory's through
+    /// the proxy when there is one), the broker, and the options that concern it.
+    fn args_of(&self, process: Process) -> Vec<String> {
+        let inventory_pg = match &self.inventory_proxy {
+            Some(p) => format!("postgres://postgres@127.0.0.1:{}", p.port),
+            None => self.pg.clone(),
+        };
+        let mut args: Vec<String> = match process {
+            Process::OrderService | Process::InventoryService => {
+                let (pg, db) = match process {
+                    Process::OrderService => (&self.pg, &self.orders_db),
+                    _ => (&inventory_pg, &self.inventory_db),
+                };
+                let mut args: Vec<String> = self
+                    .options
+                    .retry_delays
+                    .iter()
+                    .flat_map(|d| ["--retry-delays".to_owned(), d.clone()])
+                    .collect();
+                args.extend(["--database-url".into(), db_url(pg, db)]);
+                if process == Process::OrderService
+                    && let Some(deadline) = &self.options.saga_deadline
+                {
+                    args.extend(["--saga-deadline".to_owned(), deadline.clone()]);
+                }
+                args
+            }
+            Process::Relay => vec![
+                "--source".into(),
+                format!("orders={}", db_url(&self.pg, &self.orders_db)),
+                "--source".into(),
+                format!("inventory={}", db_url(&inventory_pg, &self.inventory_db)),
+                "--batch-size".into(),
+                self.options.relay_batch_size.to_string(),
+            ],
+        };
+        args.extend([process.port_flag().to_owned(), "stdin".into()]);
+        args.extend([
+            "--kafka-bootstrap-servers".into(),
+            self.broker.bootstrap.clone(),
+        ]);
+        args.extend(self.broker.kafka_config_args());
+        args
+    }
+
+    /// Where `process` serves (its `/readyz` and `/metrics`).
+    pub fn url_of(&self, process: Process) -> String {
+        match process {
+            Process::OrderService => self.order_url.clone(),
+            Process::InventoryService => self.inventory_url.clone(),
+            Process::Relay => self.relay_metrics_url.clone(),
+        }
     }
 
     /// The stack for a test against `external`: its addresses, skus of the test's own, and each
@@ -833,13 +879,10 @@ impl Stack {
             order_url: external.order_url.clone(),
             inventory_url: external.inventory_url.clone(),
             relay_metrics_url: external.relay_url.clone(),
-            listeners: None,
-            order_service: None,
-            order_args: Vec::new(),
-            inventory_service: None,
-            inventory_args: Vec::new(),
+            listeners: HashMap::new(),
+            procs: HashMap::new(),
+            args: HashMap::new(),
             pg: postgres_url(),
-            relay: None,
             inventory_proxy: None,
             http: http_client(),
             options,
@@ -867,11 +910,10 @@ impl Stack {
         if let Some(pid) = self.broker.pid() {
             all.push(("broker".to_owned(), pid));
         }
-        for proc in [&self.order_service, &self.inventory_service, &self.relay]
-            .into_iter()
-            .flatten()
-        {
-            if let Some(pid) = proc.pid() {
+        for process in Process::ALL {
+            if let Some(proc) = self.procs.get(&process)
+                && let Some(pid) = proc.pid()
+            {
                 all.push((proc.name.clone(), pid));
             }
         }
@@ -890,144 +932,71 @@ impl Stack {
         format!("{}{name}", self.sku_prefix)
     }
 
-    /// `kill -9` of the inventory service, down for `down`, then started again and ready.
-    pub async fn restart_inventory(&mut self, down: Duration) {
-        self.kill_inventory();
+    /// `kill -9` of `process`, down for `down`, then started again and ready.
+    pub async fn restart(&mut self, process: Process, down: Duration) {
+        self.kill(process);
         tokio::time::sleep(down).await;
-        self.start_inventory().await;
+        self.start_process(process).await;
     }
 
-    /// `kill -9` of the inventory service: no graceful shutdown, no leaving the consumer group.
-    pub fn kill_inventory(&mut self) {
-        self.inventory_service
-            .as_mut()
-            .expect("only a test's own stack can be killed")
-            .kill9();
+    /// `kill -9` of `process`: no graceful shutdown, no leaving the consumer group.
+    pub fn kill(&mut self, process: Process) {
+        self.own_proc(process).kill9();
     }
 
-    /// Starts the inventory service again (after [`Stack::kill_inventory`]) and waits until it
-    /// is ready.
-    pub async fn start_inventory(&mut self) {
-        assert!(
-            !self.is_external(),
-            "only a test's own stack can be started"
-        );
-        self.inventory_service = Some(Proc::spawn_serving(
-            "inventory-service",
-            &binary("inventory-service"),
-            &self.inventory_args,
-            &self.log_dir,
-            &self.options.env,
-            &self.own_listeners().inventory,
-        ));
-        let url = self.inventory_url.clone();
-        self.wait_ready(&url).await;
+    /// SIGTERM to `process`: whether it exited by itself within `within`.
+    pub fn stop_within(&mut self, process: Process, within: Duration) -> bool {
+        self.own_proc(process).stop_within(within)
     }
 
-    /// Starts another inventory-service instance (same database, broker and consumer group, its
-    /// own HTTP port), logging to `<name>.log`, and waits until it is ready; returns it and its
-    /// URL.
-    pub async fn spawn_inventory_instance(&self, name: &str) -> (Proc, String) {
-        let (proc, listener) = self
-            .spawn_instance(
-                name,
-                "inventory-service",
-                &self.inventory_args,
-                "--listen-addr",
+    /// The stack's own running `process`.
+    pub fn own_proc(&mut self, process: Process) -> &mut Proc {
+        self.procs.get_mut(&process).unwrap_or_else(|| {
+            panic!(
+                "{} is not running in the test's own stack",
+                process.program()
             )
-            .await;
-        (proc, url_of(&listener))
+        })
     }
 
-    /// `kill -9` of the (first) order service.
-    pub fn kill_order(&mut self) {
-        self.order_service
-            .as_mut()
-            .expect("only a test's own stack can be killed")
-            .kill9();
+    /// Starts `process` (again, after [`Stack::kill`]) and waits until it is ready.
+    pub async fn start_process(&mut self, process: Process) {
+        self.launch(process);
+        self.wait_ready(&self.url_of(process)).await;
     }
 
-    /// SIGTERM to the (first) order service: whether it exited by itself within `within`.
-    pub fn stop_order_within(&mut self, within: Duration) -> bool {
-        self.order_service
-            .as_mut()
-            .expect("only a test's own stack can be stopped")
-            .stop_within(within)
-    }
-
-    /// Starts the order service again (after [`Stack::kill_order`]) and waits until it is ready.
-    pub async fn start_order(&mut self) {
+    /// Starts `process` without waiting for it.
+    pub fn launch(&mut self, process: Process) {
         assert!(
             !self.is_external(),
             "only a test's own stack can be started"
         );
-        self.order_service = Some(Proc::spawn_serving(
-            "order-service",
-            &binary("order-service"),
-            &self.order_args,
+        let proc = Proc::spawn_serving(
+            process.program(),
+            &binary(process.program()),
+            &self.args[&process],
             &self.log_dir,
             &self.options.env,
-            &self.own_listeners().order,
-        ));
-        let url = self.order_url.clone();
-        self.wait_ready(&url).await;
+            &self.listeners[&process],
+        );
+        self.procs.insert(process, proc);
     }
 
-    /// Starts another order-service instance (same database, broker and consumer group, its own
-    /// HTTP port), logging to `<name>.log`, and waits until it is ready; returns it and its URL.
-    pub async fn spawn_order_instance(&self, name: &str) -> (Proc, String) {
-        let (proc, listener) = self
-            .spawn_instance(name, "order-service", &self.order_args, "--listen-addr")
-            .await;
-        (proc, url_of(&listener))
-    }
-
-    /// Kills the relay (`kill -9`) and makes `standby`, started by
-    /// [`Stack::spawn_standby_relay`] on `listener`, the stack's relay: restarts serve there.
-    pub fn kill_relay_for(&mut self, standby: Proc, listener: TcpListener) {
-        if let Some(relay) = self.relay.as_mut() {
-            relay.kill9();
-        }
-        self.relay = Some(standby);
-        self.relay_metrics_url = url_of(&listener);
-        self.listeners
-            .as_mut()
-            .expect("only a test's own stack can be started")
-            .relay = listener;
-    }
-
-    /// Starts another relay for the same sources (a standby while the first one publishes),
-    /// logging to `<name>.log`, and waits until it is ready; returns it and the listener it
-    /// serves its metrics on ([`url_of`]; for [`Stack::kill_relay_for`]).
-    pub async fn spawn_standby_relay(&self, name: &str) -> (Proc, TcpListener) {
-        self.spawn_instance(name, "outbox-relay", &self.relay_args(), "--metrics-addr")
-            .await
-    }
-
-    /// Starts `program` with `args`, serving on a listener of its own (`port_flag` is `stdin`),
-    /// and waits until it is ready; returns it and its listener.
-    async fn spawn_instance(
-        &self,
-        name: &str,
-        program: &str,
-        args: &[String],
-        port_flag: &str,
-    ) -> (Proc, TcpListener) {
+    /// Starts another instance of `process` (same databases, broker and consumer group; a relay
+    /// for the same sources, a standby while the first one publishes), serving on a listener of
+    /// its own and logging to `<name>.log`, and waits until it is ready; returns it and its
+    /// listener ([`url_of`]; for [`Stack::replace`]).
+    pub async fn spawn_instance(&self, process: Process, name: &str) -> (Proc, TcpListener) {
         assert!(
             !self.is_external(),
             "only a test's own stack can be started"
         );
-        let at = args
-            .iter()
-            .position(|a| a == port_flag)
-            .unwrap_or_else(|| panic!("{program} has no {port_flag}"));
-        assert_eq!(args[at + 1], "stdin", "{program} {port_flag}");
         let listener = listener();
         let url = url_of(&listener);
         let proc = Proc::spawn_serving(
             name,
-            &binary(program),
-            args,
+            &binary(process.program()),
+            &self.args[&process],
             &self.log_dir,
             &self.options.env,
             &listener,
@@ -1036,73 +1005,41 @@ impl Stack {
         (proc, listener)
     }
 
-    /// The relay's arguments: both sources (inventory's through the proxy when there is one),
-    /// metrics on the listener it is given.
-    fn relay_args(&self) -> Vec<String> {
-        let pg = &self.pg;
-        let inventory_pg = match &self.inventory_proxy {
-            Some(p) => format!("postgres://postgres@127.0.0.1:{}", p.port),
-            None => pg.clone(),
-        };
-        let args = vec![
-            "--source".into(),
-            format!("orders={}", db_url(pg, &self.orders_db)),
-            "--source".into(),
-            format!("inventory={}", db_url(&inventory_pg, &self.inventory_db)),
-            "--kafka-bootstrap-servers".into(),
-            self.broker.bootstrap.clone(),
-            "--metrics-addr".into(),
-            "stdin".into(),
-            "--batch-size".into(),
-            self.options.relay_batch_size.to_string(),
-        ];
-        args.into_iter()
-            .chain(self.broker.kafka_config_args())
-            .collect()
-    }
-
-    /// The listeners of the test's own stack.
-    fn own_listeners(&self) -> &Listeners {
-        self.listeners
-            .as_ref()
-            .expect("only a test's own stack can be started")
-    }
-
-    /// Starts the relay (metrics on [`Stack::relay_metrics_url`]) and waits until it is ready.
-    pub async fn start_relay(&mut self) {
-        self.launch_relay();
-        let url = self.relay_metrics_url.clone();
-        self.wait_ready(&url).await;
-    }
-
-    /// Starts the relay without waiting for it.
-    pub fn launch_relay(&mut self) {
+    /// Kills `process` (`kill -9`) and makes `instance`, started by [`Stack::spawn_instance`] on
+    /// `listener`, the stack's: it serves at the process's URL from now on, and restarts serve
+    /// there.
+    pub fn replace(&mut self, process: Process, instance: Proc, listener: TcpListener) {
         assert!(
             !self.is_external(),
-            "only a test's own stack can be started"
+            "only a test's own stack can be changed"
         );
-        self.relay = Some(Proc::spawn_serving(
-            "outbox-relay",
-            &binary("outbox-relay"),
-            &self.relay_args(),
-            &self.log_dir,
-            &self.options.env,
-            &self.own_listeners().relay,
-        ));
+        if let Some(old) = self.procs.get_mut(&process) {
+            old.kill9();
+        }
+        self.procs.insert(process, instance);
+        let url = url_of(&listener);
+        match process {
+            Process::OrderService => self.order_url = url,
+            Process::InventoryService => self.inventory_url = url,
+            Process::Relay => self.relay_metrics_url = url,
+        }
+        self.listeners.insert(process, listener);
     }
 
     /// The stack's own processes that have exited, the broker included (none to check on an
     /// external stack).
     pub fn exited(&mut self) -> Vec<&'static str> {
         let mut exited = Vec::new();
-        for (name, proc) in [
-            ("broker", &mut self.broker.proc),
-            ("order-service", &mut self.order_service),
-            ("inventory-service", &mut self.inventory_service),
-            ("outbox-relay", &mut self.relay),
-        ] {
-            if proc.as_mut().is_some_and(|p| !p.is_running()) {
-                exited.push(name);
+        if self.broker.proc.as_mut().is_some_and(|p| !p.is_running()) {
+            exited.push("broker");
+        }
+        for process in Process::ALL {
+            if self
+                .procs
+                .get_mut(&process)
+                .is_some_and(|p| !p.is_running())
+            {
+                exited.push(process.program());
             }
         }
         exited
@@ -1482,14 +1419,7 @@ impl Drop for Stack {
         if self.is_external() {
             return;
         }
-        for proc in [
-            &mut self.relay,
-            &mut self.order_service,
-            &mut self.inventory_service,
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for proc in self.procs.values_mut() {
             proc.kill9();
         }
         drop_databases(

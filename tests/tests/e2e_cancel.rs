@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use e2e::{Stack, eventually, kafka};
+use e2e::{Process, Stack, eventually, kafka};
 use reqwest::StatusCode;
 use schemas::Event;
 use serde_json::Value;
@@ -195,7 +195,7 @@ mod own_stack {
         assert_eq!(status, StatusCode::ACCEPTED);
         // Inventory reserves (StockReserved reaches a CANCELLING order and is ignored), then
         // releases on OrderCancelled; the order ends CANCELLED.
-        stack.start_relay().await;
+        stack.start_process(Process::Relay).await;
         stack
             .wait_for_statuses(&[id], &["CANCELLED"], TIMEOUT)
             .await;
@@ -232,7 +232,7 @@ mod own_stack {
 
         // Inventory crashes (no graceful shutdown, it does not leave its consumer group). Meanwhile
         // four orders arrive and three orders are cancelled: the confirmed one and two of the new ones.
-        stack.kill_inventory();
+        stack.kill(Process::InventoryService);
         let mut placed = Vec::new();
         for _ in 0..4 {
             placed.push(stack.place_order(&[("A", 1)]).await);
@@ -240,7 +240,7 @@ mod own_stack {
         for id in [confirmed, placed[0], placed[1]] {
             assert_eq!(stack.cancel(id).await.0, StatusCode::ACCEPTED);
         }
-        stack.start_inventory().await;
+        stack.start_process(Process::InventoryService).await;
 
         let cancelled = [confirmed, placed[0], placed[1]];
         stack

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use e2e::{Stack, StackOptions, eventually, kafka};
+use e2e::{Process, Stack, StackOptions, eventually, kafka};
 use futures::future::join_all;
 use schemas::Event;
 use uuid::Uuid;
@@ -43,7 +43,7 @@ mod own_stack {
         );
 
         // The reservation is still in flight: inventory now sees OrderPlaced, then OrderCancelled.
-        stack.start_relay().await;
+        stack.start_process(Process::Relay).await;
         stack
             .wait_for_statuses(&[id], &["CANCELLED"], TIMEOUT)
             .await;
@@ -80,7 +80,7 @@ mod own_stack {
         for id in &ids {
             stack.create_order_quietly(*id).await;
         }
-        stack.kill_order();
+        stack.kill(Process::OrderService);
         let pool = stack.orders_pool().await;
         // Their deadline jobs are due now.
         let due = sqlx::query("UPDATE jobs SET run_at = now() WHERE kind = $1")

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use e2e::{Stack, StackOptions, eventually, kafka};
+use e2e::{Process, Stack, StackOptions, eventually, kafka};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -56,7 +56,7 @@ mod own_stack {
         .await;
         stack.put_product("A", 100, STOCK).await;
         let sku = stack.sku("A");
-        stack.kill_inventory();
+        stack.kill(Process::InventoryService);
 
         let orders_db = stack.orders_pool().await;
         let mut ids = Vec::new();
@@ -115,7 +115,7 @@ mod own_stack {
             ids.push(stack.place_order(&[("A", 1)]).await);
         }
         stack.wait_for_empty_outbox(&orders_db, TIMEOUT).await;
-        stack.start_inventory().await;
+        stack.start_process(Process::InventoryService).await;
 
         // Every order around the bad records is confirmed.
         stack.wait_for_statuses(&ids, &["CONFIRMED"], TIMEOUT).await;

@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use e2e::{Stack, StackOptions, eventually, kafka, wire};
+use e2e::{Process, Stack, StackOptions, eventually, kafka, wire};
 use futures::StreamExt;
 use uuid::Uuid;
 
@@ -44,7 +44,7 @@ async fn resume_inside_a_batch(
     )
     .await;
     let first = place_orders(&stack, 30).await;
-    stack.start_relay().await;
+    stack.start_process(Process::Relay).await;
     let bootstrap = stack.broker.bootstrap.clone();
     let records = eventually(TIMEOUT, || async {
         let records = kafka::read_topic(&bootstrap, schemas::ORDERS_TOPIC).await?;
@@ -81,7 +81,7 @@ async fn resume_inside_a_batch(
     kafka::commit_offsets(&bootstrap, GROUP, schemas::ORDERS_TOPIC, &offsets)
         .await
         .expect("commit offsets");
-    stack.start_inventory().await;
+    stack.start_process(Process::InventoryService).await;
     // New records behind the first batches, on every partition, one by one.
     for _ in 0..12 {
         place_orders(&stack, 1).await;
@@ -228,7 +228,9 @@ mod own_stack {
         // may leave the dead member out): then the newest instance is killed and another joins,
         // until a partition is seen without a live reader (`consumer_unowned_partitions`, which
         // the watchdog of every live instance exports).
-        let (mut victim, _) = stack.spawn_inventory_instance("inventory-service-2").await;
+        let (mut victim, _listener) = stack
+            .spawn_instance(Process::InventoryService, "inventory-service-2")
+            .await;
         eventually(TIMEOUT, || async {
             let members = members(&stack).await;
             Ok((members.len() == 2 && members.values().all(|p| !p.is_empty())).then_some(()))
@@ -239,10 +241,13 @@ mod own_stack {
         let mut stranded = false;
         for round in 3..=8 {
             victim.kill9();
-            let (next, next_url) = stack
-                .spawn_inventory_instance(&format!("inventory-service-{round}"))
+            let (next, listener) = stack
+                .spawn_instance(
+                    Process::InventoryService,
+                    &format!("inventory-service-{round}"),
+                )
                 .await;
-            (victim, live_url) = (next, next_url);
+            (victim, live_url) = (next, e2e::url_of(&listener));
             let urls = [stack.inventory_url.clone(), live_url.clone()];
             // The dead member counts as live for 15 s after its last report, and the watchdog
             // checks every 5 s: a stranding shows within about 25 s.

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use e2e::{Stack, StackOptions, eventually, kafka};
+use e2e::{Process, Stack, StackOptions, eventually, kafka};
 use futures::StreamExt;
 use schemas::Event;
 use uuid::Uuid;
@@ -65,10 +65,10 @@ mod own_stack {
         // Half the orders, then inventory-service crashes; the other half (and their cancels) arrive
         // while it is down, long enough for the 1.5 s deadline to cancel those left PENDING.
         let mut placed = place(&stack, 0..ORDERS / 2).await;
-        stack.kill_inventory();
+        stack.kill(Process::InventoryService);
         placed.extend(place(&stack, ORDERS / 2..ORDERS).await);
         tokio::time::sleep(Duration::from_secs(1)).await;
-        stack.start_inventory().await;
+        stack.start_process(Process::InventoryService).await;
         let ids: Vec<Uuid> = placed.iter().map(|(id, _)| *id).collect();
 
         let statuses = stack

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use e2e::{Stack, StackOptions, eventually};
+use e2e::{Process, Stack, StackOptions, eventually};
 use reqwest::StatusCode;
 use serde_json::json;
 use sqlx::Connection;
@@ -76,7 +76,7 @@ mod own_stack {
         assert_eq!(r.headers()["content-type"], "application/problem+json");
 
         // The saga goes on meanwhile: read from the database, as the API cannot answer.
-        stack.start_relay().await;
+        stack.start_process(Process::Relay).await;
         eventually(Duration::from_secs(60), || async {
             let status: String =
                 sqlx::query_scalar("SELECT status FROM orders WHERE order_id = $1")

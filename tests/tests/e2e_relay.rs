@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use e2e::{Stack, StackOptions, eventually, kafka};
+use e2e::{Process, Stack, StackOptions, eventually, kafka};
 use futures::StreamExt;
 use messaging::outbox::Cause;
 use order_service::store::{self, Item, NewOrder};
@@ -126,7 +126,7 @@ mod own_stack {
             .await
             .unwrap();
             committed.extend(placed);
-            stack.start_relay().await;
+            stack.start_process(Process::Relay).await;
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
                 let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
@@ -139,7 +139,7 @@ mod own_stack {
                 assert!(Instant::now() < deadline, "the relay published nothing");
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
-            stack.relay.as_mut().unwrap().kill9();
+            stack.kill(Process::Relay);
             let left: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
                 .fetch_one(&orders_db)
                 .await
@@ -157,7 +157,7 @@ mod own_stack {
             republished > 0,
             "no kill landed while published rows were still in the outbox"
         );
-        stack.start_relay().await;
+        stack.start_process(Process::Relay).await;
         let statuses = stack.wait_for_statuses(&ids, &["CONFIRMED"], TIMEOUT).await;
         assert_eq!(committed.len(), ids.len(), "one OrderPlaced per order");
         assert_eq!(statuses.len(), ids.len());
@@ -400,7 +400,9 @@ mod own_stack {
         stack
             .wait_for_statuses(&[first], &["CONFIRMED"], TIMEOUT)
             .await;
-        let (_standby, listener) = stack.spawn_standby_relay("outbox-relay-standby").await;
+        let (_standby, listener) = stack
+            .spawn_instance(Process::Relay, "outbox-relay-standby")
+            .await;
         let urls = [stack.relay_metrics_url.clone(), e2e::url_of(&listener)];
 
         let orders_db = stack.orders_pool().await;

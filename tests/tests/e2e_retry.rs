@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use e2e::kafka::{self, Record};
-use e2e::{Stack, StackOptions, eventually};
+use e2e::{Process, Stack, StackOptions, eventually};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -521,7 +521,7 @@ mod own_stack {
             stack.broker.resume();
         }
         let message_id = sending.expect("no dead-letter send began while the broker was stopped");
-        let exited = stack.stop_order_within(Duration::from_secs(10));
+        let exited = stack.stop_within(Process::OrderService, Duration::from_secs(10));
         stack.broker.resume();
         assert!(
             exited,
@@ -529,7 +529,7 @@ mod own_stack {
             stack.where_logs_are()
         );
 
-        stack.start_order().await;
+        stack.start_process(Process::OrderService).await;
         let letters = eventually(TIMEOUT, || async {
             let records = kafka::read_topic(&stack.broker.bootstrap, "order-service.dlq").await?;
             let letters: Vec<Record> = records
