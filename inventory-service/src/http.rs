@@ -6,9 +6,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use messaging::http::{Admin, AdminToken, Problem, ValidJson};
 use schemas::limits::{MAX_PRICE_CENTS, MAX_STOCK};
 use serde::Deserialize;
+use service_kit::http::{Admin, AdminToken, Problem, ValidJson};
 use sqlx::PgPool;
 use uuid::Uuid;
 

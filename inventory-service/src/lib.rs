@@ -7,10 +7,10 @@ pub mod http;
 pub mod store;
 
 use clap::Parser;
-use messaging::http_server::ListenAddr;
-use messaging::retention::{Keep, PrunedTable};
 use messaging::service::{CommonSettings, ServiceConfig, ServiceMetrics, ServiceSpec};
-use messaging::shutdown::Shutdown;
+use service_kit::http_server::ListenAddr;
+use service_kit::pruning::{Keep, PrunedTable};
+use service_kit::shutdown::Shutdown;
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -40,7 +40,7 @@ pub struct Settings {
 /// Runs the service until `shutdown` fires.
 pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     let admin_token =
-        messaging::http::AdminToken::from_env_or_file(settings.admin_token_file.as_deref())?;
+        service_kit::http::AdminToken::from_env_or_file(settings.admin_token_file.as_deref())?;
     if admin_token.is_set() {
         tracing::info!("PUT /products/{{sku}} requires the admin token");
     } else {
@@ -56,7 +56,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         handler: consumer::OrderEvents,
         routes: move |pool| http::routes(http::AppState { pool, admin_token }),
         background: Vec::new(),
-        jobs: messaging::jobs::Runner::default(),
+        jobs: service_kit::jobs::Runner::default(),
         // A cancellation seen before its OrderPlaced is kept as long as that OrderPlaced (or a
         // copy of it) can still arrive.
         pruned: vec![PrunedTable {

@@ -303,7 +303,7 @@ impl Envelope {
         crate::outbox::Cause {
             causation_id: Some(self.message_id),
             // The consumer's `process` span, a child of the record's traceparent.
-            traceparent: Some(crate::trace_context::current()),
+            traceparent: Some(service_kit::trace_context::current()),
             tracestate: self.tracestate.clone(),
         }
     }

@@ -1,31 +1,36 @@
-//! The plumbing that order-service and inventory-service share, so that each service's code is only
-//! its domain and its adapters: database setup, the transactional outbox writer, the inbox, the
-//! Kafka consumer runtime (inbox + effect in one transaction, offsets stored only after commit,
-//! transient failures retried in place, permanent ones dead-lettered), HTTP problem responses,
-//! logs and metrics.
+//! The messaging runtime, on top of the service kit (`service_kit`): the saga's wire contract on
+//! Kafka and everything that keeps its delivery promises.
+//!
+//! - [`outbox`]: the outbox writer (an event exists if and only if its state change commits;
+//!   outbox-relay reads and publishes the rows).
+//! - [`consumer`]: the consumer runtime: inbox and effect in one transaction, offsets stored only
+//!   after the commit, transient failures retried in place, "not yet" through the retry topics
+//!   with the key parked ([`parking`], [`retry`]), the rest dead-lettered ([`dead_letter`]); what
+//!   to do with each message decided in one pure place ([`decision`]). [`inbox`]: the dedupe.
+//! - [`delivery`]: a record as the runtime handles it and its decoding into an [`Envelope`],
+//!   within the bounds every record must keep.
+//! - [`kafka`]: client settings (and the properties the promises rest on, which a user cannot
+//!   change) and topic creation; [`retention`]: how long each topic keeps records and the inbox
+//!   remembers messages; [`ownership`] and [`offset_gaps`]: the watchdogs that catch what the
+//!   broker gets wrong.
+//! - [`service`]: the start-up and shutdown sequence every service shares.
 
-pub mod backoff;
 pub mod consumer;
-pub mod db;
 pub mod dead_letter;
 pub mod decision;
 pub mod delivery;
-pub mod http;
-pub mod http_server;
 pub mod inbox;
-pub mod jobs;
 pub mod kafka;
 pub mod offset_gaps;
-pub mod outbound;
 pub mod outbox;
 pub mod ownership;
 pub mod parking;
 pub mod retention;
 pub mod retry;
 pub mod service;
-pub mod shutdown;
-pub mod telemetry;
-pub mod trace_context;
 
 pub use consumer::HandlerError;
 pub use delivery::Envelope;
+
+/// Migrations of the runtime's tables (outbox, inbox, parking), versions 1..49.
+pub static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -23,7 +23,7 @@ use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::shutdown::Shutdown;
+use service_kit::shutdown::Shutdown;
 
 /// How often a consumer writes its assignment and checks the group's.
 pub const CHECK_EVERY: Duration = Duration::from_secs(5);

@@ -22,7 +22,7 @@ pub fn parse_delays(text: &str) -> Result<Vec<Duration>, String> {
     text.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(parse_duration)
+        .map(service_kit::duration::parse)
         .collect::<Result<Vec<_>, _>>()
         .and_then(|d| {
             if d.is_empty() {
@@ -31,32 +31,6 @@ pub fn parse_delays(text: &str) -> Result<Vec<Duration>, String> {
                 Ok(d)
             }
         })
-}
-
-/// Parses one duration such as `500ms`, `30s`, `2m`, `24h` or `7d`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let (number, unit) = text
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| text.split_at(i))
-        .ok_or_else(|| format!("{text:?} needs a unit: ms, s, m, h or d"))?;
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a whole number and a unit"))?;
-    let seconds_per = match unit {
-        "ms" => return Ok(Duration::from_millis(n)),
-        "s" => 1,
-        "m" => 60,
-        "h" => 3_600,
-        "d" => 86_400,
-        _ => {
-            return Err(format!(
-                "{text:?}: unknown unit {unit:?}; use ms, s, m, h or d"
-            ));
-        }
-    };
-    n.checked_mul(seconds_per)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{text:?} is too long"))
 }
 
 /// The attempt (1-based) that retry topic `topic` of `group` holds: `orders.retry.2` → 2. A retry
@@ -152,8 +126,6 @@ mod tests {
         );
         assert!(parse_delays("").is_err());
         assert!(parse_delays("10").is_err());
-        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
-        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
         assert!(parse_delays("1w").is_err());
         assert!(parse_delays("999999999999999999m").is_err());
     }

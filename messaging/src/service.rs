@@ -7,9 +7,9 @@ use sqlx::PgPool;
 use sqlx::migrate::Migrator;
 
 use crate::consumer::{self, ConsumerSettings, Handler};
-use crate::http::Readiness;
 use crate::kafka;
-use crate::shutdown::Shutdown;
+use service_kit::http::Readiness;
+use service_kit::shutdown::Shutdown;
 
 /// What a service is: its name, migrations, consumer group, subscription and routes.
 pub struct ServiceSpec<H, R> {
@@ -24,22 +24,22 @@ pub struct ServiceSpec<H, R> {
     /// Background work started once the database is ready (for example the saga deadline
     /// check); each runs until shutdown.
     pub background: Vec<Background>,
-    /// The service's jobs ([`crate::jobs`]): what runs outside the consumer's transaction, or
+    /// The service's jobs ([`service_kit::jobs`]): what runs outside the consumer's transaction, or
     /// later.
-    pub jobs: crate::jobs::Runner,
+    pub jobs: service_kit::jobs::Runner,
     /// The service's own tables that the retention job prunes (the inbox and the jobs given up
     /// on are always pruned).
-    pub pruned: Vec<crate::retention::PrunedTable>,
+    pub pruned: Vec<service_kit::pruning::PrunedTable>,
     /// The service's own metrics.
     pub metrics: ServiceMetrics,
 }
 
-/// The metrics a service owns (the kit's and the consumer runtime's are described by the kit).
+/// The metrics a service owns (the kit and the consumer runtime describe theirs).
 pub struct ServiceMetrics {
     /// Describes them (help text and unit).
     pub describe: fn(),
     /// Histogram buckets for those that need their own.
-    pub buckets: &'static [crate::telemetry::Buckets],
+    pub buckets: &'static [service_kit::telemetry::Buckets],
     /// Counters the service sets to 0 at start (once the metrics recorder is installed), so that
     /// rates and alerts over rare events have a series to read before the first one happens.
     pub zero_counters: &'static [ZeroCounter],
@@ -85,7 +85,7 @@ pub struct CommonSettings {
     #[arg(long, env = "DB_WORKER_CONNECTIONS", default_value_t = 8)]
     pub db_worker_connections: u32,
     #[command(flatten)]
-    pub http: crate::http_server::HttpLimits,
+    pub http: service_kit::http_server::HttpLimits,
     #[command(flatten)]
     pub retention: crate::retention::RetentionSettings,
     /// Delays before each retry of a message that is not applicable yet (`ms`, `s` or `m`); after
@@ -97,7 +97,7 @@ pub struct CommonSettings {
     /// database, and the order's waiting events applied. Guards against a retry copy that never
     /// comes back (its retry topic dropped from --retry-delays, or expired). Must be longer than
     /// the sum of the retry delays.
-    #[arg(long, env = "PARKED_KEY_TIMEOUT", default_value = "30m", value_parser = crate::retry::parse_duration)]
+    #[arg(long, env = "PARKED_KEY_TIMEOUT", default_value = "30m", value_parser = service_kit::duration::parse)]
     pub parked_key_timeout: std::time::Duration,
     /// The most records of the subscribed topic one transaction applies (group commit). Only
     /// records already fetched are grouped, so a quiet consumer applies each at once; 1 applies
@@ -152,7 +152,7 @@ fn parse_retry_delays(text: &str) -> Result<RetryDelays, String> {
 /// Where a service runs.
 #[derive(Debug, Clone)]
 pub struct ServiceConfig {
-    pub listen_addr: crate::http_server::ListenAddr,
+    pub listen_addr: service_kit::http_server::ListenAddr,
     pub database_url: String,
     pub common: CommonSettings,
 }
@@ -169,7 +169,11 @@ where
 {
     let name = spec.name;
     config.common.validate()?;
-    let metrics = crate::telemetry::init_metrics(spec.metrics.buckets, spec.metrics.describe)?;
+    let describe = spec.metrics.describe;
+    let metrics = service_kit::telemetry::init_metrics(spec.metrics.buckets, || {
+        consumer::describe_metrics();
+        describe();
+    })?;
     for (name, label_sets) in spec.metrics.zero_counters {
         for labels in *label_sets {
             let labels: Vec<metrics::Label> = labels
@@ -181,21 +185,21 @@ where
     }
     let readiness = Readiness::default();
     let listener = config.listen_addr.listen().await?;
-    tracing::info!(database = %crate::db::redacted(&config.database_url), "connecting to the database and migrating");
+    tracing::info!(database = %service_kit::db::redacted(&config.database_url), "connecting to the database and migrating");
     // Two pools: one for the HTTP API, one for the consumers and background jobs.
-    let pool = crate::db::connect_and_migrate(
+    let pool = service_kit::db::connect_and_migrate(
         &config.database_url,
         config.common.db_max_connections,
-        spec.migrations,
+        &[&crate::MIGRATIONS, spec.migrations],
     )
     .await?;
     let workers =
-        crate::db::connect(&config.database_url, config.common.db_worker_connections).await?;
+        service_kit::db::connect(&config.database_url, config.common.db_worker_connections).await?;
     let app = (spec.routes)(pool.clone())
-        .merge(crate::http::ops_routes(readiness.clone(), metrics))
-        .layer(axum::middleware::from_fn(crate::http::track_requests));
+        .merge(service_kit::http::ops_routes(readiness.clone(), metrics))
+        .layer(axum::middleware::from_fn(service_kit::http::track_requests));
     tracing::info!("{name} listening on http://{}", listener.local_addr()?);
-    let server = tokio::spawn(crate::http_server::serve(
+    let server = tokio::spawn(service_kit::http_server::serve(
         listener,
         app,
         config.common.http.clone(),
@@ -232,16 +236,16 @@ where
             None
         }
     };
-    let mut pruned = vec![crate::retention::PrunedTable {
+    let mut pruned = vec![service_kit::pruning::PrunedTable {
         table: "inbox",
         time_column: "processed_at",
-        keep: crate::retention::Keep::DuplicateWindow,
+        keep: service_kit::pruning::Keep::DuplicateWindow,
     }];
     // A job given up on is evidence, kept as long as a dead letter.
-    pruned.push(crate::retention::PrunedTable {
+    pruned.push(service_kit::pruning::PrunedTable {
         table: "jobs",
         time_column: "failed_at",
-        keep: crate::retention::Keep::For(retention.dlq_retention),
+        keep: service_kit::pruning::Keep::For(retention.dlq_retention),
     });
     pruned.extend(spec.pruned);
     let mut background: Vec<_> = spec
@@ -252,7 +256,7 @@ where
     background.push(tokio::spawn(
         spec.jobs.run(workers.clone(), shutdown.clone()),
     ));
-    background.push(tokio::spawn(crate::retention::run(
+    background.push(tokio::spawn(service_kit::pruning::run(
         workers.clone(),
         pruned,
         window,

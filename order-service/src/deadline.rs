@@ -1,7 +1,7 @@
 //! The saga deadline: an order still PENDING after the deadline is cancelled with reason
 //! DEADLINE_EXCEEDED, exactly as a customer cancel would (OrderCancelled, then inventory releases
 //! whatever it reserved). The deadline is data, not a timer: placing an order enqueues a
-//! `saga-deadline` job for it on the service's job runner ([`messaging::jobs`]) in the same
+//! `saga-deadline` job for it on the service's job runner ([`service_kit::jobs`]) in the same
 //! transaction, due when the deadline passes, and the order leaving PENDING takes the job off the
 //! queue in the transaction of that change ([`transition::apply`]). So it survives restarts, and
 //! any of several order-service instances may run it: the job locks the order's row and
@@ -14,10 +14,10 @@
 use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
-use messaging::jobs::{self, Completed, Job, JobError, JobHandler, JobKind};
 use messaging::outbox::Cause;
-use messaging::shutdown::Shutdown;
 use schemas::CancelReason;
+use service_kit::jobs::{self, Completed, Job, JobError, JobHandler, JobKind};
+use service_kit::shutdown::Shutdown;
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -62,7 +62,7 @@ pub fn kind() -> JobKind {
         kind: KIND,
         max_attempts: 60,
         lease: Duration::from_secs(30),
-        backoff: messaging::backoff::Backoff {
+        backoff: service_kit::backoff::Backoff {
             first: Duration::from_secs(1),
             max: Duration::from_secs(60),
         },
@@ -127,9 +127,9 @@ async fn cancel_if_pending(
     // Each deadline cancellation starts a trace of its own; the order's events follow it.
     let span = tracing::info_span!("saga deadline", otel.name = "cancel overdue order",
         order_id = %order_id, trace_id = tracing::field::Empty);
-    messaging::trace_context::continue_from(&span, None);
+    service_kit::trace_context::continue_from(&span, None);
     let cause = Cause {
-        traceparent: Some(messaging::trace_context::of(&span)),
+        traceparent: Some(service_kit::trace_context::of(&span)),
         ..Cause::default()
     };
     let input = Input::CancelRequested {

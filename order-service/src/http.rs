@@ -6,9 +6,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use messaging::http::{Problem, ValidJson};
 use messaging::outbox::Cause;
 use serde::{Deserialize, Serialize};
+use service_kit::http::{Problem, ValidJson};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -98,7 +98,7 @@ async fn place_order(
     let normalized = serde_json::to_value(&request).map_err(Problem::internal)?;
     let cause = Cause {
         causation_id: None,
-        traceparent: Some(messaging::trace_context::current()),
+        traceparent: Some(service_kit::trace_context::current()),
         tracestate: None,
     };
     let mut tx = state.pool.begin().await?;
@@ -165,7 +165,7 @@ async fn cancel_order(
     let order_id = parse_order_id(&id)?;
     let cause = Cause {
         causation_id: None,
-        traceparent: Some(messaging::trace_context::current()),
+        traceparent: Some(service_kit::trace_context::current()),
         tracestate: None,
     };
     let mut tx = state.pool.begin().await?;

@@ -9,11 +9,11 @@ pub mod store;
 pub mod transition;
 
 use clap::Parser;
-use messaging::http_server::ListenAddr;
-use messaging::jobs::Runner;
-use messaging::retention::{Keep, PrunedTable};
 use messaging::service::{CommonSettings, ServiceConfig, ServiceMetrics, ServiceSpec};
-use messaging::shutdown::Shutdown;
+use service_kit::http_server::ListenAddr;
+use service_kit::jobs::Runner;
+use service_kit::pruning::{Keep, PrunedTable};
+use service_kit::shutdown::Shutdown;
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -33,11 +33,11 @@ pub struct Settings {
     )]
     pub database_url: String,
     /// An order still PENDING this long after it was placed is cancelled (DEADLINE_EXCEEDED).
-    #[arg(long, env = "SAGA_DEADLINE", default_value = "30s", value_parser = messaging::retry::parse_duration)]
+    #[arg(long, env = "SAGA_DEADLINE", default_value = "30s", value_parser = service_kit::duration::parse)]
     pub saga_deadline: std::time::Duration,
     /// How long an Idempotency-Key is remembered: a request repeated with the same key within
     /// this time gets the first answer; after it, the key is free again.
-    #[arg(long, env = "IDEMPOTENCY_KEY_TTL", default_value = "24h", value_parser = messaging::retry::parse_duration)]
+    #[arg(long, env = "IDEMPOTENCY_KEY_TTL", default_value = "24h", value_parser = service_kit::duration::parse)]
     pub idempotency_key_ttl: std::time::Duration,
     #[command(flatten)]
     pub common: CommonSettings,

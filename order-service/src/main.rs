@@ -2,9 +2,9 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() {
-    let telemetry = messaging::telemetry::init("order-service");
+    let telemetry = service_kit::telemetry::init("order-service");
     let settings = order_service::Settings::parse();
-    let result = order_service::run(settings, messaging::shutdown::Shutdown::on_signals()).await;
+    let result = order_service::run(settings, service_kit::shutdown::Shutdown::on_signals()).await;
     telemetry.shutdown();
     // Exit here rather than by returning: returning would drop the runtime, which waits for
     // any Kafka client still closing in the background (bounded in the consumer runtime).

@@ -47,6 +47,7 @@
 //! consumers' inboxes make the duplicates harmless. **One relay per source**: a session advisory
 //! lock makes a second relay instance wait as a standby instead of publishing the same rows.
 
+pub mod outbox;
 pub mod pipeline;
 pub mod relay;
 
@@ -55,8 +56,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use messaging::http::Readiness;
-use messaging::shutdown::Shutdown;
+use service_kit::http::Readiness;
+use service_kit::shutdown::Shutdown;
 
 /// One outbox to tail: `NAME=DATABASE_URL`.
 #[derive(Debug, Clone)]
@@ -118,19 +119,19 @@ pub struct Settings {
     /// Address of /metrics, /healthz and /readyz (HOST:PORT), or `stdin`: a listening socket
     /// given as standard input (inetd, systemd `StandardInput=socket`).
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:8082")]
-    pub metrics_addr: messaging::http_server::ListenAddr,
+    pub metrics_addr: service_kit::http_server::ListenAddr,
     /// Partitions of the topics the relay creates when they are missing.
     #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = 3)]
     pub topic_partitions: i32,
     #[command(flatten)]
-    pub http: messaging::http_server::HttpLimits,
+    pub http: service_kit::http_server::HttpLimits,
     #[command(flatten)]
     pub retention: messaging::retention::TopicRetention,
 }
 
 /// Runs the relay until `shutdown` fires.
 pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
-    let metrics = messaging::telemetry::init_metrics(
+    let metrics = service_kit::telemetry::init_metrics(
         &[
             ("relay_commit_to_ack_seconds", &relay::COMMIT_TO_ACK_BUCKETS),
             ("relay_batch_size", &relay::BATCH_SIZE_BUCKETS),
@@ -143,8 +144,8 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         "outbox-relay metrics on http://{}/metrics",
         listener.local_addr()?
     );
-    let app = messaging::http::ops_routes(readiness.clone(), metrics);
-    let server = tokio::spawn(messaging::http_server::serve(
+    let app = service_kit::http::ops_routes(readiness.clone(), metrics);
+    let server = tokio::spawn(service_kit::http_server::serve(
         listener,
         app,
         settings.http.clone(),

@@ -20,7 +20,7 @@
 //! been acknowledged, and then the next read starts from the oldest row, so a row that was read
 //! but not sent is read again before anything after it.
 
-use messaging::outbox::Cursor;
+use crate::outbox::Cursor;
 
 /// Most holes tracked; beyond, the pipeline stalls and starts again from the oldest row.
 pub const MAX_HOLES: usize = 1_000;

@@ -5,18 +5,18 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::outbox::OutboxRow;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use futures::FutureExt as _;
 use futures::StreamExt as _;
 use futures::stream::FuturesUnordered;
-use messaging::outbox::OutboxRow;
-use messaging::shutdown::Shutdown;
 use metrics::{Counter, Histogram, counter, gauge, histogram};
 use opentelemetry::KeyValue;
 use opentelemetry::global::{BoxedSpan, BoxedTracer};
 use opentelemetry::trace::{Span as _, SpanKind, Status, TraceContextExt as _, Tracer as _};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use service_kit::shutdown::Shutdown;
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
@@ -122,7 +122,7 @@ pub async fn tail(
     // Send spans only when they are exported: otherwise the record's traceparent is still a
     // child of the row's (a new span id in the same trace), made without a span.
     let tracer =
-        messaging::telemetry::exporting().then(|| opentelemetry::global::tracer("outbox-relay"));
+        service_kit::telemetry::exporting().then(|| opentelemetry::global::tracer("outbox-relay"));
     while !shutdown.is_fired() {
         let publisher = Publisher {
             source: &source,
@@ -138,7 +138,7 @@ pub async fn tail(
             Err(e) if producer.client().fatal_error().is_some() => return Err(e),
             Err(e) => {
                 failures += 1;
-                let delay = messaging::backoff::transient(failures);
+                let delay = service_kit::backoff::transient(failures);
                 tracing::warn!(source = %source.name, error = %format!("{e:#}"), ?delay,
                     "outbox source unavailable; retrying");
                 if shutdown.sleep(delay).await.is_err() {
@@ -266,7 +266,7 @@ impl Publisher<'_> {
             if let Some(limit) = pipeline.next_limit()
                 && Instant::now() >= next_read
             {
-                let rows = messaging::outbox::read(
+                let rows = crate::outbox::read(
                     &mut *conn,
                     pipeline.cursor(),
                     // Rows of an aggregate type this relay has no topic for (written by a newer
@@ -323,7 +323,7 @@ impl Publisher<'_> {
                 _ = self.shutdown.wait() => return Ok(()),
             }
             if !acked.is_empty() {
-                messaging::outbox::delete(&mut *conn, &acked)
+                crate::outbox::delete(&mut *conn, &acked)
                     .await
                     .with_context(|| {
                         format!("deleting published rows of source {}", source.name)
@@ -368,13 +368,13 @@ impl Publisher<'_> {
             let parent = row
                 .traceparent
                 .as_deref()
-                .and_then(messaging::trace_context::parse);
+                .and_then(service_kit::trace_context::parse);
             let span = self
                 .tracer
                 .map(|tracer| send_span(tracer, source, &row, topic, parent.clone()));
             let traceparent = match &span {
-                Some(span) => messaging::trace_context::format(span.span_context()),
-                None => messaging::trace_context::child_of(parent.as_ref()),
+                Some(span) => service_kit::trace_context::format(span.span_context()),
+                None => service_kit::trace_context::child_of(parent.as_ref()),
             };
             let record = FutureRecord::to(topic)
                 .key(row.aggregate_id.as_str())

@@ -33,7 +33,7 @@ fn compose() -> Value {
 }
 
 /// The variables a binary reads, from the `[env: NAME=…]` of its `--help`, plus the logging and
-/// tracing ones every process reads (`messaging::telemetry::ENV_VARS`).
+/// tracing ones every process reads (`service_kit::telemetry::ENV_VARS`).
 fn variables_read_by(binary: &str) -> (BTreeSet<String>, String) {
     let out = Command::new(e2e::binary(binary))
         .arg("--help")
@@ -46,7 +46,11 @@ fn variables_read_by(binary: &str) -> (BTreeSet<String>, String) {
         .filter_map(|rest| rest.split(['=', ']']).next())
         .map(str::to_owned)
         .collect();
-    names.extend(messaging::telemetry::ENV_VARS.iter().map(|v| v.to_string()));
+    names.extend(
+        service_kit::telemetry::ENV_VARS
+            .iter()
+            .map(|v| v.to_string()),
+    );
     (names, help)
 }
 

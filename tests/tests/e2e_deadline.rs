@@ -91,10 +91,10 @@ mod own_stack {
             .rows_affected();
         assert_eq!(due, ids.len() as u64, "every order has its deadline job");
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        let (stop, shutdown) = messaging::shutdown::Shutdown::new();
+        let (stop, shutdown) = service_kit::shutdown::Shutdown::new();
         let runners: Vec<_> = (0..3)
             .map(|_| {
-                let runner = messaging::jobs::Runner::default().with(
+                let runner = service_kit::jobs::Runner::default().with(
                     order_service::deadline::kind(),
                     order_service::deadline::Deadline {
                         deadline: Duration::from_secs(1),

@@ -9,14 +9,14 @@ mod toy {
     use std::time::Duration;
 
     use messaging::consumer::{AfterCommit, Envelope, Handler, HandlerError};
-    use messaging::http_server::ListenAddr;
-    use messaging::jobs::{self, Completed, Job, JobError, JobHandler, JobKind, Runner};
-    use messaging::outbound::{self, Client};
     use messaging::outbox::{self, Cause};
     use messaging::service::{CommonSettings, ServiceConfig, ServiceMetrics, ServiceSpec};
-    use messaging::shutdown::Shutdown;
     use schemas::{Event, OrderConfirmed, OrderRejected};
     use serde::{Deserialize, Serialize};
+    use service_kit::http_server::ListenAddr;
+    use service_kit::jobs::{self, Completed, Job, JobError, JobHandler, JobKind, Runner};
+    use service_kit::outbound::{self, Client};
+    use service_kit::shutdown::Shutdown;
     use sqlx::{PgConnection, PgPool};
     use uuid::Uuid;
 
@@ -125,7 +125,7 @@ mod toy {
             kind: CHECK,
             max_attempts: 10,
             lease: Duration::from_secs(30),
-            backoff: messaging::backoff::Backoff::TRANSIENT,
+            backoff: service_kit::backoff::Backoff::TRANSIENT,
         };
         let api = Client::new("fraud-api", &api_url, timeouts)?;
         let spec = ServiceSpec {
@@ -223,7 +223,7 @@ mod own_stack {
             "--kafka-bootstrap-servers",
             &broker.bootstrap,
         ]);
-        let (stop, shutdown) = messaging::shutdown::Shutdown::new();
+        let (stop, shutdown) = service_kit::shutdown::Shutdown::new();
         let service = tokio::spawn(super::toy::run(
             flags.common,
             database_url.clone(),

@@ -1,5 +1,5 @@
 //! Waiting out what is not the message's fault: the one loop that repeats a step with backoff
-//! ([`crate::backoff::Backoff::TRANSIENT`]) until it succeeds, shutdown comes, or the retry and
+//! ([`service_kit::backoff::Backoff::TRANSIENT`]) until it succeeds, shutdown comes, or the retry and
 //! dead-letter producer has failed for good. Every path of the runtime uses it: a record's own
 //! try, draining a released key, and the steps after a try (parking, retry and dead-letter sends).
 
@@ -68,7 +68,7 @@ impl<H> Worker<H> {
                 Err(e) => e,
             };
             attempt += 1;
-            let delay = crate::backoff::transient(attempt);
+            let delay = service_kit::backoff::transient(attempt);
             let error = format!("{error:#}");
             match retrying {
                 Retrying::Record {
@@ -104,8 +104,8 @@ mod tests {
 
     use super::*;
     use crate::consumer::{AfterCommit, Envelope, Handler, HandlerError};
-    use crate::shutdown::Shutdown;
     use crate::{kafka, retry};
+    use service_kit::shutdown::Shutdown;
 
     struct NoHandler;
 

@@ -24,7 +24,7 @@ pub enum HandlerError {
 
 impl From<sqlx::Error> for HandlerError {
     fn from(err: sqlx::Error) -> Self {
-        if crate::db::is_transient(&err) {
+        if service_kit::db::is_transient(&err) {
             HandlerError::Transient(err.into())
         } else {
             HandlerError::Permanent(format!("database error: {err}"))

@@ -64,8 +64,8 @@ use self::client::{GroupConsumer, close, stream_consumer};
 pub use self::handler::{AfterCommit, Handler, HandlerError};
 use crate::decision::Stage;
 pub use crate::delivery::{Delivery, Envelope};
-use crate::shutdown::{Shutdown, Trigger};
 use crate::{kafka, ownership, retry};
+use service_kit::shutdown::{Shutdown, Trigger};
 
 /// Where and how a consumer group runs.
 #[derive(Debug, Clone)]

@@ -43,7 +43,7 @@ pub(super) fn process_span(group: &str, delivery: &Delivery) -> tracing::Span {
         order_id = %key,
         trace_id = tracing::field::Empty,
     );
-    crate::trace_context::continue_from(&span, delivery.header(headers::TRACEPARENT));
+    service_kit::trace_context::continue_from(&span, delivery.header(headers::TRACEPARENT));
     span
 }
 

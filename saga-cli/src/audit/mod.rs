@@ -66,10 +66,10 @@ pub struct AuditArgs {
     /// How long a record or an order may still be in flight: records newer than this are not
     /// required to be applied, orders updated more recently are not required to be terminal or
     /// agree with their reservation. Make it longer than the retry schedule (`ms`, `s`, `m`).
-    #[arg(long, default_value = "2m", value_parser = messaging::retry::parse_duration)]
+    #[arg(long, default_value = "2m", value_parser = service_kit::duration::parse)]
     grace: Duration,
     /// Outbox rows older than this are reported (the relay is not publishing them).
-    #[arg(long, default_value = "1m", value_parser = messaging::retry::parse_duration)]
+    #[arg(long, default_value = "1m", value_parser = service_kit::duration::parse)]
     outbox_age: Duration,
     /// Print one JSON document instead of the readable summary.
     #[arg(long)]

@@ -56,7 +56,7 @@ async fn send_all(
 ) -> anyhow::Result<()> {
     let mut pending = VecDeque::new();
     // The relay's headers, from a row like the ones it publishes.
-    let row = messaging::outbox::OutboxRow {
+    let row = outbox_relay::outbox::OutboxRow {
         id: 0,
         message_id: uuid::Uuid::new_v4(),
         aggregate_type: schemas::events::AGGREGATES[0].to_owned(),

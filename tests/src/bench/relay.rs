@@ -42,16 +42,16 @@ impl RelayBench {
         let mut pools = Vec::new();
         for (name, _, _) in SOURCES {
             let db = format!("bench_{name}_{suffix}");
-            let pool = messaging::db::connect_and_migrate(
+            let pool = service_kit::db::connect_and_migrate(
                 &db_url(server, &db),
                 4,
-                &sqlx::migrate::Migrator::DEFAULT,
+                &[&messaging::MIGRATIONS],
             )
             .await?;
             databases.push(db);
             pools.push(pool);
         }
-        let admin = messaging::db::connect(&db_url(server, "postgres"), 2).await?;
+        let admin = service_kit::db::connect(&db_url(server, "postgres"), 2).await?;
         Ok(RelayBench {
             broker,
             server: server.to_owned(),

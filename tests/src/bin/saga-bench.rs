@@ -200,7 +200,7 @@ async fn main() -> anyhow::Result<()> {
     let stack = e2e::Stack::start("saga-bench").await;
     saga::stock(&stack).await;
     let orders = stack.orders_pool().await;
-    let admin = messaging::db::connect(&e2e::db_url(&server, "postgres"), 2).await?;
+    let admin = service_kit::db::connect(&e2e::db_url(&server, "postgres"), 2).await?;
     let watched = || async {
         let mut watched = resources::Watched::default();
         for (name, pid) in stack.processes() {

@@ -1,5 +1,7 @@
-//! Database setup: create the service's database when it is missing, connect, and run the shared
-//! (outbox, inbox) and service migrations as one ordered set.
+//! Database setup: create the service's database when it is missing, connect, and run the
+//! migrations of every crate that owns tables in it as one ordered set. Versions: 1..49 the
+//! messaging runtime's (outbox, inbox, parking), 50..99 the kit's (`jobs`), 100 and up the
+//! service's own.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -9,25 +11,23 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
-/// Migrations of the tables every service has: `outbox` (versions 1..99 are reserved for them) and
-/// `inbox`. Service migrations start at version 100.
-static SHARED: Migrator = sqlx::migrate!("./migrations");
+/// Migrations of the kit's own tables (`jobs`), versions 50..99.
+pub static MIGRATIONS: Migrator = sqlx::migrate!("./migrations");
 
 /// Creates the database named in `url` if it does not exist yet, connects a pool, and applies the
-/// shared migrations and `service` migrations in version order.
+/// kit's migrations and `others` (the messaging runtime's, the service's) in version order.
 pub async fn connect_and_migrate(
     url: &str,
     max_connections: u32,
-    service: &Migrator,
+    others: &[&Migrator],
 ) -> anyhow::Result<PgPool> {
     let options = PgConnectOptions::from_str(url)
         .with_context(|| format!("bad database url {}", redacted(url)))?;
     create_database_if_missing(&options).await?;
     let pool = connect_with(options, max_connections).await?;
-    let mut migrations: Vec<_> = SHARED
-        .migrations
-        .iter()
-        .chain(service.migrations.iter())
+    let mut migrations: Vec<_> = std::iter::once(&MIGRATIONS)
+        .chain(others.iter().copied())
+        .flat_map(|m| m.migrations.iter())
         .cloned()
         .collect();
     migrations.sort_by_key(|m| m.version);

@@ -143,7 +143,10 @@ pub type Buckets = (&'static str, &'static [f64]);
 /// Installs the global Prometheus recorder: the metrics named in `buckets` get theirs, every
 /// other `*_seconds` histogram [`LATENCY_BUCKETS`] (a full-name matcher wins over a suffix).
 /// Describes the kit's metrics; `describe` describes the caller's own.
-pub fn init_metrics(buckets: &[Buckets], describe: fn()) -> anyhow::Result<PrometheusHandle> {
+pub fn init_metrics(
+    buckets: &[Buckets],
+    describe: impl FnOnce(),
+) -> anyhow::Result<PrometheusHandle> {
     let mut builder = PrometheusBuilder::new();
     for (name, buckets) in buckets {
         builder = builder.set_buckets_for_metric(Matcher::Full((*name).to_owned()), buckets)?;
@@ -173,8 +176,7 @@ fn describe_metrics() {
         "When the process started, in seconds since the Unix epoch"
     );
     crate::http::describe_metrics();
-    crate::retention::describe_metrics();
+    crate::pruning::describe_metrics();
     crate::jobs::describe_metrics();
     crate::outbound::describe_metrics();
-    crate::consumer::describe_metrics();
 }

@@ -324,13 +324,13 @@ impl Runner {
             }
             Err(JobError::Failed(e)) if job.attempt < kind.max_attempts => {
                 let delay = kind.backoff.delay(job.attempt);
-                let why = schemas::limits::bounded_reason(format!("{e:#}"));
+                let why = crate::text::truncate_chars(format!("{e:#}"), 1_000);
                 tracing::warn!(kind = kind.kind, key = %job.key, attempt = job.attempt, max_attempts = kind.max_attempts,
                     ?delay, error = %why, "a job failed; trying again later");
                 reschedule(&pool, &job, delay, &why, true).await
             }
             Err(e @ (JobError::Failed(_) | JobError::Permanent(_))) => {
-                let why = schemas::limits::bounded_reason(e.to_string());
+                let why = crate::text::truncate_chars(e.to_string(), 1_000);
                 let given_up = give_up(&pool, &job, &why).await;
                 if given_up.is_ok() {
                     counter!("jobs_given_up_total", "kind" => kind.kind).increment(1);

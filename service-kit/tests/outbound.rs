@@ -6,8 +6,8 @@ use std::time::Duration;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use messaging::outbound::{CallError, Client, MAX_ANSWER_BYTES, Timeouts};
 use serde_json::{Value, json};
+use service_kit::outbound::{CallError, Client, MAX_ANSWER_BYTES, Timeouts};
 
 /// A server that answers each route as its name says; its base URL.
 async fn server() -> String {
@@ -100,7 +100,7 @@ async fn a_call_carries_its_idempotency_key_and_traceparent_and_returns_the_answ
     assert_eq!(answer["idempotency_key"], "payment-1");
     let traceparent = answer["traceparent"].as_str().unwrap_or_default();
     assert!(
-        messaging::trace_context::trace_id(traceparent).is_some(),
+        service_kit::trace_context::trace_id(traceparent).is_some(),
         "a well-formed traceparent reached the server: {answer}"
     );
     assert_eq!(answer["body"], r#"{"amount_cents":500}"#);
@@ -130,7 +130,7 @@ async fn every_kind_of_failure_is_classified() {
         }
     );
     assert!(
-        matches!(call("/down-for").await, CallError::Retryable { after, .. } if after == messaging::outbound::MAX_RETRY_AFTER),
+        matches!(call("/down-for").await, CallError::Retryable { after, .. } if after == service_kit::outbound::MAX_RETRY_AFTER),
         "a Retry-After is honoured up to a bound"
     );
     assert!(matches!(call("/down").await, CallError::Transient { .. }));

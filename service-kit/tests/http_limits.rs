@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::routing::{get, post};
-use messaging::http::ValidJson;
-use messaging::http_server::{HttpLimits, serve};
-use messaging::shutdown::{Shutdown, Trigger};
+use service_kit::http::ValidJson;
+use service_kit::http_server::{HttpLimits, serve};
+use service_kit::shutdown::{Shutdown, Trigger};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;

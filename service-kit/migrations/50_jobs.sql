@@ -1,4 +1,4 @@
--- The job runner's queue (messaging/src/jobs.rs): work that must run outside any consumer's
+-- The job runner's queue (service-kit/src/jobs.rs): work that must run outside any consumer's
 -- transaction (a call to an outside API) or later (a step's timeout). A job is enqueued in the
 -- transaction of the business change that needs it, so it exists if and only if that change
 -- commits; it is deleted in the transaction that does its work. One job per (kind, key): enqueuing

@@ -97,13 +97,13 @@ pub struct HttpLimits {
     pub max_in_flight: usize,
     /// How long a client may take to send a request's head (and, on a keep-alive connection,
     /// to start its next request).
-    #[arg(long, env = "HTTP_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = crate::retry::parse_duration)]
+    #[arg(long, env = "HTTP_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = crate::duration::parse)]
     pub header_read_timeout: Duration,
     /// How long one request may take, body included; then 503 with Retry-After.
-    #[arg(long, env = "HTTP_REQUEST_TIMEOUT", default_value = "30s", value_parser = crate::retry::parse_duration)]
+    #[arg(long, env = "HTTP_REQUEST_TIMEOUT", default_value = "30s", value_parser = crate::duration::parse)]
     pub request_timeout: Duration,
     /// After this, a connection is closed once its current request is answered.
-    #[arg(long, env = "HTTP_MAX_CONNECTION_AGE", default_value = "5m", value_parser = crate::retry::parse_duration)]
+    #[arg(long, env = "HTTP_MAX_CONNECTION_AGE", default_value = "5m", value_parser = crate::duration::parse)]
     pub max_connection_age: Duration,
     /// Largest request body in bytes; larger gets 413.
     #[arg(long, env = "HTTP_MAX_BODY_BYTES", default_value_t = 64 * 1024)]

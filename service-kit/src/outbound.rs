@@ -310,7 +310,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn bounded(text: impl Into<String>) -> String {
-    schemas::limits::truncate_chars(text, 300)
+    crate::text::truncate_chars(text, 300)
 }
 
 /// Describes the outside calls' metrics.

@@ -7,16 +7,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use messaging::backoff::Backoff;
-use messaging::jobs::{self, Completed, Job, JobError, JobHandler, JobKind, Runner};
-use messaging::shutdown::Shutdown;
 use metrics_exporter_prometheus::PrometheusHandle;
+use service_kit::backoff::Backoff;
+use service_kit::jobs::{self, Completed, Job, JobError, JobHandler, JobKind, Runner};
+use service_kit::shutdown::Shutdown;
 use sqlx::PgPool;
-use sqlx::migrate::Migrator;
 
 const KIND: &str = "test-job";
 
-/// A database of its own with the shared tables, and a `job_log` table the handlers write their
+/// A database of its own with the kit's tables, and a `job_log` table the handlers write their
 /// effect to.
 async fn database(name: &str) -> PgPool {
     let server = std::env::var("E2E_POSTGRES_URL")
@@ -30,8 +29,7 @@ async fn database(name: &str) -> PgPool {
         .await
         .unwrap();
     admin.close().await;
-    static NONE: Migrator = Migrator::DEFAULT;
-    let pool = messaging::db::connect_and_migrate(&format!("{server}/{db}"), 10, &NONE)
+    let pool = service_kit::db::connect_and_migrate(&format!("{server}/{db}"), 10, &[])
         .await
         .expect("database");
     sqlx::query("CREATE TABLE job_log (key text NOT NULL, attempt int NOT NULL)")
