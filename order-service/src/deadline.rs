@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use chrono::{TimeDelta, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use messaging::outbox::Cause;
 use schemas::CancelReason;
 use service_kit::jobs::{self, Completed, Job, JobError, JobHandler, JobKind};
@@ -81,30 +81,23 @@ impl JobHandler for Deadline {
         let order_id = Uuid::parse_str(&job.key)
             .map_err(|e| JobError::Permanent(format!("the job's key is not an order id: {e}")))?;
         let mut tx = pool.begin().await?;
-        let Some((status, created_at)) = store::lock_for_deadline(&mut tx, order_id).await? else {
-            let done = job.complete(&mut tx).await?;
-            tx.commit().await?;
-            return Ok(done);
-        };
-        if status == OrderStatus::Pending {
-            let deadline = TimeDelta::from_std(self.deadline).unwrap_or(TimeDelta::MAX);
-            let wait = created_at
-                .checked_add_signed(deadline)
-                .map_or(Ok(Duration::from_secs(3600)), |due| {
-                    (due - Utc::now()).to_std()
-                });
-            if let Ok(wait) = wait
-                && !wait.is_zero()
-            {
-                return Err(JobError::Later {
-                    after: wait,
-                    why: "the saga deadline is longer than when the order was placed".into(),
-                });
-            }
+        let order = store::lock_for_deadline(&mut tx, order_id).await?;
+        let pending = matches!(order, Some((OrderStatus::Pending, _)));
+        if let Some((OrderStatus::Pending, created_at)) = order
+            && let Some(wait) = self.time_left(created_at)
+        {
+            return Err(JobError::Later {
+                after: wait,
+                why: "the saga deadline is longer than when the order was placed".into(),
+            });
         }
         // Completed first: leaving PENDING takes the order's deadline job (this one) off the queue.
         let done = job.complete(&mut tx).await?;
-        let cancelled = cancel_if_pending(&mut tx, order_id, status).await?;
+        let cancelled = if pending {
+            cancel(&mut tx, order_id).await?
+        } else {
+            None
+        };
         tx.commit().await?;
         if let Some(saga) = cancelled {
             saga.record();
@@ -114,16 +107,27 @@ impl JobHandler for Deadline {
     }
 }
 
-/// Cancels the order (DEADLINE_EXCEEDED) if the state machine says so for `status`; what to
-/// record once the transaction commits.
-async fn cancel_if_pending(
+impl Deadline {
+    /// How long until the deadline of an order placed at `created_at` passes, under the current
+    /// `--saga-deadline`; `None` once it has.
+    fn time_left(&self, created_at: DateTime<Utc>) -> Option<Duration> {
+        let due = TimeDelta::from_std(self.deadline)
+            .ok()
+            .and_then(|deadline| created_at.checked_add_signed(deadline));
+        match due {
+            // A deadline past the end of time: look again in an hour.
+            None => Some(Duration::from_secs(3600)),
+            Some(due) => (due - Utc::now()).to_std().ok().filter(|w| !w.is_zero()),
+        }
+    }
+}
+
+/// Cancels the PENDING order (DEADLINE_EXCEEDED) as the state machine says; what to record
+/// once the transaction commits.
+async fn cancel(
     tx: &mut PgConnection,
     order_id: Uuid,
-    status: OrderStatus,
 ) -> sqlx::Result<Option<transition::SagaMetrics>> {
-    if status != OrderStatus::Pending {
-        return Ok(None);
-    }
     // Each deadline cancellation starts a trace of its own; the order's events follow it.
     let span = tracing::info_span!("saga deadline", otel.name = "cancel overdue order",
         order_id = %order_id, trace_id = tracing::field::Empty);
@@ -136,7 +140,7 @@ async fn cancel_if_pending(
         reason: CancelReason::DeadlineExceeded,
     };
     Ok(
-        match transition::apply(tx, order_id, status, &input, &cause).await? {
+        match transition::apply(tx, order_id, OrderStatus::Pending, &input, &cause).await? {
             Ok(Applied::Changed { saga, .. }) => Some(saga),
             _ => None,
         },

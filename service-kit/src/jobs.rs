@@ -213,17 +213,6 @@ impl Runner {
         self
     }
 
-    /// Runs at most `concurrency` jobs at once (default 8).
-    pub fn running_at_most(mut self, concurrency: usize) -> Self {
-        self.concurrency = concurrency.max(1);
-        self
-    }
-
-    /// Whether any kind of job is registered.
-    pub fn is_empty(&self) -> bool {
-        self.kinds.is_empty()
-    }
-
     /// Runs due jobs until `shutdown`; the jobs running then are abandoned (their claims run
     /// out and they run again).
     pub async fn run(self, pool: PgPool, shutdown: Shutdown) {
@@ -301,35 +290,27 @@ impl Runner {
             });
         histogram!("job_duration_seconds", "kind" => kind.kind)
             .record(started.elapsed().as_secs_f64());
-        let label = match &outcome {
-            Ok(_) => "completed",
-            Err(JobError::Later { .. }) => "later",
-            Err(JobError::LostClaim) => "lost_claim",
-            Err(JobError::Failed(_)) if job.attempt >= kind.max_attempts => "given_up",
-            Err(JobError::Permanent(_)) => "given_up",
-            Err(JobError::Failed(_)) => "failed",
-        };
-        counter!("jobs_attempts_total", "kind" => kind.kind, "outcome" => label).increment(1);
-        let result = match outcome {
+        let (label, result) = match outcome {
             Ok(Completed(())) => {
                 tracing::debug!(kind = kind.kind, key = %job.key, attempt = job.attempt, "job done");
-                return;
+                ("completed", Ok(()))
             }
             Err(JobError::LostClaim) => {
                 tracing::warn!(kind = kind.kind, key = %job.key, "a job's claim ran out while it ran; another runner has it");
-                return;
+                ("lost_claim", Ok(()))
             }
             Err(JobError::Later { after, why }) => {
-                reschedule(&pool, &job, after, &why, false).await
+                ("later", reschedule(&pool, &job, after, &why, false).await)
             }
             Err(JobError::Failed(e)) if job.attempt < kind.max_attempts => {
                 let delay = kind.backoff.delay(job.attempt);
                 let why = crate::text::truncate_chars(format!("{e:#}"), 1_000);
                 tracing::warn!(kind = kind.kind, key = %job.key, attempt = job.attempt, max_attempts = kind.max_attempts,
                     ?delay, error = %why, "a job failed; trying again later");
-                reschedule(&pool, &job, delay, &why, true).await
+                ("failed", reschedule(&pool, &job, delay, &why, true).await)
             }
-            Err(e @ (JobError::Failed(_) | JobError::Permanent(_))) => {
+            // Its last attempt failed, or it can never succeed.
+            Err(e) => {
                 let why = crate::text::truncate_chars(e.to_string(), 1_000);
                 let given_up = give_up(&pool, &job, &why).await;
                 if given_up.is_ok() {
@@ -337,9 +318,10 @@ impl Runner {
                     tracing::error!(kind = kind.kind, key = %job.key, attempts = job.attempt, error = %why,
                         "gave up on a job; its row stays in the jobs table with failed_at and last_error");
                 }
-                given_up
+                ("given_up", given_up)
             }
         };
+        counter!("jobs_attempts_total", "kind" => kind.kind, "outcome" => label).increment(1);
         if let Err(e) = result {
             tracing::warn!(kind = kind.kind, key = %job.key, error = %e,
                 "could not record a job's attempt; it runs again when its claim runs out");

@@ -192,7 +192,14 @@ impl Client {
                     ),
                     outcome_unknown: true,
                 })?;
-            classify(status, retry_after, &body)
+            let body = classify(status, retry_after, body)?;
+            serde_json::from_slice(&body).map_err(|e| CallError::Transient {
+                reason: bounded(format!(
+                    "{} answered {route} with a body that is not what its API promises: {e}",
+                    self.service
+                )),
+                outcome_unknown: true,
+            })
         }
         .await;
         let outcome = match &answer {
@@ -203,20 +210,11 @@ impl Client {
             .increment(1);
         histogram!("outbound_call_duration_seconds", "service" => self.service, "route" => route)
             .record(started.elapsed().as_secs_f64());
-        let _entered = span.enter();
-        match answer {
-            Ok(body) => serde_json::from_slice(&body).map_err(|e| CallError::Transient {
-                reason: bounded(format!(
-                    "{} answered {route} with a body that is not what its API promises: {e}",
-                    self.service
-                )),
-                outcome_unknown: true,
-            }),
-            Err(e) => {
-                tracing::warn!(service = self.service, route, class = e.class(), error = %e, "an outside call failed");
-                Err(e)
-            }
+        if let Err(e) = &answer {
+            let _entered = span.enter();
+            tracing::warn!(service = self.service, route, class = e.class(), error = %e, "an outside call failed");
         }
+        answer
     }
 
     /// A call that got no answer: refused before it was sent, or cut or timed out after.
@@ -243,13 +241,15 @@ impl Client {
 fn classify(
     status: StatusCode,
     retry_after: Option<Duration>,
-    body: &[u8],
+    body: Vec<u8>,
 ) -> Result<Vec<u8>, CallError> {
-    let excerpt = || bounded(String::from_utf8_lossy(body));
     if status.is_success() {
-        return Ok(body.to_vec());
+        return Ok(body);
     }
-    let reason = format!("answered {status}: {}", excerpt());
+    let reason = format!(
+        "answered {status}: {}",
+        bounded(String::from_utf8_lossy(&body))
+    );
     match (status, retry_after) {
         (StatusCode::TOO_MANY_REQUESTS, after) => Err(CallError::Retryable {
             reason,
