@@ -59,6 +59,10 @@ pub struct Delivery {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
+    /// The record's timestamp in Unix milliseconds (CreateTime: when its producer sent it);
+    /// none for a record taken from the parking table.
+    #[serde(default)]
+    pub timestamp: Option<i64>,
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     /// In record order; a header may repeat.
@@ -71,6 +75,7 @@ impl Delivery {
             topic: message.topic().to_owned(),
             partition: message.partition(),
             offset: message.offset(),
+            timestamp: message.timestamp().to_millis(),
             key: message.key().map(<[u8]>::to_vec),
             payload: message.payload().map(<[u8]>::to_vec),
             headers: message
@@ -136,6 +141,23 @@ impl Delivery {
             .find(|(k, _)| k == name)
             .and_then(|(_, v)| v.as_deref())
             .and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    /// The key, when present and UTF-8.
+    pub fn key_str(&self) -> Option<&str> {
+        self.key
+            .as_deref()
+            .and_then(|k| std::str::from_utf8(k).ok())
+    }
+
+    /// The payload decoded as the event its headers name, without the checks [`Envelope::decode`]
+    /// makes: what an operator's tool or a test reads off a topic.
+    pub fn event(&self) -> Result<Event, schemas::DecodeError> {
+        schemas::decode_with_content_type(
+            self.header(headers::CONTENT_TYPE),
+            self.header(headers::EVENT_TYPE),
+            self.payload.as_deref().unwrap_or_default(),
+        )
     }
 
     /// The key as text (our keys are order ids), or the message id when there is no key.
@@ -267,11 +289,7 @@ impl Envelope {
                 value: schemas::limits::truncate_chars(message_id, 64),
                 error,
             })?;
-        let event = schemas::decode_with_content_type(
-            delivery.header(headers::CONTENT_TYPE),
-            delivery.header(headers::EVENT_TYPE),
-            delivery.payload.as_deref().unwrap_or_default(),
-        )?;
+        let event = delivery.event()?;
         // The key orders the order's events: an event keyed by another order could overtake or
         // trail that order's own events.
         if let Some(key) = &delivery.key
@@ -318,6 +336,7 @@ mod tests {
             topic: "orders.v1".into(),
             partition: 0,
             offset: 1,
+            timestamp: None,
             key: None,
             payload: Some(payload),
             headers: headers

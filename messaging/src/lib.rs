@@ -13,6 +13,7 @@
 //!   change) and topic creation; [`retention`]: how long each topic keeps records and the inbox
 //!   remembers messages; [`ownership`] and [`offset_gaps`]: the watchdogs that catch what the
 //!   broker gets wrong.
+//! - [`reader`]: a whole topic read from its beginning, for operators' tools and tests.
 //! - [`service`]: the start-up and shutdown sequence every service shares.
 
 pub mod consumer;
@@ -25,6 +26,7 @@ pub mod offset_gaps;
 pub mod outbox;
 pub mod ownership;
 pub mod parking;
+pub mod reader;
 pub mod retention;
 pub mod retry;
 pub mod service;

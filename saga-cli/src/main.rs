@@ -11,7 +11,6 @@
 //! Output goes to stdout as JSON; what the tool is doing goes to stderr.
 
 mod audit;
-mod read;
 
 use schemas::headers;
 use std::collections::HashSet;
@@ -19,11 +18,15 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use serde_json::{Value, json};
 
+use messaging::delivery::Delivery;
 use messaging::kafka::KafkaSettings;
-use read::Record;
+use messaging::reader::{End, Until, read_all, read_topic};
+
+/// The name the tool's reads give the broker (nothing is ever committed for it).
+const GROUP: &str = "saga-cli";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -105,7 +108,7 @@ struct Selection {
 }
 
 impl Selection {
-    fn matches(&self, record: &Record) -> bool {
+    fn matches(&self, record: &Delivery) -> bool {
         if self.all {
             return true;
         }
@@ -134,9 +137,16 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     let kafka = &cli.kafka;
     let done: anyhow::Result<()> = match cli.command {
         Command::Audit(args) => return audit::run(kafka, &args).await,
-        Command::Tail { topic, follow } => read::each_record(kafka, &topic, follow, |record| {
-            println!("{}", record_json(&record));
-        }),
+        Command::Tail { topic, follow } => {
+            let until = if follow {
+                Until::Follow
+            } else {
+                Until::End(End::QUIET)
+            };
+            read_topic(kafka, GROUP, &topic, until, |record| {
+                println!("{}", record_json(&record));
+            })
+        }
         Command::Dlq(DlqCommand::List(group)) => {
             for record in dead_letters(kafka, &group.group).await? {
                 println!("{}", summary_json(&record));
@@ -144,7 +154,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(())
         }
         Command::Dlq(DlqCommand::Show { group, message_id }) => {
-            let found: Vec<Record> = dead_letters(kafka, &group.group)
+            let found: Vec<Delivery> = dead_letters(kafka, &group.group)
                 .await?
                 .into_iter()
                 .filter(|r| r.header(headers::MESSAGE_ID) == Some(message_id.as_str()))
@@ -170,11 +180,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     done.map(|()| 0)
 }
 
-async fn dead_letters(kafka: &KafkaSettings, group: &str) -> anyhow::Result<Vec<Record>> {
+async fn dead_letters(kafka: &KafkaSettings, group: &str) -> anyhow::Result<Vec<Delivery>> {
     let topic = messaging::kafka::dead_letter_topic(group);
-    let mut records = Vec::new();
-    read::each_record(kafka, &topic, false, |r| records.push(r))?;
-    Ok(records)
+    read_all(kafka, GROUP, &topic, End::QUIET)
 }
 
 async fn redrive(
@@ -190,7 +198,7 @@ async fn redrive(
     let letters = dead_letters(kafka, group).await?;
     let mut seen = HashSet::new();
     // A message dead-lettered more than once is redriven once.
-    let selected: Vec<&Record> = letters
+    let selected: Vec<&Delivery> = letters
         .iter()
         .filter(|r| select.matches(r))
         .filter(|r| seen.insert(r.header(headers::MESSAGE_ID).unwrap_or_default().to_owned()))
@@ -240,17 +248,11 @@ async fn redrive(
             "dlq_offset": record.offset,
         });
         if !dry_run {
-            let headers = record.headers_without(headers::DLQ_PREFIX);
-            let mut out: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic)
-                .headers(headers)
-                .payload(&record.payload);
-            if let Some(key) = &record.key {
-                out = out.key(key);
-            }
-            producer
-                .send(out, Duration::from_secs(30))
+            let headers = record.headers_with(&[headers::DLQ_PREFIX], &[]);
+            record
+                .send_copy(&producer, &topic, headers)
                 .await
-                .map_err(|(e, _)| anyhow::anyhow!("producing to {topic}: {e}"))?;
+                .with_context(|| format!("producing to {topic}"))?;
             tokio::time::sleep(pause).await;
         }
         println!("{line}");
@@ -258,12 +260,12 @@ async fn redrive(
     Ok(())
 }
 
-fn summary_json(record: &Record) -> Value {
+fn summary_json(record: &Delivery) -> Value {
     json!({
         "dlq_offset": record.offset,
         "message_id": record.header(headers::MESSAGE_ID),
         "event_type": record.header(headers::EVENT_TYPE),
-        "key": record.key_text(),
+        "key": key_text(record),
         "original_topic": record.header(headers::DLQ_ORIGINAL_TOPIC),
         "original_partition": record.header(headers::DLQ_ORIGINAL_PARTITION),
         "original_offset": record.header(headers::DLQ_ORIGINAL_OFFSET),
@@ -276,25 +278,27 @@ fn summary_json(record: &Record) -> Value {
     })
 }
 
-fn record_json(record: &Record) -> Value {
+fn record_json(record: &Delivery) -> Value {
     let headers: serde_json::Map<String, Value> = record
         .headers
         .iter()
-        .map(|(k, v)| (k.clone(), v.clone().map_or(Value::Null, Value::String)))
+        .map(|(k, v)| {
+            let v = v.as_deref().map(String::from_utf8_lossy);
+            (
+                k.clone(),
+                v.map_or(Value::Null, |v| Value::String(v.into_owned())),
+            )
+        })
         .collect();
     let mut out = json!({
         "topic": record.topic,
         "partition": record.partition,
         "offset": record.offset,
         "timestamp": record.timestamp,
-        "key": record.key_text(),
+        "key": key_text(record),
         "headers": headers,
     });
-    match schemas::decode_with_content_type(
-        record.header(headers::CONTENT_TYPE),
-        record.header(headers::EVENT_TYPE),
-        &record.payload,
-    ) {
+    match record.event() {
         Ok(event) => {
             out["event_type"] = json!(event.event_type());
             out["event"] =
@@ -302,10 +306,16 @@ fn record_json(record: &Record) -> Value {
         }
         Err(e) => {
             out["decode_error"] = json!(e.to_string());
-            out["value_hex"] = json!(hex(&record.payload));
+            out["value_hex"] = json!(hex(record.payload.as_deref().unwrap_or_default()));
         }
     }
     out
+}
+
+/// The key as text, bytes that are not UTF-8 replaced; none when the record has no key.
+pub(crate) fn key_text(record: &Delivery) -> Option<String> {
+    let key = record.key.as_deref()?;
+    Some(String::from_utf8_lossy(key).into_owned())
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -1,13 +1,13 @@
 //! Reading and writing the broker's topics the way a user with `kcat` would.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use messaging::reader::{self, End};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 fn config(bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
@@ -47,32 +47,7 @@ pub async fn wait_for_broker_with(
     .await?
 }
 
-/// One record as read from a topic.
-#[derive(Debug, Clone)]
-pub struct Record {
-    pub partition: i32,
-    pub offset: i64,
-    /// The record's timestamp in Unix milliseconds (CreateTime: when the producer sent it).
-    pub timestamp: Option<i64>,
-    pub key: Option<String>,
-    pub headers: HashMap<String, String>,
-    pub payload: Vec<u8>,
-}
-
-impl Record {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(String::as_str)
-    }
-
-    pub fn event(&self) -> anyhow::Result<schemas::Event> {
-        schemas::decode_with_content_type(
-            self.header("content-type"),
-            self.header("event-type"),
-            &self.payload,
-        )
-        .map_err(|e| anyhow::anyhow!("{e}"))
-    }
-}
+pub use messaging::delivery::Delivery;
 
 /// The events of order `order_id` on `topic`, in offset order per partition (one partition per
 /// order). A record that names the order (by key or by its decoded order id) and does not decode
@@ -88,7 +63,7 @@ pub async fn events_of(bootstrap: &str, topic: &str, order_id: uuid::Uuid) -> Ve
         match r.event() {
             Ok(e) if e.order_id() == order_id => events.push(e),
             Ok(_) => {}
-            Err(e) if r.key.as_deref() == Some(key.as_str()) => panic!(
+            Err(e) if r.key_str() == Some(key.as_str()) => panic!(
                 "{topic}[{}]@{}, keyed by order {order_id}, does not decode: {e}",
                 r.partition, r.offset
             ),
@@ -99,85 +74,15 @@ pub async fn events_of(bootstrap: &str, topic: &str, order_id: uuid::Uuid) -> Ve
 }
 
 /// Every record of `topic` from the beginning to the current end of each partition.
-pub async fn read_topic(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Record>> {
-    let bootstrap = bootstrap.to_owned();
+pub async fn read_topic(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Delivery>> {
+    let kafka = messaging::kafka::KafkaSettings::new(bootstrap);
     let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || read_topic_blocking(&bootstrap, &topic)).await?
-}
-
-fn read_topic_blocking(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Record>> {
-    let consumer: BaseConsumer = config(bootstrap)
-        .set("group.id", format!("e2e-reader-{}", uuid::Uuid::new_v4()))
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .context("topic metadata")?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    let watermarks = |consumer: &BaseConsumer| -> anyhow::Result<HashMap<i32, i64>> {
-        let mut ends = HashMap::new();
-        for p in &partitions {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, *p, Duration::from_secs(10))
-                .with_context(|| format!("watermarks of {topic}/{p}"))?;
-            ends.insert(*p, high);
-        }
-        Ok(ends)
+    let group = format!("e2e-reader-{}", uuid::Uuid::new_v4());
+    let end = End {
+        quiet: Duration::from_millis(1500),
+        within: Some(Duration::from_secs(60)),
     };
-    let mut assignment = TopicPartitionList::new();
-    for p in &partitions {
-        assignment.add_partition_offset(topic, *p, Offset::Beginning)?;
-    }
-    consumer.assign(&assignment)?;
-    let mut records = Vec::new();
-    let mut next: HashMap<i32, i64> = partitions.iter().map(|p| (*p, 0)).collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    // Tansu 0.6's high watermark can trail the log (records a consumer already received lie past
-    // it), so reaching the watermark is not the end: read on until the topic stays quiet.
-    let ends = watermarks(&consumer)?;
-    let quiet = Duration::from_millis(1500);
-    let mut last_record = Instant::now();
-    loop {
-        let reached = ends.iter().all(|(p, end)| next[p] >= *end);
-        if reached && last_record.elapsed() >= quiet {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("timed out reading {topic}: got {} records", records.len());
-        }
-        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
-            continue;
-        };
-        let m = message?;
-        last_record = Instant::now();
-        let headers = m
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| {
-                        (
-                            h.key.to_owned(),
-                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        records.push(Record {
-            partition: m.partition(),
-            offset: m.offset(),
-            timestamp: m.timestamp().to_millis(),
-            key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
-            headers,
-            payload: m.payload().unwrap_or_default().to_vec(),
-        });
-        next.insert(m.partition(), m.offset() + 1);
-    }
-    Ok(records)
+    tokio::task::spawn_blocking(move || reader::read_all(&kafka, &group, &topic, end)).await?
 }
 
 /// Produces one record and waits for the acknowledgement.
@@ -219,6 +124,23 @@ pub struct Outgoing {
     pub key: Option<Vec<u8>>,
     pub headers: Vec<(String, Vec<u8>)>,
     pub payload: Option<Vec<u8>>,
+}
+
+impl Outgoing {
+    /// The same record again, to the same topic: key, headers (null values sent as empty) and
+    /// value.
+    pub fn copy_of(record: &Delivery) -> Outgoing {
+        Outgoing {
+            topic: record.topic.clone(),
+            key: record.key.clone(),
+            headers: record
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
+                .collect(),
+            payload: record.payload.clone(),
+        }
+    }
 }
 
 /// Produces `records` with one producer, all in flight at once, and returns where each landed

@@ -32,7 +32,7 @@ async fn place_orders(stack: &Stack, n: usize) -> Vec<Uuid> {
 async fn resume_inside_a_batch(
     test: &str,
     broker_skips_mid_batch: bool,
-) -> (Stack, Vec<kafka::Record>) {
+) -> (Stack, Vec<kafka::Delivery>) {
     let mut stack = Stack::start_with(
         test,
         StackOptions {
@@ -97,7 +97,7 @@ async fn resume_inside_a_batch(
 }
 
 /// The message ids of `records` that the inventory group has applied.
-async fn applied(stack: &Stack, records: &[kafka::Record]) -> HashSet<Uuid> {
+async fn applied(stack: &Stack, records: &[kafka::Delivery]) -> HashSet<Uuid> {
     let ids: Vec<Uuid> = records
         .iter()
         .filter_map(|r| r.header("message-id")?.parse().ok())

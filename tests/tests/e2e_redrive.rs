@@ -155,7 +155,7 @@ mod own_stack {
         assert_eq!(records.len(), 3);
         for r in &records {
             assert_eq!(r.header("message-id"), Some(message_id.as_str()));
-            assert!(r.headers.keys().all(|k| !k.starts_with("dlq-")));
+            assert!(r.headers.iter().all(|(k, _)| !k.starts_with("dlq-")));
         }
 
         // `saga tail` decodes what is on a topic.

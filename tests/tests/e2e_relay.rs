@@ -319,11 +319,11 @@ mod own_stack {
         let mut sorted = records.iter().collect::<Vec<_>>();
         sorted.sort_by_key(|r| (r.partition, r.offset));
         for record in sorted {
-            let Some(key) = record.key.as_ref().filter(|k| expected.contains_key(*k)) else {
+            let Some(key) = record.key_str().filter(|k| expected.contains_key(*k)) else {
                 continue;
             };
             let id: Uuid = record.header("message-id").unwrap().parse().unwrap();
-            let ids = seen.entry(key.clone()).or_default();
+            let ids = seen.entry(key.to_owned()).or_default();
             // Duplicates may follow (at least once); first copies must come in commit order.
             if !ids.contains(&id) {
                 ids.push(id);

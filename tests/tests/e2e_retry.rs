@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use e2e::kafka::{self, Record};
+use e2e::kafka::{self, Delivery};
 use e2e::{Process, Stack, StackOptions, eventually};
 use serde_json::json;
 use uuid::Uuid;
@@ -86,7 +86,7 @@ async fn wait_for_retries(stack: &Stack, n: u32) {
     .expect("the event went to the first retry topic");
 }
 
-async fn dead_letters(stack: &Stack, at_least: usize) -> Vec<Record> {
+async fn dead_letters(stack: &Stack, at_least: usize) -> Vec<Delivery> {
     eventually(TIMEOUT, || async {
         let records = kafka::read_topic(&stack.broker.bootstrap, "order-service.dlq").await?;
         Ok((records.len() >= at_least).then_some(records))
@@ -208,7 +208,7 @@ mod own_stack {
                 .contains(&format!("unknown order {order_id}"))
         );
         assert!(
-            letter.headers.keys().all(|k| !k.starts_with("retry-")),
+            letter.headers.iter().all(|(k, _)| !k.starts_with("retry-")),
             "retry headers are dropped"
         );
 
@@ -532,7 +532,7 @@ mod own_stack {
         stack.start_process(Process::OrderService).await;
         let letters = eventually(TIMEOUT, || async {
             let records = kafka::read_topic(&stack.broker.bootstrap, "order-service.dlq").await?;
-            let letters: Vec<Record> = records
+            let letters: Vec<Delivery> = records
                 .into_iter()
                 .filter(|r| r.header("message-id") == Some(message_id.as_str()))
                 .collect();

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use e2e::kafka::{self, Record};
+use e2e::kafka::{self, Delivery};
 use e2e::{Stack, eventually};
 use futures::future::join_all;
 use schemas::{Event, limits};
@@ -19,21 +19,21 @@ async fn wait_for_events(
     topic: &str,
     ids: &[Uuid],
     pick: fn(&Event) -> bool,
-) -> Vec<(Record, Event)> {
+) -> Vec<(Delivery, Event)> {
     eventually(SAGA_TIMEOUT, || async {
         let records = kafka::read_topic(&stack.broker.bootstrap, topic).await?;
-        let keyed_by_ours = |r: &Record| {
-            let key = r.key.as_deref().and_then(|k| Uuid::parse_str(k).ok());
+        let keyed_by_ours = |r: &Delivery| {
+            let key = r.key_str().and_then(|k| Uuid::parse_str(k).ok());
             key.is_some_and(|k| ids.contains(&k))
         };
-        let mut decoded: Vec<(Record, Event)> = Vec::new();
+        let mut decoded: Vec<(Delivery, Event)> = Vec::new();
         for r in records {
             match r.event() {
                 Ok(e) if ids.contains(&e.order_id()) => decoded.push((r, e)),
                 Ok(_) => {}
                 // A record of this test's orders must decode; another test's poison record on
                 // a shared stack is not this test's business.
-                Err(e) if keyed_by_ours(&r) => return Err(e),
+                Err(e) if keyed_by_ours(&r) => return Err(e.into()),
                 Err(_) => {}
             }
         }
@@ -106,7 +106,7 @@ async fn fifty_concurrent_orders_against_limited_stock_confirm_exactly_what_stoc
     let mut terminal: HashMap<Uuid, Vec<&str>> = HashMap::new();
     for (record, event) in &events {
         let order_id = event.order_id();
-        assert_eq!(record.key.as_deref(), Some(order_id.to_string().as_str()));
+        assert_eq!(record.key_str(), Some(order_id.to_string().as_str()));
         assert_eq!(
             record.header("correlation-id"),
             Some(order_id.to_string().as_str())
@@ -193,18 +193,9 @@ async fn a_redelivered_event_with_the_same_message_id_has_no_second_effect() {
     .unwrap();
 
     // The same record again: same key, same headers (so the same message-id), same bytes.
-    let headers: Vec<(&str, &str)> = placed
-        .headers
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    kafka::produce(
+    kafka::produce_many(
         &stack.broker.bootstrap,
-        schemas::ORDERS_TOPIC,
-        None,
-        placed.key.as_deref(),
-        &headers,
-        &placed.payload,
+        &[kafka::Outgoing::copy_of(&placed)],
     )
     .await
     .unwrap();

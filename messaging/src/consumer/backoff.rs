@@ -158,6 +158,7 @@ mod tests {
             topic: "orders.v1".into(),
             partition: 0,
             offset: 7,
+            timestamp: None,
             key: Some(b"order-1".to_vec()),
             payload: Some(b"payload".to_vec()),
             headers: vec![(

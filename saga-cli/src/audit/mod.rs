@@ -31,9 +31,10 @@ use sqlx::types::Json;
 use sqlx::{ConnectOptions, Connection, PgConnection};
 use uuid::Uuid;
 
-use crate::read::{self, Record};
 use checks::{DeadLetter, Finding, OrderRow, ProductRow, ReservationRow, TopicRecord};
+use messaging::delivery::Delivery;
 use messaging::kafka::KafkaSettings;
+use messaging::reader::{self, End};
 
 /// Who consumes what: (consumer group, its topic, the database holding its inbox).
 const GROUPS: [(&str, &str, Db); 2] = [
@@ -242,7 +243,7 @@ async fn topic_records(kafka: &KafkaSettings, topic: &str) -> anyhow::Result<Vec
             message_id: r.header(headers::MESSAGE_ID).and_then(|m| m.parse().ok()),
             event_type: r.header(headers::EVENT_TYPE).map(str::to_owned),
             causation_id: r.header(headers::CAUSATION_ID).and_then(|m| m.parse().ok()),
-            key: r.key_text(),
+            key: crate::key_text(&r),
             topic: r.topic,
             partition: r.partition,
             offset: r.offset,
@@ -273,11 +274,10 @@ async fn dead_letters(kafka: &KafkaSettings, group: &str) -> anyhow::Result<Vec<
 }
 
 /// Every record of `topic`, or an error naming the topic and the broker.
-async fn read_all(kafka: &KafkaSettings, topic: &str) -> anyhow::Result<Vec<Record>> {
+async fn read_all(kafka: &KafkaSettings, topic: &str) -> anyhow::Result<Vec<Delivery>> {
     let (settings, name) = (kafka.clone(), topic.to_owned());
     tokio::task::spawn_blocking(move || {
-        let mut records = Vec::new();
-        read::each_record(&settings, &name, false, |r| records.push(r)).map(|()| records)
+        reader::read_all(&settings, crate::GROUP, &name, End::QUIET)
     })
     .await?
     .with_context(|| {
