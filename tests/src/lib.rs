@@ -187,17 +187,16 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The patched Tansu broker that scripts/lib.sh builds and names in `TANSU_BIN` (its path
+/// carries the patch level, so a stale build is never picked up by a guess).
 pub fn tansu_binary() -> PathBuf {
-    if let Ok(path) = std::env::var("TANSU_BIN") {
-        return PathBuf::from(path);
+    match std::env::var_os("TANSU_BIN") {
+        Some(path) => PathBuf::from(path),
+        None => panic!(
+            "TANSU_BIN is not set: run the tests with scripts/test.sh, or `source scripts/lib.sh && \
+             ensure_tansu` first (it builds the patched broker and exports TANSU_BIN)"
+        ),
     }
-    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    // scripts/lib.sh's TANSU_BIN: Tansu 0.6.0 with the project's patches (scripts/tansu/).
-    let cached = PathBuf::from(home).join(".cache/order-saga/tansu-0.6.0-p3/bin/tansu");
-    if cached.exists() {
-        return cached;
-    }
-    PathBuf::from("tansu")
 }
 
 /// A port free on 127.0.0.1 now, below Linux's ephemeral range (32768-60999 by default), for a
