@@ -182,6 +182,20 @@ pub struct Runner {
     concurrency: usize,
     /// How often the queue is looked at when it had nothing due.
     poll: Duration,
+    wake: Wake,
+}
+
+/// Makes a runner look for due jobs now rather than at its next poll: what a service calls after
+/// committing a transaction that enqueued a job due at once, so that the job starts within
+/// milliseconds instead of up to a poll later. Wakes that come while the runner is busy merge into
+/// one look. Other instances' runners find the job at their next poll.
+#[derive(Debug, Clone, Default)]
+pub struct Wake(Arc<tokio::sync::Notify>);
+
+impl Wake {
+    pub fn now(&self) {
+        self.0.notify_one();
+    }
 }
 
 impl Default for Runner {
@@ -190,6 +204,7 @@ impl Default for Runner {
             kinds: HashMap::new(),
             concurrency: 8,
             poll: Duration::from_secs(1),
+            wake: Wake::default(),
         }
     }
 }
@@ -211,6 +226,11 @@ impl Runner {
     pub fn polling_every(mut self, poll: Duration) -> Self {
         self.poll = poll;
         self
+    }
+
+    /// The handle that makes this runner look for due jobs at once ([`Wake`]).
+    pub fn wake(&self) -> Wake {
+        self.wake.clone()
     }
 
     /// Runs due jobs until `shutdown`; the jobs running then are abandoned (their claims run
@@ -258,13 +278,14 @@ impl Runner {
                     _ = shutdown.wait() => break,
                 }
             }
-            // Nothing more due now: look again after the poll interval, reaping the jobs that
-            // end meanwhile.
+            // Nothing more due now: look again after the poll interval or when woken, reaping
+            // the jobs that end meanwhile.
             let pause = shutdown.sleep(runner.poll);
             tokio::pin!(pause);
             loop {
                 tokio::select! {
                     slept = &mut pause => if slept.is_err() { break 'runner } else { break },
+                    () = runner.wake.0.notified() => break,
                     Some(_) = running.join_next() => {}
                 }
             }

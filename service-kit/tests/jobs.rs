@@ -323,3 +323,34 @@ async fn an_attempt_that_outlives_its_lease_commits_nothing_and_the_job_runs_aga
         .unwrap();
     assert_eq!(log, [2], "only the second attempt's effect committed");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_woken_runner_runs_a_new_job_at_once_rather_than_at_its_next_poll() {
+    let pool = database("wake").await;
+    let runner = Runner::default()
+        .polling_every(Duration::from_secs(3600))
+        .with(kind(3, Duration::from_secs(10)), Logging::default());
+    let wake = runner.wake();
+    let (stop, shutdown) = Shutdown::new();
+    assert!(enqueue(&pool, "first").await);
+    let running = tokio::spawn(runner.run(pool.clone(), shutdown));
+    let ran = async |key: &str| {
+        count(
+            &pool,
+            &format!("SELECT count(*) FROM job_log WHERE key = '{key}'"),
+        )
+        .await
+            == 1
+    };
+    // The first job runs at the runner's first look; then it sleeps for its hour-long poll.
+    wait_until("the first job ran", async || ran("first").await).await;
+    assert!(enqueue(&pool, "second").await);
+    wake.now();
+    wait_until(
+        "the second job ran, within a minute of the wake",
+        async || ran("second").await,
+    )
+    .await;
+    stop.fire();
+    running.await.unwrap();
+}
