@@ -11,13 +11,14 @@
 //!   step's timeout), enqueued in the caller's transaction, claimed by any instance, retried,
 //!   given up on with a record.
 //! - [`outbound`]: calls to an outside HTTP API with timeouts, classified failures, idempotency
-//!   keys, trace context and metrics.
+//!   keys, trace context and metrics; [`breaker`]: the circuit breaker in front of them.
 //! - [`pruning`]: the retention job that deletes rows past their retention and measures tables.
 //! - [`telemetry`]: logs, traces (OTLP) and the Prometheus recorder; [`trace_context`]: W3C
 //!   `traceparent` values carried across every hop.
 //! - [`backoff`], [`duration`], [`shutdown`], [`text`]: the small things everything uses.
 
 pub mod backoff;
+pub mod breaker;
 pub mod db;
 pub mod duration;
 pub mod http;
