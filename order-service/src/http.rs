@@ -19,7 +19,7 @@ use crate::store::{self, Item, NewOrder, OrderView};
 use crate::transition::{self, Applied};
 
 pub use schemas::limits::{MAX_ITEMS, MAX_QUANTITY};
-pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
+pub use service_kit::http::MAX_IDEMPOTENCY_KEY_LEN;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -94,7 +94,7 @@ async fn place_order(
     ValidJson(request): ValidJson<PlaceOrderRequest>,
 ) -> Result<Response, Problem> {
     let order = validate(&request)?;
-    let key = idempotency_key(&headers)?;
+    let key = service_kit::http::idempotency_key(&headers)?;
     let normalized = serde_json::to_value(&request).map_err(Problem::internal)?;
     let cause = Cause {
         causation_id: None,
@@ -133,22 +133,6 @@ fn created(view: OrderView) -> Response {
         response.headers_mut().insert(header::LOCATION, value);
     }
     response
-}
-
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
-    let Some(value) = headers.get("idempotency-key") else {
-        return Ok(None);
-    };
-    let key = value
-        .to_str()
-        .map_err(|_| Problem::bad_request("Idempotency-Key must be visible ASCII"))?
-        .trim();
-    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
-        return Err(Problem::bad_request(format!(
-            "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"
-        )));
-    }
-    Ok(Some(key.to_owned()))
 }
 
 fn parse_order_id(id: &str) -> Result<Uuid, Problem> {

@@ -222,6 +222,27 @@ pub async fn track_requests(request: Request, next: Next) -> Response {
     response
 }
 
+/// The longest `Idempotency-Key` accepted.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
+
+/// The request's `Idempotency-Key`, when it has one: visible ASCII, 1 to
+/// [`MAX_IDEMPOTENCY_KEY_LEN`] characters once trimmed.
+pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<String>, Problem> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value
+        .to_str()
+        .map_err(|_| Problem::bad_request("Idempotency-Key must be visible ASCII"))?
+        .trim();
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN {
+        return Err(Problem::bad_request(format!(
+            "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters"
+        )));
+    }
+    Ok(Some(key.to_owned()))
+}
+
 /// The bearer token that operator-only routes require, when one is configured
 /// (`ADMIN_TOKEN` or `--admin-token-file`). `None`: those routes are open (the local stack).
 #[derive(Clone, Default)]
