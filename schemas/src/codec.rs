@@ -10,7 +10,7 @@ use apache_avro::{from_avro_datum, to_avro_datum};
 
 use crate::error::{DecodeError, bounded};
 use crate::events::Event;
-use crate::registry::{entry, index_of, index_of_fingerprint};
+use crate::registry::{Writer, entry, index_of, writer_of};
 
 /// Content type of Avro single-object encoded payloads.
 pub const AVRO_CONTENT_TYPE: &str = "application/avro";
@@ -57,8 +57,8 @@ pub fn encode_json(event: &Event) -> Vec<u8> {
 
 /// Decodes an Avro single-object encoded payload, choosing the schema by its fingerprint.
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
-    let (index, body) = split_header(bytes)?;
-    decode_body(index, body)
+    let (writer, body) = split_header(bytes)?;
+    decode_body(&writer, body)
 }
 
 /// Decodes a JSON payload of the given event type. Rejects unknown event types, malformed JSON,
@@ -100,8 +100,8 @@ pub fn decode_with_content_type(
         let event_type = event_type.ok_or(DecodeError::MissingEventType)?;
         return decode_json(event_type, bytes);
     }
-    let (index, body) = split_header(bytes)?;
-    let actual = Event::EVENT_TYPES[index];
+    let (writer, body) = split_header(bytes)?;
+    let actual = Event::EVENT_TYPES[writer.index];
     if let Some(header) = event_type
         && header != actual
     {
@@ -110,7 +110,7 @@ pub fn decode_with_content_type(
             actual,
         });
     }
-    decode_body(index, body)
+    decode_body(&writer, body)
 }
 
 fn is_json_content_type(content_type: &str) -> bool {
@@ -122,8 +122,9 @@ fn is_json_content_type(content_type: &str) -> bool {
         .eq_ignore_ascii_case(JSON_CONTENT_TYPE)
 }
 
-/// Checks marker and fingerprint; returns the event type index and the Avro body.
-fn split_header(bytes: &[u8]) -> Result<(usize, &[u8]), DecodeError> {
+/// Checks marker and fingerprint; returns the schema the record was written with and the Avro
+/// body.
+fn split_header(bytes: &[u8]) -> Result<(Writer, &[u8]), DecodeError> {
     if bytes.len() < HEADER_LEN {
         return Err(DecodeError::TooShort { len: bytes.len() });
     }
@@ -134,20 +135,23 @@ fn split_header(bytes: &[u8]) -> Result<(usize, &[u8]), DecodeError> {
             found: [marker[0], marker[1]],
         });
     }
-    let index = index_of_fingerprint(fingerprint).ok_or_else(|| {
+    let writer = writer_of(fingerprint).ok_or_else(|| {
         let mut le = [0u8; 8];
         le.copy_from_slice(fingerprint);
         DecodeError::UnknownFingerprint {
             fingerprint: u64::from_le_bytes(le),
         }
     })?;
-    Ok((index, body))
+    Ok((writer, body))
 }
 
-fn decode_body(index: usize, body: &[u8]) -> Result<Event, DecodeError> {
+fn decode_body(writer: &Writer, body: &[u8]) -> Result<Event, DecodeError> {
+    let index = writer.index;
     let event_type = Event::EVENT_TYPES[index];
     let mut rest = body;
-    let value = from_avro_datum(&entry(index).schema, &mut rest, None).map_err(|e| {
+    // A record of an older schema is resolved into the current one.
+    let reader = writer.older.then(|| &entry(index).schema);
+    let value = from_avro_datum(writer.schema, &mut rest, reader).map_err(|e| {
         DecodeError::CorruptBody {
             event_type,
             message: bounded(e.to_string()),

@@ -48,6 +48,8 @@ pub struct Shortage {
 pub enum CancelReason {
     CustomerRequest,
     DeadlineExceeded,
+    PaymentDeclined,
+    PaymentTimeout,
 }
 
 impl CancelReason {
@@ -56,6 +58,8 @@ impl CancelReason {
         match self {
             CancelReason::CustomerRequest => "CUSTOMER_REQUEST",
             CancelReason::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            CancelReason::PaymentDeclined => "PAYMENT_DECLINED",
+            CancelReason::PaymentTimeout => "PAYMENT_TIMEOUT",
         }
     }
 }
@@ -76,7 +80,29 @@ pub struct OrderPlaced {
     pub placed_at: i64,
 }
 
-/// The order's stock was reserved; the order is confirmed.
+/// The order's stock is reserved; it waits for its payment until `pay_by`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderAwaitingPayment {
+    pub order_id: Uuid,
+    pub customer_id: Uuid,
+    pub amount_cents: i64,
+    pub pay_by: i64,
+    pub at: i64,
+}
+
+/// The order is being cancelled after its payment was asked for: refund what was charged, or
+/// void what was not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderRefundRequested {
+    pub order_id: Uuid,
+    pub amount_cents: i64,
+    pub reason: CancelReason,
+    pub requested_at: i64,
+}
+
+/// The order is paid for and its stock reserved: the order is confirmed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OrderConfirmed {
@@ -132,6 +158,38 @@ pub struct StockReleased {
     pub reservation_id: Uuid,
     pub reason: String,
     pub released_at: i64,
+}
+
+/// The order's payment was charged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentConfirmed {
+    pub order_id: Uuid,
+    pub payment_id: Uuid,
+    pub amount_cents: i64,
+    pub confirmed_at: i64,
+}
+
+/// The processor declined the order's payment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentDeclined {
+    pub order_id: Uuid,
+    pub payment_id: Uuid,
+    pub reason: String,
+    pub decline_code: String,
+    pub declined_at: i64,
+}
+
+/// The order's payment was refunded in full (`refunded_cents`), or voided before it was charged
+/// (`refunded_cents` 0).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentRefunded {
+    pub order_id: Uuid,
+    pub payment_id: Uuid,
+    pub refunded_cents: i64,
+    pub refunded_at: i64,
 }
 
 /// Declares the aggregates: each with the name outbox rows carry in `aggregate_type` and the
@@ -302,24 +360,32 @@ macro_rules! events {
 }
 
 aggregates! {
-    /// Orders: `OrderPlaced`, `OrderConfirmed`, `OrderRejected`, `OrderCancelled`.
+    /// Orders: `OrderPlaced`, `OrderAwaitingPayment`, `OrderConfirmed`, `OrderRejected`,
+    /// `OrderRefundRequested`, `OrderCancelled`.
     Order = "order" on ORDERS_TOPIC = "orders.v1", ORDER_AGGREGATE;
     /// Stock: `StockReserved`, `StockReservationRejected`, `StockReleased`.
     Inventory = "inventory" on INVENTORY_TOPIC = "inventory.v1", INVENTORY_AGGREGATE;
+    /// Payments: `PaymentConfirmed`, `PaymentDeclined`, `PaymentRefunded`.
+    Payment = "payment" on PAYMENTS_TOPIC = "payments.v1", PAYMENT_AGGREGATE;
 }
 
 events! {
     OrderPlaced in Order,
+    OrderAwaitingPayment in Order,
     OrderConfirmed in Order,
     OrderRejected in Order,
+    OrderRefundRequested in Order,
     OrderCancelled in Order,
     StockReserved in Inventory,
     StockReservationRejected in Inventory,
     StockReleased in Inventory,
+    PaymentConfirmed in Payment,
+    PaymentDeclined in Payment,
+    PaymentRefunded in Payment,
 }
 
 /// The topic an aggregate type publishes to (`"order"` → `orders.v1`, `"inventory"` →
-/// `inventory.v1`), `None` for anything else.
+/// `inventory.v1`, `"payment"` → `payments.v1`), `None` for anything else.
 pub fn topic_for_aggregate(aggregate_type: &str) -> Option<&'static str> {
     Aggregate::from_name(aggregate_type).map(Aggregate::topic)
 }

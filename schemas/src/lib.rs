@@ -44,9 +44,10 @@ pub use codec::{
 pub use error::DecodeError;
 pub use events::{
     AGGREGATES, Aggregate, CancelReason, EVENT_TOPICS, Event, INVENTORY_AGGREGATE, INVENTORY_TOPIC,
-    ORDER_AGGREGATE, ORDERS_TOPIC, OrderCancelled, OrderConfirmed, OrderItem, OrderPlaced,
-    OrderRejected, ReservedLine, Shortage, StockReleased, StockReservationRejected, StockReserved,
-    topic_for_aggregate,
+    ORDER_AGGREGATE, ORDERS_TOPIC, OrderAwaitingPayment, OrderCancelled, OrderConfirmed, OrderItem,
+    OrderPlaced, OrderRefundRequested, OrderRejected, PAYMENT_AGGREGATE, PAYMENTS_TOPIC,
+    PaymentConfirmed, PaymentDeclined, PaymentRefunded, ReservedLine, Shortage, StockReleased,
+    StockReservationRejected, StockReserved, topic_for_aggregate,
 };
 pub use limits::BoundsError;
 pub use registry::{event_type_for_fingerprint, fingerprint, schema, schema_json};

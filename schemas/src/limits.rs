@@ -11,8 +11,9 @@
 //! otherwise move other orders' reserved units back to available).
 
 use crate::events::{
-    OrderCancelled, OrderConfirmed, OrderItem, OrderPlaced, OrderRejected, ReservedLine, Shortage,
-    StockReleased, StockReservationRejected, StockReserved,
+    OrderAwaitingPayment, OrderCancelled, OrderConfirmed, OrderItem, OrderPlaced,
+    OrderRefundRequested, OrderRejected, PaymentConfirmed, PaymentDeclined, PaymentRefunded,
+    ReservedLine, Shortage, StockReleased, StockReservationRejected, StockReserved,
 };
 use crate::sku::{SkuError, validate_sku};
 
@@ -28,6 +29,8 @@ pub const MAX_STOCK: i64 = 1_000_000_000_000;
 pub const MAX_TOTAL_CENTS: i64 = MAX_ITEMS as i64 * MAX_QUANTITY * MAX_PRICE_CENTS;
 /// Characters of a reason (rejections, releases).
 pub const MAX_REASON_CHARS: usize = 1_000;
+/// Characters of a processor's decline code (`over_limit`, `do_not_honor`).
+pub const MAX_CODE_CHARS: usize = 64;
 /// The latest valid event time: 9999-12-31T23:59:59.999Z in Unix milliseconds.
 pub const MAX_TIME_MILLIS: i64 = 253_402_300_799_999;
 
@@ -83,6 +86,13 @@ pub enum BoundsError {
     /// the reason would fail).
     #[error("reason must not contain NUL characters")]
     ReasonHasNul,
+    /// A short text field (a code) that is empty, too long or not plain ASCII.
+    #[error("{field} must be 1 to {max} characters of ASCII letters, digits and _-., got {text:?}")]
+    BadCode {
+        field: &'static str,
+        text: String,
+        max: usize,
+    },
 }
 
 /// An event record's bounds. Every struct that [`crate::events`] lists implements it, so an
@@ -101,6 +111,43 @@ impl WithinContract for OrderPlaced {
             range(format!("items[{i}].quantity"), *quantity, 1, MAX_QUANTITY)?;
         }
         Ok(())
+    }
+}
+
+impl WithinContract for OrderAwaitingPayment {
+    fn check(&self) -> Result<(), BoundsError> {
+        time("at", self.at)?;
+        time("pay_by", self.pay_by)?;
+        range("amount_cents", self.amount_cents, 0, MAX_TOTAL_CENTS)
+    }
+}
+
+impl WithinContract for OrderRefundRequested {
+    fn check(&self) -> Result<(), BoundsError> {
+        time("requested_at", self.requested_at)?;
+        range("amount_cents", self.amount_cents, 0, MAX_TOTAL_CENTS)
+    }
+}
+
+impl WithinContract for PaymentConfirmed {
+    fn check(&self) -> Result<(), BoundsError> {
+        time("confirmed_at", self.confirmed_at)?;
+        range("amount_cents", self.amount_cents, 0, MAX_TOTAL_CENTS)
+    }
+}
+
+impl WithinContract for PaymentDeclined {
+    fn check(&self) -> Result<(), BoundsError> {
+        time("declined_at", self.declined_at)?;
+        reason(&self.reason)?;
+        code("decline_code", &self.decline_code)
+    }
+}
+
+impl WithinContract for PaymentRefunded {
+    fn check(&self) -> Result<(), BoundsError> {
+        time("refunded_at", self.refunded_at)?;
+        range("refunded_cents", self.refunded_cents, 0, MAX_TOTAL_CENTS)
     }
 }
 
@@ -225,6 +272,19 @@ fn sku_at(field: &str, i: usize, sku: &str) -> Result<(), BoundsError> {
 
 fn time(field: &str, millis: i64) -> Result<(), BoundsError> {
     range(field, millis, 0, MAX_TIME_MILLIS)
+}
+
+fn code(field: &'static str, text: &str) -> Result<(), BoundsError> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-.".contains(c);
+    if (1..=MAX_CODE_CHARS).contains(&text.len()) && text.chars().all(plain) {
+        Ok(())
+    } else {
+        Err(BoundsError::BadCode {
+            field,
+            text: truncate_chars(text, MAX_CODE_CHARS + 1),
+            max: MAX_CODE_CHARS,
+        })
+    }
 }
 
 fn reason(text: &str) -> Result<(), BoundsError> {

@@ -3,10 +3,11 @@
 use apache_avro::Schema;
 use apache_avro::rabin::Rabin;
 use schemas::{
-    BoundsError, CancelReason, DecodeError, Event, INVENTORY_TOPIC, ORDERS_TOPIC, OrderCancelled,
-    OrderConfirmed, OrderItem, OrderPlaced, OrderRejected, ReservedLine, Shortage, StockReleased,
-    StockReservationRejected, StockReserved, Uuid, decode, decode_json, decode_with_content_type,
-    encode, encode_json,
+    BoundsError, CancelReason, DecodeError, Event, INVENTORY_TOPIC, ORDERS_TOPIC,
+    OrderAwaitingPayment, OrderCancelled, OrderConfirmed, OrderItem, OrderPlaced,
+    OrderRefundRequested, OrderRejected, PAYMENTS_TOPIC, PaymentConfirmed, PaymentDeclined,
+    PaymentRefunded, ReservedLine, Shortage, StockReleased, StockReservationRejected,
+    StockReserved, Uuid, decode, decode_json, decode_with_content_type, encode, encode_json,
 };
 
 const T0: i64 = 1_732_252_800_000;
@@ -34,6 +35,14 @@ fn samples() -> Vec<Event> {
             placed_at: T0,
         }
         .into(),
+        OrderAwaitingPayment {
+            order_id: id(11),
+            customer_id: id(2),
+            amount_cents: 12_345,
+            pay_by: T0 + 30_000,
+            at: T0,
+        }
+        .into(),
         OrderConfirmed {
             order_id: id(3),
             total_cents: 12_345,
@@ -44,6 +53,13 @@ fn samples() -> Vec<Event> {
             order_id: id(4),
             reason: "no stock".into(),
             rejected_at: 0,
+        }
+        .into(),
+        OrderRefundRequested {
+            order_id: id(12),
+            amount_cents: 0,
+            reason: CancelReason::PaymentTimeout,
+            requested_at: T0,
         }
         .into(),
         OrderCancelled {
@@ -80,6 +96,28 @@ fn samples() -> Vec<Event> {
             reservation_id: id(10),
             reason: "order cancelled".into(),
             released_at: T0,
+        }
+        .into(),
+        PaymentConfirmed {
+            order_id: id(13),
+            payment_id: id(14),
+            amount_cents: schemas::limits::MAX_TOTAL_CENTS,
+            confirmed_at: T0,
+        }
+        .into(),
+        PaymentDeclined {
+            order_id: id(15),
+            payment_id: id(16),
+            reason: "declined".into(),
+            decline_code: "do_not_honor".into(),
+            declined_at: T0,
+        }
+        .into(),
+        PaymentRefunded {
+            order_id: id(17),
+            payment_id: id(18),
+            refunded_cents: 0,
+            refunded_at: T0,
         }
         .into(),
     ]
@@ -248,11 +286,13 @@ fn examples_are_one_line_each_for_kcat() {
 #[test]
 fn events_know_their_type_order_topic_and_aggregate() {
     for event in samples() {
-        let is_order = event.event_type().starts_with("Order");
-        let (topic, aggregate) = if is_order {
+        let event_type = event.event_type();
+        let (topic, aggregate) = if event_type.starts_with("Order") {
             (ORDERS_TOPIC, "order")
-        } else {
+        } else if event_type.starts_with("Stock") {
             (INVENTORY_TOPIC, "inventory")
+        } else {
+            (PAYMENTS_TOPIC, "payment")
         };
         assert_eq!(event.topic(), topic);
         assert_eq!(event.aggregate_type(), aggregate);
@@ -260,14 +300,15 @@ fn events_know_their_type_order_topic_and_aggregate() {
     }
     assert_eq!(ORDERS_TOPIC, "orders.v1");
     assert_eq!(INVENTORY_TOPIC, "inventory.v1");
+    assert_eq!(PAYMENTS_TOPIC, "payments.v1");
     assert_eq!(schemas::topic_for_aggregate("customer"), None);
     let ids: Vec<_> = samples().iter().map(Event::order_id).collect();
-    assert_eq!(ids, [1, 3, 4, 5, 6, 8, 9].map(id));
+    assert_eq!(ids, [1, 11, 3, 4, 12, 5, 6, 8, 9, 13, 15, 17].map(id));
 }
 
 #[test]
 fn cancel_reason_uses_the_avro_symbols_in_json() {
-    let json = encode_json(&samples()[3]);
+    let json = encode_json(&samples()[5]);
     let value: serde_json::Value = serde_json::from_slice(&json).unwrap();
     assert_eq!(value["reason"], "DEADLINE_EXCEEDED");
     assert_eq!(
@@ -319,7 +360,7 @@ fn an_unknown_fingerprint_is_rejected() {
 
 #[test]
 fn trailing_bytes_are_rejected() {
-    let mut bytes = encode(&samples()[1]);
+    let mut bytes = encode(&samples()[2]);
     bytes.extend_from_slice(&[0, 0, 0]);
     assert_eq!(
         decode(&bytes),
@@ -559,4 +600,59 @@ fn avro_bytes_sent_as_json_are_rejected() {
     assert!(
         decode_with_content_type(Some("application/json"), Some("OrderPlaced"), &bytes).is_err()
     );
+}
+
+/// A record written before a schema changed (here: OrderCancelled before the payment step added
+/// two reasons) stays on its topic for the topic's retention, and still decodes.
+#[test]
+fn a_record_written_with_an_older_schema_decodes_into_the_current_one() {
+    let path = format!(
+        "{}/avro/history/OrderCancelled.1.avsc",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let old = Schema::parse_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let current = schemas::schema("OrderCancelled").unwrap();
+    let old_fp = old.fingerprint::<Rabin>().bytes;
+    assert_ne!(
+        old_fp.as_slice(),
+        current.fingerprint::<Rabin>().bytes.as_slice(),
+        "the schema changed"
+    );
+    let event = OrderCancelled {
+        order_id: id(5),
+        reason: CancelReason::DeadlineExceeded,
+        cancelled_at: T0,
+    };
+    let datum = apache_avro::to_avro_datum(&old, apache_avro::to_value(&event).unwrap()).unwrap();
+    let mut bytes = vec![0xC3, 0x01];
+    bytes.extend_from_slice(&old_fp);
+    bytes.extend_from_slice(&datum);
+    assert_eq!(
+        decode(&bytes).unwrap(),
+        Event::OrderCancelled(event.clone())
+    );
+    assert_eq!(
+        decode_with_content_type(None, Some("OrderCancelled"), &bytes).unwrap(),
+        Event::OrderCancelled(event)
+    );
+    // What is encoded now uses the current schema.
+    let now = encode(&samples()[5]);
+    assert_eq!(&now[2..10], current.fingerprint::<Rabin>().bytes.as_slice());
+}
+
+#[test]
+fn a_decline_code_is_a_short_plain_code() {
+    for bad in ["", "with space", "ü", &"x".repeat(65)] {
+        let event = Event::PaymentDeclined(PaymentDeclined {
+            order_id: id(1),
+            payment_id: id(2),
+            reason: "r".into(),
+            decline_code: bad.to_owned(),
+            declined_at: T0,
+        });
+        assert!(
+            matches!(event.check_bounds(), Err(BoundsError::BadCode { .. })),
+            "{bad:?} was accepted"
+        );
+    }
 }

@@ -9,9 +9,11 @@
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use schemas::{
-    CancelReason, DecodeError, Event, OrderCancelled, OrderConfirmed, OrderItem, OrderPlaced,
-    OrderRejected, ReservedLine, Shortage, StockReleased, StockReservationRejected, StockReserved,
-    Uuid, decode, decode_json, decode_with_content_type, encode, encode_json, limits,
+    CancelReason, DecodeError, Event, OrderAwaitingPayment, OrderCancelled, OrderConfirmed,
+    OrderItem, OrderPlaced, OrderRefundRequested, OrderRejected, PaymentConfirmed, PaymentDeclined,
+    PaymentRefunded, ReservedLine, Shortage, StockReleased, StockReservationRejected,
+    StockReserved, Uuid, decode, decode_json, decode_with_content_type, encode, encode_json,
+    limits,
 };
 
 fn cases() -> u32 {
@@ -61,6 +63,15 @@ fn id() -> impl Strategy<Value = Uuid> {
     any::<u128>().prop_map(Uuid::from_u128)
 }
 
+fn reason() -> impl Strategy<Value = CancelReason> {
+    prop_oneof![
+        Just(CancelReason::CustomerRequest),
+        Just(CancelReason::DeadlineExceeded),
+        Just(CancelReason::PaymentDeclined),
+        Just(CancelReason::PaymentTimeout),
+    ]
+}
+
 fn event() -> impl Strategy<Value = Event> {
     let items = proptest::collection::vec((text(), number()), 0..4);
     prop_oneof![
@@ -92,15 +103,58 @@ fn event() -> impl Strategy<Value = Event> {
             }
             .into()
         }),
-        (id(), any::<bool>(), number()).prop_map(|(o, customer, at)| {
+        (id(), reason(), number()).prop_map(|(o, reason, at)| {
             OrderCancelled {
                 order_id: o,
-                reason: if customer {
-                    CancelReason::CustomerRequest
-                } else {
-                    CancelReason::DeadlineExceeded
-                },
+                reason,
                 cancelled_at: at,
+            }
+            .into()
+        }),
+        (id(), id(), number(), number(), number()).prop_map(|(o, c, amount, by, at)| {
+            OrderAwaitingPayment {
+                order_id: o,
+                customer_id: c,
+                amount_cents: amount,
+                pay_by: by,
+                at,
+            }
+            .into()
+        }),
+        (id(), number(), reason(), number()).prop_map(|(o, amount, reason, at)| {
+            OrderRefundRequested {
+                order_id: o,
+                amount_cents: amount,
+                reason,
+                requested_at: at,
+            }
+            .into()
+        }),
+        (id(), id(), number(), number()).prop_map(|(o, p, amount, at)| {
+            PaymentConfirmed {
+                order_id: o,
+                payment_id: p,
+                amount_cents: amount,
+                confirmed_at: at,
+            }
+            .into()
+        }),
+        (id(), id(), text(), text(), number()).prop_map(|(o, p, reason, code, at)| {
+            PaymentDeclined {
+                order_id: o,
+                payment_id: p,
+                reason,
+                decline_code: code,
+                declined_at: at,
+            }
+            .into()
+        }),
+        (id(), id(), number(), number()).prop_map(|(o, p, refunded, at)| {
+            PaymentRefunded {
+                order_id: o,
+                payment_id: p,
+                refunded_cents: refunded,
+                refunded_at: at,
             }
             .into()
         }),
