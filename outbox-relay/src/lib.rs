@@ -91,7 +91,7 @@ pub struct Settings {
         long = "source",
         env = "RELAY_SOURCES",
         value_delimiter = ',',
-        default_value = "orders=postgres://postgres@127.0.0.1:5432/orders,inventory=postgres://postgres@127.0.0.1:5432/inventory"
+        default_value = "orders=postgres://postgres@127.0.0.1:5432/orders,inventory=postgres://postgres@127.0.0.1:5432/inventory,payments=postgres://postgres@127.0.0.1:5432/payments"
     )]
     pub sources: Vec<Source>,
     #[command(flatten)]
@@ -212,6 +212,6 @@ mod tests {
         assert_eq!(settings.batch_size, 5000);
         assert_eq!(settings.max_rows_in_flight, 10_000);
         assert_eq!(settings.idle_poll_ms, 250);
-        assert_eq!(settings.sources.len(), 2);
+        assert_eq!(settings.sources.len(), 3);
     }
 }

@@ -17,7 +17,8 @@ use service_kit::pruning::{Keep, PrunedTable};
 use service_kit::shutdown::Shutdown;
 use uuid::Uuid;
 
-static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// The ledger's tables.
+pub static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// payment-gateway settings: flags or environment variables; defaults fit the local stack.
 #[derive(Debug, Clone, Parser)]

@@ -21,21 +21,8 @@ fn listed_customer() -> Uuid {
 
 /// A database of its own, migrated as the process migrates it.
 async fn database(name: &str) -> PgPool {
-    let server = std::env::var("E2E_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
-    let db = format!("gateway_{name}_{}", std::process::id());
-    let admin = PgPool::connect(&format!("{server}/postgres"))
+    service_kit::testing::database(&format!("gateway_{name}"), &[&payment_gateway::MIGRATIONS])
         .await
-        .expect("Postgres (scripts/test.sh starts it)");
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-        .execute(&admin)
-        .await
-        .unwrap();
-    admin.close().await;
-    let migrations = sqlx::migrate!("./migrations");
-    service_kit::db::connect_and_migrate(&format!("{server}/{db}"), 20, &[&migrations])
-        .await
-        .expect("database")
 }
 
 /// The processor's routes served on a port of their own; returns its base URL and knobs.

@@ -16,6 +16,7 @@
 //! - [`telemetry`]: logs, traces (OTLP) and the Prometheus recorder; [`trace_context`]: W3C
 //!   `traceparent` values carried across every hop.
 //! - [`backoff`], [`duration`], [`shutdown`], [`text`]: the small things everything uses.
+//! - `testing` (feature `testing`): a fresh database for a test.
 
 pub mod backoff;
 pub mod breaker;
@@ -28,5 +29,7 @@ pub mod outbound;
 pub mod pruning;
 pub mod shutdown;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod text;
 pub mod trace_context;

@@ -101,6 +101,10 @@ pub struct Client {
     /// The `service` label of the metrics, e.g. `payment-gateway`.
     service: &'static str,
     base: String,
+    /// `base` as logs and spans show it: a password in it replaced by `***`.
+    shown: String,
+    /// `Authorization: Bearer …` on every call, when the API wants a credential.
+    authorization: Option<HeaderValue>,
     timeouts: Timeouts,
 }
 
@@ -120,12 +124,33 @@ impl Client {
             .timeout(timeouts.request)
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
+        let base = base_url.trim_end_matches('/').to_owned();
         Ok(Client {
             http,
             service,
-            base: base_url.trim_end_matches('/').to_owned(),
+            shown: crate::db::redacted(&base),
+            base,
+            authorization: None,
             timeouts,
         })
+    }
+
+    /// Sends `Authorization: Bearer {token}` with every call (kept out of logs and spans).
+    pub fn with_bearer_token(mut self, token: &str) -> anyhow::Result<Client> {
+        let mut value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+            anyhow::anyhow!(
+                "the credential of {} is not a valid header value",
+                self.service
+            )
+        })?;
+        value.set_sensitive(true);
+        self.authorization = Some(value);
+        Ok(self)
+    }
+
+    /// The API's address as logs show it (a password in it replaced by `***`).
+    pub fn shown_url(&self) -> &str {
+        &self.shown
     }
 
     /// `POST {base}{path}` with `body` as JSON and `Idempotency-Key: idempotency_key`; the
@@ -167,24 +192,28 @@ impl Client {
             otel.kind = "client",
             http.request.method = method,
             http.route = route,
-            server.address = %self.base,
+            server.address = %self.shown,
             trace_id = tracing::field::Empty,
         );
         // A child of the current span (the job's): its traceparent goes to the server.
         crate::trace_context::continue_from(&span, None);
         let traceparent = crate::trace_context::of(&span);
+        let request = match &self.authorization {
+            Some(value) => request.header(reqwest::header::AUTHORIZATION, value.clone()),
+            None => request,
+        };
         let started = Instant::now();
         let answer = async {
             let response = request
                 .header("traceparent", traceparent)
                 .send()
                 .await
-                .map_err(|e| self.unanswered(&e))?;
+                .map_err(|e| self.unanswered(e))?;
             let status = response.status();
             let retry_after = retry_after(response.headers());
             let body = read_bounded(response)
                 .await
-                .map_err(|e| self.unanswered(&e))?
+                .map_err(|e| self.unanswered(e))?
                 .ok_or_else(|| CallError::Transient {
                     reason: format!(
                         "{} answered {status} with more than {MAX_ANSWER_BYTES} bytes",
@@ -217,8 +246,10 @@ impl Client {
         answer
     }
 
-    /// A call that got no answer: refused before it was sent, or cut or timed out after.
-    fn unanswered(&self, e: &reqwest::Error) -> CallError {
+    /// A call that got no answer: refused before it was sent, or cut or timed out after. The
+    /// error's text leaves out the URL (it may hold a credential).
+    fn unanswered(&self, e: reqwest::Error) -> CallError {
+        let e = e.without_url();
         let sent = !e.is_connect() && !e.is_builder();
         let what = if e.is_timeout() {
             format!(
@@ -231,7 +262,7 @@ impl Client {
             "the connection failed".to_owned()
         };
         CallError::Transient {
-            reason: bounded(format!("{}: {what}: {}", self.service, error_chain(e))),
+            reason: bounded(format!("{}: {what}: {}", self.service, error_chain(&e))),
             outcome_unknown: sent,
         }
     }

@@ -179,4 +179,5 @@ fn describe_metrics() {
     crate::pruning::describe_metrics();
     crate::jobs::describe_metrics();
     crate::outbound::describe_metrics();
+    crate::breaker::describe_metrics();
 }
