@@ -636,6 +636,9 @@ pub struct StackOptions {
     /// The Postgres server of the stack's databases (a URL without a database), when not the
     /// shared [`postgres_url`]: a test that restarts Postgres brings its own.
     pub postgres_url: Option<String>,
+    /// Start payment-service and the stand-in processor (payment-gateway) with the stack, and
+    /// have the relay tail the payments outbox.
+    pub payments: bool,
 }
 
 impl Default for StackOptions {
@@ -651,6 +654,7 @@ impl Default for StackOptions {
             inventory: true,
             postgres_url: None,
             kafka_tls: false,
+            payments: false,
         }
     }
 }
@@ -671,14 +675,19 @@ pub fn http_client() -> reqwest::Client {
 pub enum Process {
     OrderService,
     InventoryService,
+    PaymentService,
+    /// The stand-in card processor.
+    Gateway,
     Relay,
 }
 
 impl Process {
     /// Every process, in the order a stack starts them.
-    pub const ALL: [Process; 3] = [
+    pub const ALL: [Process; 5] = [
         Process::OrderService,
         Process::InventoryService,
+        Process::PaymentService,
+        Process::Gateway,
         Process::Relay,
     ];
 
@@ -687,6 +696,8 @@ impl Process {
         match self {
             Process::OrderService => "order-service",
             Process::InventoryService => "inventory-service",
+            Process::PaymentService => "payment-service",
+            Process::Gateway => "payment-gateway",
             Process::Relay => "outbox-relay",
         }
     }
@@ -694,21 +705,30 @@ impl Process {
     /// The flag that says where it serves HTTP (set to `stdin`: the listener is handed to it).
     fn port_flag(self) -> &'static str {
         match self {
-            Process::OrderService | Process::InventoryService => "--listen-addr",
+            Process::OrderService
+            | Process::InventoryService
+            | Process::PaymentService
+            | Process::Gateway => "--listen-addr",
             Process::Relay => "--metrics-addr",
         }
     }
 }
 
 /// The whole system for one test: broker, order-service, inventory-service, outbox-relay, and two
-/// fresh databases. Everything is killed and the databases dropped when it goes out of scope.
+/// fresh databases (with [`StackOptions::payments`], payment-service and the stand-in processor
+/// too, with a database each). Everything is killed and the databases dropped when it goes out of scope.
 /// Against an [`external_stack`] it holds only the addresses, and nothing is stopped or dropped.
 pub struct Stack {
     pub broker: Broker,
     pub orders_db: String,
     pub inventory_db: String,
+    pub payments_db: String,
+    /// The stand-in processor's ledger.
+    pub gateway_db: String,
     pub order_url: String,
     pub inventory_url: String,
+    pub payment_url: String,
+    pub gateway_url: String,
     pub relay_metrics_url: String,
     /// Where the stack's own processes serve, held for the stack's lifetime ([`listener`]).
     listeners: HashMap<Process, TcpListener>,
@@ -753,6 +773,8 @@ impl Stack {
         let suffix = Uuid::new_v4().simple().to_string()[..12].to_owned();
         let orders_db = format!("e2e_orders_{suffix}");
         let inventory_db = format!("e2e_inventory_{suffix}");
+        let payments_db = format!("e2e_payments_{suffix}");
+        let gateway_db = format!("e2e_gateway_{suffix}");
         let listeners: HashMap<Process, TcpListener> =
             Process::ALL.iter().map(|p| (*p, listener())).collect();
         let inventory_proxy = if options.inventory_db_proxy {
@@ -764,8 +786,12 @@ impl Stack {
             broker,
             orders_db,
             inventory_db,
+            payments_db,
+            gateway_db,
             order_url: url_of(&listeners[&Process::OrderService]),
             inventory_url: url_of(&listeners[&Process::InventoryService]),
+            payment_url: url_of(&listeners[&Process::PaymentService]),
+            gateway_url: url_of(&listeners[&Process::Gateway]),
             relay_metrics_url: url_of(&listeners[&Process::Relay]),
             listeners,
             procs: HashMap::new(),
@@ -787,6 +813,8 @@ impl Stack {
         let services = [
             (Process::OrderService, true),
             (Process::InventoryService, options.inventory),
+            (Process::Gateway, options.payments),
+            (Process::PaymentService, options.payments),
         ];
         for (process, start) in services {
             if start {
@@ -812,9 +840,10 @@ impl Stack {
             None => self.pg.clone(),
         };
         let mut args: Vec<String> = match process {
-            Process::OrderService | Process::InventoryService => {
+            Process::OrderService | Process::InventoryService | Process::PaymentService => {
                 let (pg, db) = match process {
                     Process::OrderService => (&self.pg, &self.orders_db),
+                    Process::PaymentService => (&self.pg, &self.payments_db),
                     _ => (&inventory_pg, &self.inventory_db),
                 };
                 let mut args: Vec<String> = self
@@ -829,16 +858,37 @@ impl Stack {
                 {
                     args.extend(["--saga-deadline".to_owned(), deadline.clone()]);
                 }
+                if process == Process::PaymentService {
+                    args.extend(["--gateway-url".to_owned(), self.gateway_url.clone()]);
+                }
                 args
             }
-            Process::Relay => vec![
-                "--source".into(),
-                format!("orders={}", db_url(&self.pg, &self.orders_db)),
-                "--source".into(),
-                format!("inventory={}", db_url(&inventory_pg, &self.inventory_db)),
-                "--batch-size".into(),
-                self.options.relay_batch_size.to_string(),
-            ],
+            // The stand-in processor knows nothing of Kafka.
+            Process::Gateway => {
+                return vec![
+                    "--database-url".into(),
+                    db_url(&self.pg, &self.gateway_db),
+                    process.port_flag().to_owned(),
+                    "stdin".into(),
+                ];
+            }
+            Process::Relay => {
+                let mut args = vec![
+                    "--source".into(),
+                    format!("orders={}", db_url(&self.pg, &self.orders_db)),
+                    "--source".into(),
+                    format!("inventory={}", db_url(&inventory_pg, &self.inventory_db)),
+                    "--batch-size".into(),
+                    self.options.relay_batch_size.to_string(),
+                ];
+                if self.options.payments {
+                    args.extend([
+                        "--source".into(),
+                        format!("payments={}", db_url(&self.pg, &self.payments_db)),
+                    ]);
+                }
+                args
+            }
         };
         args.extend([process.port_flag().to_owned(), "stdin".into()]);
         args.extend([
@@ -854,6 +904,8 @@ impl Stack {
         match process {
             Process::OrderService => self.order_url.clone(),
             Process::InventoryService => self.inventory_url.clone(),
+            Process::PaymentService => self.payment_url.clone(),
+            Process::Gateway => self.gateway_url.clone(),
             Process::Relay => self.relay_metrics_url.clone(),
         }
     }
@@ -875,8 +927,13 @@ impl Stack {
             broker: Broker::of(external),
             orders_db: external.orders_db.clone(),
             inventory_db: external.inventory_db.clone(),
+            // Not part of an external stack yet.
+            payments_db: String::new(),
+            gateway_db: String::new(),
             order_url: external.order_url.clone(),
             inventory_url: external.inventory_url.clone(),
+            payment_url: String::new(),
+            gateway_url: String::new(),
             relay_metrics_url: external.relay_url.clone(),
             listeners: HashMap::new(),
             procs: HashMap::new(),
@@ -1020,6 +1077,8 @@ impl Stack {
         match process {
             Process::OrderService => self.order_url = url,
             Process::InventoryService => self.inventory_url = url,
+            Process::PaymentService => self.payment_url = url,
+            Process::Gateway => self.gateway_url = url,
             Process::Relay => self.relay_metrics_url = url,
         }
         self.listeners.insert(process, listener);
@@ -1423,7 +1482,12 @@ impl Drop for Stack {
         }
         drop_databases(
             &self.pg,
-            vec![self.orders_db.clone(), self.inventory_db.clone()],
+            vec![
+                self.orders_db.clone(),
+                self.inventory_db.clone(),
+                self.payments_db.clone(),
+                self.gateway_db.clone(),
+            ],
         );
     }
 }
