@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole system locally in the background: Postgres (installed and started if needed), the
-# Tansu broker on 127.0.0.1:9092, order-service (:8080), inventory-service (:8081) and outbox-relay
-# (metrics on :8082). Seeds a few products. Logs and pids go to .run/. Stop it with scripts/stop.sh.
+# Tansu broker on 127.0.0.1:9092, order-service (:8080), inventory-service (:8081), payment-service
+# (:8083), the stand-in card processor payment-gateway (:8084) and outbox-relay (metrics on :8082).
+# Seeds a few products. Logs and pids go to .run/. Stop it with scripts/stop.sh.
 # Release builds (the first build takes about 10 minutes on 2 cores); SAGA_PROFILE=debug runs the
 # debug builds instead (quicker to build, several times slower under load: scripts/test.sh uses them).
 set -euo pipefail
@@ -52,11 +53,12 @@ if port_open 127.0.0.1 9092 && [ ! -f "$RUN_DIR/pids/broker.pid" ]; then
     say "a broker already listens on $BROKER; using it"
 else
     running() { [ -f "$RUN_DIR/pids/$1.pid" ] && kill -0 "$(cat "$RUN_DIR/pids/$1.pid")" 2>/dev/null; }
-    if ! running broker && ! running order-service && ! running inventory-service; then
+    if ! running broker && ! running order-service && ! running inventory-service && ! running payment-service; then
         # The broker keeps its topics in memory, so it starts empty: so do the databases, or their
         # orders would refer to events no topic holds any more (and `saga audit` would say so).
-        say "starting from empty databases orders and inventory (the in-memory broker starts empty too)"
-        for db in orders inventory; do
+        # The processor's ledger (gateway) is kept: it is the processor's, not the saga's.
+        say "starting from empty databases orders, inventory and payments (the in-memory broker starts empty too)"
+        for db in orders inventory payments; do
             psql -q "$PG_URL/postgres" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null
         done
     fi
@@ -69,10 +71,15 @@ fi
 export RUST_LOG="${RUST_LOG:-info}"
 start order-service "$BIN/order-service" --database-url "$PG_URL/orders" --kafka-bootstrap-servers "$BROKER"
 start inventory-service "$BIN/inventory-service" --database-url "$PG_URL/inventory" --kafka-bootstrap-servers "$BROKER"
+start payment-gateway "$BIN/payment-gateway" --database-url "$PG_URL/gateway"
+start payment-service "$BIN/payment-service" --database-url "$PG_URL/payments" --kafka-bootstrap-servers "$BROKER" \
+    --gateway-url http://127.0.0.1:8084
 wait_ready order-service http://127.0.0.1:8080/readyz
 wait_ready inventory-service http://127.0.0.1:8081/readyz
+wait_ready payment-gateway http://127.0.0.1:8084/readyz
+wait_ready payment-service http://127.0.0.1:8083/readyz
 start outbox-relay "$BIN/outbox-relay" --source "orders=$PG_URL/orders" --source "inventory=$PG_URL/inventory" \
-    --kafka-bootstrap-servers "$BROKER"
+    --source "payments=$PG_URL/payments" --kafka-bootstrap-servers "$BROKER"
 wait_ready outbox-relay http://127.0.0.1:8082/readyz
 
 say "seeding products"
@@ -87,8 +94,10 @@ cat <<MSG
 The order saga is running.
   order-service      http://127.0.0.1:8080   (POST /orders, GET /orders/{id}, /openapi.json, /metrics)
   inventory-service  http://127.0.0.1:8081   (GET /products, PUT /products/{sku}, GET /reservations)
+  payment-service    http://127.0.0.1:8083   (GET /payments?order_id=, GET /payments/{id})
+  payment-gateway    http://127.0.0.1:8084   (a stand-in card processor: GET /ledger?payment_id=, PUT /faults)
   outbox-relay       http://127.0.0.1:8082/metrics
-  Kafka broker       $BROKER (Tansu, in memory)   Postgres $PG_URL (databases orders, inventory)
+  Kafka broker       $BROKER (Tansu, in memory)   Postgres $PG_URL (databases orders, inventory, payments, gateway)
   logs               $RUN_DIR/logs/
   tools              $BIN/saga (topics as JSON, dead letters), scripts/kcat.sh
   traces             exported when OTEL_EXPORTER_OTLP_ENDPOINT is set (e.g. http://localhost:4318, a Jaeger)

@@ -135,7 +135,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     let runner = Runner::default();
     let wake = runner.wake();
     let payments = Arc::new(charging::Payments {
-        gateway: gateway::Gateway::new(client, breaker),
+        gateway: gateway::Gateway::new(client, breaker.clone()),
         in_flight_window: settings.gateway_timeout + IN_FLIGHT_MARGIN,
         wake: wake.clone(),
     });
@@ -146,7 +146,9 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         subscribe: &[schemas::ORDERS_TOPIC],
         handler: consumer::OrderEvents { wake },
         routes: http::routes,
-        background: vec![Box::new(|pool, shutdown| Box::pin(measure(pool, shutdown)))],
+        background: vec![Box::new(move |pool, shutdown| {
+            Box::pin(measure(pool, breaker, shutdown))
+        })],
         jobs: runner
             .with(
                 charging::charge_kind(),
@@ -181,9 +183,11 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     messaging::service::run(spec, config, shutdown).await
 }
 
-/// Counts the payments in flight every [`MEASURE_EVERY`] until shutdown.
-async fn measure(pool: sqlx::PgPool, shutdown: Shutdown) {
+/// Counts the payments in flight, and exports the breaker's state, every [`MEASURE_EVERY`] until
+/// shutdown (the breaker was made before the metrics recorder was installed).
+async fn measure(pool: sqlx::PgPool, breaker: Breaker, shutdown: Shutdown) {
     loop {
+        breaker.publish_state();
         match store::in_flight(&pool).await {
             Ok(rows) => {
                 for (state, count, oldest) in rows {

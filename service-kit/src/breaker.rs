@@ -219,6 +219,13 @@ impl Breaker {
         self.shared.name
     }
 
+    /// Sets `circuit_breaker_state` to the state now. A breaker made before the metrics recorder
+    /// was installed (at a service's start) exports its state only once this is called; a
+    /// service calls it from a task that runs after start-up.
+    pub fn publish_state(&self) {
+        publish_state(self.shared.name, self.state());
+    }
+
     /// The state now (an open breaker whose break is over reads as half-open).
     pub fn state(&self) -> State {
         let mut inner = self.shared.lock();

@@ -97,6 +97,8 @@ fn the_compose_file_agrees_with_the_binaries_ports_and_topics() {
     for (service, address_variable) in [
         ("order-service", "LISTEN_ADDR"),
         ("inventory-service", "LISTEN_ADDR"),
+        ("payment-service", "LISTEN_ADDR"),
+        ("payment-gateway", "LISTEN_ADDR"),
         ("outbox-relay", "METRICS_ADDR"),
     ] {
         let spec = &services[service];
@@ -139,7 +141,11 @@ fn the_compose_file_agrees_with_the_binaries_ports_and_topics() {
             prometheus.contains(&format!("\"{service}:{port}\"")),
             "deploy/prometheus/prometheus.yml does not scrape {service}:{port}"
         );
-        // Everything talks to the in-network Kafka listener the broker advertises.
+        // Everything that talks to Kafka (all but the stand-in processor) talks to the
+        // in-network listener the broker advertises.
+        if !read.contains("KAFKA_BOOTSTRAP_SERVERS") {
+            continue;
+        }
         let advertised = env(&services["kafka"], "KAFKA_ADVERTISED_LISTENERS").unwrap();
         let bootstrap = env(spec, "KAFKA_BOOTSTRAP_SERVERS").expect("bootstrap set");
         assert!(
@@ -150,14 +156,26 @@ fn the_compose_file_agrees_with_the_binaries_ports_and_topics() {
 
     // Databases: the ones the services and the relay use are the ones Postgres creates.
     let init = std::fs::read_to_string(root().join("deploy/postgres/init.sql")).unwrap();
-    let mut urls = vec![
-        env(&services["order-service"], "DATABASE_URL")
-            .unwrap()
-            .to_owned(),
-        env(&services["inventory-service"], "DATABASE_URL")
-            .unwrap()
-            .to_owned(),
-    ];
+    let mut urls: Vec<String> = [
+        "order-service",
+        "inventory-service",
+        "payment-service",
+        "payment-gateway",
+    ]
+    .iter()
+    .map(|service| env(&services[*service], "DATABASE_URL").unwrap().to_owned())
+    .collect();
+    // The relay tails every service's outbox.
+    let sources: Vec<&str> = env(&services["outbox-relay"], "RELAY_SOURCES")
+        .unwrap()
+        .split(',')
+        .map(|s| s.split_once('=').unwrap().0)
+        .collect();
+    assert_eq!(
+        sources,
+        ["orders", "inventory", "payments"],
+        "RELAY_SOURCES"
+    );
     urls.extend(
         env(&services["outbox-relay"], "RELAY_SOURCES")
             .unwrap()
@@ -183,11 +201,15 @@ fn the_compose_file_agrees_with_the_binaries_ports_and_topics() {
         .expect("default retry delays in --help");
     let retries = delays.split(',').count();
     let command = serde_yaml::to_string(&services["topics"]["command"]).unwrap();
-    let mut topics = vec![
-        schemas::ORDERS_TOPIC.to_owned(),
-        schemas::INVENTORY_TOPIC.to_owned(),
-    ];
-    for group in [order_service::consumer::GROUP, "inventory-service"] {
+    let mut topics: Vec<String> = schemas::EVENT_TOPICS
+        .iter()
+        .map(|t| (*t).to_owned())
+        .collect();
+    for group in [
+        order_service::consumer::GROUP,
+        "inventory-service",
+        payment_service::consumer::GROUP,
+    ] {
         topics.push(messaging::kafka::dead_letter_topic(group));
         topics.extend((1..=retries).map(|n| messaging::retry::retry_topic(group, n)));
     }
@@ -256,7 +278,13 @@ fn the_compose_file_agrees_with_the_binaries_ports_and_topics() {
         Some("Admin"),
         "anonymous Grafana visitors are admins"
     );
-    for service in ["order-service", "inventory-service", "outbox-relay"] {
+    for service in [
+        "order-service",
+        "inventory-service",
+        "payment-service",
+        "payment-gateway",
+        "outbox-relay",
+    ] {
         assert!(
             services[service]["restart"].as_str().is_some(),
             "{service} is designed to exit and be restarted, and has no restart policy"

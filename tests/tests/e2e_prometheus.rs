@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use e2e::{Proc, Stack, StackOptions, eventually, free_port, kafka};
-use schemas::{Event, StockReleased};
+use schemas::{CancelReason, Event, OrderAwaitingPayment, OrderRefundRequested, StockReleased};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -163,6 +163,7 @@ mod own_stack {
             "prometheus",
             StackOptions {
                 retry_delays: Some("200ms".into()),
+                payments: true,
                 ..StackOptions::default()
             },
         )
@@ -178,15 +179,25 @@ mod own_stack {
              scrape_configs:\n\
              - {{job_name: order-service, static_configs: [{{targets: [{order:?}]}}]}}\n\
              - {{job_name: inventory-service, static_configs: [{{targets: [{inventory:?}]}}]}}\n\
+             - {{job_name: payment-service, static_configs: [{{targets: [{payment:?}]}}]}}\n\
+             - {{job_name: payment-gateway, static_configs: [{{targets: [{gateway:?}]}}]}}\n\
              - {{job_name: outbox-relay, static_configs: [{{targets: [{relay:?}]}}]}}\n",
             rules = deploy_dir().join("prometheus/alerts.yml"),
             order = host_port(&stack.order_url),
             inventory = host_port(&stack.inventory_url),
+            payment = host_port(&stack.payment_url),
+            gateway = host_port(&stack.gateway_url),
             relay = host_port(&stack.relay_metrics_url),
         );
         let deploy_config =
             std::fs::read_to_string(deploy_dir().join("prometheus/prometheus.yml")).unwrap();
-        for job in ["order-service", "inventory-service", "outbox-relay"] {
+        for job in [
+            "order-service",
+            "inventory-service",
+            "payment-service",
+            "payment-gateway",
+            "outbox-relay",
+        ] {
             assert!(
                 deploy_config.contains(&format!("job_name: {job}")),
                 "deploy/prometheus/prometheus.yml has no job {job}"
@@ -229,6 +240,31 @@ mod own_stack {
         let twice = Uuid::new_v4().to_string();
         send(&stack, &released(confirmed), &twice).await;
         send(&stack, &released(confirmed), &twice).await;
+        // A payment charged and refunded (order-service does not ask for payments yet: the test
+        // plays its part), so that the processor's calls have latencies and outcomes.
+        let paid = Uuid::new_v4();
+        let now = chrono::Utc::now().timestamp_millis();
+        let asked = Event::OrderAwaitingPayment(OrderAwaitingPayment {
+            order_id: paid,
+            customer_id: Uuid::new_v4(),
+            amount_cents: 500,
+            pay_by: now + 30_000,
+            at: now,
+        });
+        send(&stack, &asked, &Uuid::new_v4().to_string()).await;
+        let payment = format!("{}/payments?order_id={paid}", stack.payment_url);
+        eventually(TIMEOUT, || async {
+            Ok((stack.get_json(&payment).await[0]["status"] == "CONFIRMED").then_some(()))
+        })
+        .await
+        .expect("the payment is charged");
+        let refund = Event::OrderRefundRequested(OrderRefundRequested {
+            order_id: paid,
+            amount_cents: 500,
+            reason: CancelReason::CustomerRequest,
+            requested_at: now,
+        });
+        send(&stack, &refund, &Uuid::new_v4().to_string()).await;
 
         let mut queries = dashboard_queries();
         queries.extend(alert_queries());
