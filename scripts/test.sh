@@ -81,7 +81,7 @@ fi
 # for orders no service has): a short schemathesis run from each service's own /openapi.json
 # (scripts/fuzz-http.sh 1500 is the long run the README reports).
 if [ "$#" -eq 0 ] && [ -n "${started_stack:-}" ]; then
-    say "fuzzing both HTTP APIs from their /openapi.json (short run)"
+    say "fuzzing the services' HTTP APIs from their /openapi.json (short run)"
     SAGA_PROFILE=debug scripts/fuzz-http.sh 30 || status=$?
 elif [ "$#" -eq 0 ]; then
     say "not fuzzing the HTTP APIs: the running stack was not started here, and its audit would judge what ran before"
