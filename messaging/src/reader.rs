@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::delivery::Delivery;
@@ -40,7 +41,8 @@ impl End {
 
 /// Calls `each` with every record of `topic` from the beginning, in offset order within each
 /// partition, until `until`. `group` names the client to the broker; nothing is committed for
-/// it. It blocks: call it from a blocking thread in async code.
+/// it. A broker connection that drops is waited for (up to 30 s), as the client reconnects. It
+/// blocks: call it from a blocking thread in async code.
 pub fn read_topic(
     kafka: &KafkaSettings,
     group: &str,
@@ -77,6 +79,7 @@ pub fn read_topic(
     let mut next: HashMap<i32, i64> = partitions.iter().map(|&p| (p, 0)).collect();
     let mut last_record = Instant::now();
     let mut read = 0_u64;
+    let mut failing_since: Option<Instant> = None;
     loop {
         if let Until::End(End { quiet, within }) = until {
             let reached = ends.iter().all(|(p, end)| next[p] >= *end);
@@ -90,12 +93,45 @@ pub fn read_topic(
         let Some(message) = consumer.poll(Duration::from_millis(100)) else {
             continue;
         };
-        let delivery = Delivery::from_message(&message?);
+        let message = match message {
+            Ok(message) => {
+                failing_since = None;
+                message
+            }
+            // The client reconnects by itself; a broker away for longer fails the read.
+            Err(KafkaError::MessageConsumption(code)) if is_transient(code) => {
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > BROKER_AWAY_AT_MOST {
+                    bail!(
+                        "reading {topic}: the broker has been unreachable for {BROKER_AWAY_AT_MOST:?} ({code})"
+                    );
+                }
+                tracing::debug!(%topic, %code, "the broker connection dropped while reading; the client reconnects");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let delivery = Delivery::from_message(&message);
         last_record = Instant::now();
         read += 1;
         next.insert(delivery.partition, delivery.offset + 1);
         each(delivery);
     }
+}
+
+/// How long a read waits for a broker connection that dropped to come back.
+const BROKER_AWAY_AT_MOST: Duration = Duration::from_secs(30);
+
+/// Errors the client reports while it reconnects by itself (a connection cut, every connection
+/// down for a moment).
+fn is_transient(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::NetworkException
+            | RDKafkaErrorCode::RequestTimedOut
+    )
 }
 
 /// Every record of `topic` from the beginning to its `end`, as [`read_topic`] reads them.

@@ -16,7 +16,7 @@ use schemas::CancelReason;
 
 use crate::domain::{Input, OrderStatus};
 use crate::store::{self, Item, NewOrder, OrderView};
-use crate::transition::{self, Applied};
+use crate::transition::{self, Applied, Steps};
 
 pub use schemas::limits::{MAX_ITEMS, MAX_QUANTITY};
 pub use service_kit::http::MAX_IDEMPOTENCY_KEY_LEN;
@@ -26,8 +26,8 @@ pub struct AppState {
     pub pool: PgPool,
     /// How long an Idempotency-Key is remembered (`--idempotency-key-ttl`).
     pub idempotency_key_ttl: std::time::Duration,
-    /// How long a new order may stay PENDING (`--saga-deadline`).
-    pub saga_deadline: std::time::Duration,
+    /// How long each step may take (`--reservation-timeout`, `--payment-timeout`).
+    pub steps: Steps,
 }
 
 pub fn routes(state: AppState) -> axum::Router {
@@ -116,7 +116,7 @@ async fn place_order(
             serde_json::from_value(earlier.response).map_err(Problem::internal)?;
         return Ok(created(view));
     }
-    let view = store::insert_order(&mut tx, &order, state.saga_deadline, &cause).await?;
+    let view = store::insert_order(&mut tx, &order, &state.steps, &cause).await?;
     if let Some(key) = &key {
         store::remember(&mut tx, key, &normalized, &view).await?;
     }
@@ -139,9 +139,10 @@ fn parse_order_id(id: &str) -> Result<Uuid, Problem> {
     Uuid::parse_str(id).map_err(|_| Problem::bad_request(format!("order id {id:?} is not a UUID")))
 }
 
-/// `POST /orders/{id}/cancel`: a PENDING or CONFIRMED order goes CANCELLING (202) and emits
-/// OrderCancelled; cancelling a CANCELLING or CANCELLED order again changes nothing (200); a
-/// REJECTED order cannot be cancelled (409).
+/// `POST /orders/{id}/cancel`: a PENDING order goes CANCELLING (202) and emits OrderCancelled;
+/// an AWAITING_PAYMENT or CONFIRMED order goes REFUNDING (202) and emits OrderRefundRequested
+/// (the money first, then the stock); cancelling an order already REFUNDING, CANCELLING or
+/// CANCELLED changes nothing (200); a REJECTED order cannot be cancelled (409).
 async fn cancel_order(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -153,13 +154,16 @@ async fn cancel_order(
         tracestate: None,
     };
     let mut tx = state.pool.begin().await?;
-    let Some(status) = store::lock_status(&mut tx, order_id).await? else {
+    let Some((order, _)) = store::lock_order(&mut tx, order_id).await? else {
         return Err(Problem::not_found(format!("no order {order_id}")));
     };
+    let status = order.status;
     let input = Input::CancelRequested {
         reason: CancelReason::CustomerRequest,
     };
-    let (code, saga) = match transition::apply(&mut tx, order_id, status, &input, &cause).await? {
+    let applied =
+        transition::apply(&mut tx, order_id, &order, &input, &cause, &state.steps).await?;
+    let (code, saga) = match applied {
         Ok(Applied::Changed { saga, .. }) => (StatusCode::ACCEPTED, Some(saga)),
         Ok(Applied::Ignored(_)) => (StatusCode::OK, None),
         Err(invalid) => return Err(Problem::new(StatusCode::CONFLICT, invalid.to_string())),

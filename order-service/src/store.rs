@@ -2,17 +2,16 @@
 //! idempotency keys. Every write takes the caller's transaction; writes that change an order also
 //! append its event to the outbox in that same transaction.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
 use messaging::outbox::{self, Cause};
-use schemas::{Event, OrderItem, OrderPlaced};
+use schemas::{CancelReason, Event, OrderItem, OrderPlaced};
 use serde::{Deserialize, Serialize};
 use sqlx::types::Json;
 use sqlx::{FromRow, PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::domain::OrderStatus;
+use crate::domain::{Order, OrderStatus};
+use crate::transition::Steps;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Item {
@@ -53,15 +52,15 @@ fn now_millis(at: DateTime<Utc>) -> i64 {
     at.timestamp_millis()
 }
 
-/// Writes a new PENDING order, its view row, its OrderPlaced outbox row and its saga deadline
-/// (due after `deadline`, [`crate::deadline`]). The caller commits.
+/// Writes a new PENDING order, its view row, its OrderPlaced outbox row and its reservation
+/// step's timeout ([`crate::deadline`]). The caller commits.
 pub async fn insert_order(
     conn: &mut PgConnection,
     order: &NewOrder,
-    deadline: Duration,
+    steps: &Steps,
     cause: &Cause,
 ) -> sqlx::Result<OrderView> {
-    insert_order_with_id(conn, Uuid::now_v7(), order, deadline, cause).await
+    insert_order_with_id(conn, Uuid::now_v7(), order, steps, cause).await
 }
 
 /// [`insert_order`] with the id chosen by the caller (tests and tools that need a known id).
@@ -69,7 +68,7 @@ pub async fn insert_order_with_id(
     conn: &mut PgConnection,
     order_id: Uuid,
     order: &NewOrder,
-    deadline: Duration,
+    steps: &Steps,
     cause: &Cause,
 ) -> sqlx::Result<OrderView> {
     // Millisecond precision, so the view and the event agree exactly.
@@ -126,35 +125,36 @@ pub async fn insert_order_with_id(
         placed_at: now_millis(now),
     });
     outbox::append(&mut *conn, &event, cause).await?;
-    crate::deadline::start(conn, order_id, deadline).await?;
+    crate::deadline::start(conn, order_id, steps).await?;
     Ok(view)
 }
 
-/// The order's current status, locking its row until the transaction ends so that changes to one
-/// order are serialized (and so are its outbox rows: per order, id order is commit order).
-pub async fn lock_status(
+/// The order as the state machine sees it, and when it was placed, locking its row until the
+/// transaction ends so that changes to one order are serialized (and so are its outbox rows: per
+/// order, id order is commit order). A status or reason this code does not know reads as none.
+pub async fn lock_order(
     conn: &mut PgConnection,
     order_id: Uuid,
-) -> sqlx::Result<Option<OrderStatus>> {
-    let status: Option<String> =
-        sqlx::query_scalar("SELECT status FROM orders WHERE order_id = $1 FOR UPDATE")
-            .bind(order_id)
-            .fetch_optional(conn)
-            .await?;
-    Ok(status.and_then(|s| s.parse().ok()))
-}
-
-/// The order's status and when it was placed, locking its row as [`lock_status`] does.
-pub async fn lock_for_deadline(
-    conn: &mut PgConnection,
-    order_id: Uuid,
-) -> sqlx::Result<Option<(OrderStatus, DateTime<Utc>)>> {
-    let row: Option<(String, DateTime<Utc>)> =
-        sqlx::query_as("SELECT status, created_at FROM orders WHERE order_id = $1 FOR UPDATE")
-            .bind(order_id)
-            .fetch_optional(conn)
-            .await?;
-    Ok(row.and_then(|(s, at)| Some((s.parse().ok()?, at))))
+) -> sqlx::Result<Option<(Order, DateTime<Utc>)>> {
+    /// status, total_cents, cancel_reason, created_at.
+    type Row = (String, Option<i64>, Option<String>, DateTime<Utc>);
+    let row: Option<Row> = sqlx::query_as(
+        "SELECT status, total_cents, cancel_reason, created_at FROM orders \
+         WHERE order_id = $1 FOR UPDATE",
+    )
+    .bind(order_id)
+    .fetch_optional(conn)
+    .await?;
+    Ok(
+        row.and_then(|(status, total_cents, cancel_reason, placed_at)| {
+            let order = Order {
+                status: status.parse().ok()?,
+                total_cents,
+                cancel_reason: cancel_reason.and_then(|r| CancelReason::from_symbol(&r)),
+            };
+            Some((order, placed_at))
+        }),
+    )
 }
 
 /// What changes with a status.
@@ -162,16 +162,18 @@ pub async fn lock_for_deadline(
 pub struct Change {
     pub total_cents: Option<i64>,
     pub reason: Option<String>,
+    pub cancel_reason: Option<CancelReason>,
 }
 
-/// When a status change happened, and when its order was placed.
+/// When a status change happened, when its order was placed, and by whom.
 #[derive(Debug, Clone, Copy)]
 pub struct Changed {
     pub at: DateTime<Utc>,
     pub placed_at: DateTime<Utc>,
+    pub customer_id: Uuid,
 }
 
-/// Moves the order (locked by [`lock_status`]) to `status` in the write and read models, appending
+/// Moves the order (locked by [`lock_order`]) to `status` in the write and read models, appending
 /// the status to the view's history.
 pub async fn set_status(
     conn: &mut PgConnection,
@@ -180,15 +182,17 @@ pub async fn set_status(
     change: &Change,
 ) -> sqlx::Result<Changed> {
     let now = DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).unwrap_or_default();
-    let placed_at: DateTime<Utc> = sqlx::query_scalar(
+    let (placed_at, customer_id): (DateTime<Utc>, Uuid) = sqlx::query_as(
         "UPDATE orders SET status = $2, total_cents = COALESCE($3, total_cents), \
-         reason = COALESCE($4, reason), updated_at = $5 WHERE order_id = $1 RETURNING created_at",
+         reason = COALESCE($4, reason), cancel_reason = COALESCE($6, cancel_reason), updated_at = $5 \
+         WHERE order_id = $1 RETURNING created_at, customer_id",
     )
     .bind(order_id)
     .bind(status.as_str())
     .bind(change.total_cents)
     .bind(change.reason.as_deref())
     .bind(now)
+    .bind(change.cancel_reason.map(|r| r.to_string()))
     .fetch_one(&mut *conn)
     .await?;
     let entry = HistoryEntry {
@@ -207,7 +211,11 @@ pub async fn set_status(
     .bind(Json(vec![entry]))
     .execute(conn)
     .await?;
-    Ok(Changed { at: now, placed_at })
+    Ok(Changed {
+        at: now,
+        placed_at,
+        customer_id,
+    })
 }
 
 const VIEW_COLUMNS: &str =

@@ -1,15 +1,19 @@
 //! Applying a decision of the order state machine: the status change in the write and read
-//! models and the event it emits, in the caller's transaction. Shared by the consumer (events
-//! from inventory) and the HTTP API (cancel).
+//! models, the event it emits and the step timeouts it starts or ends, in the caller's
+//! transaction. Shared by the consumer (events from inventory and payments), the HTTP API
+//! (cancel) and the step timeouts.
 
 use std::time::Duration;
 
 use messaging::outbox::{self, Cause};
-use schemas::{CancelReason, Event, OrderCancelled, OrderConfirmed, OrderRejected};
+use schemas::{
+    CancelReason, Event, OrderAwaitingPayment, OrderCancelled, OrderConfirmed,
+    OrderRefundRequested, OrderRejected,
+};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::domain::{self, Decision, Emit, Input, InvalidTransition, OrderStatus};
+use crate::domain::{self, Decision, Emit, Input, InvalidTransition, Order, OrderStatus};
 use crate::store::{self, Change};
 
 /// What applying an input to an order came to.
@@ -24,41 +28,62 @@ pub enum Applied {
     Ignored(&'static str),
 }
 
-/// Decides `input` for the order (whose row the caller locked and found in `status`) and applies
-/// the decision. An invalid transition writes nothing.
+/// Decides `input` for the order (whose row the caller locked: [`store::lock_order`]) and
+/// applies the decision: the status, the event, and the step timeouts that start or end with
+/// it. An invalid transition writes nothing.
 pub async fn apply(
     conn: &mut PgConnection,
     order_id: Uuid,
-    status: OrderStatus,
+    order: &Order,
     input: &Input,
     cause: &Cause,
+    steps: &Steps,
 ) -> sqlx::Result<Result<Applied, InvalidTransition>> {
-    let (to, emit) = match domain::decide(status, input) {
+    let status = order.status;
+    let (to, emit) = match domain::decide(order, input) {
         Err(invalid) => return Ok(Err(invalid)),
         Ok(Decision::Ignore(why)) => return Ok(Ok(Applied::Ignored(why))),
         Ok(Decision::Transition { to, emit }) => (to, emit),
     };
     let change = match &emit {
+        Some(Emit::OrderAwaitingPayment { amount_cents }) => Change {
+            total_cents: Some(*amount_cents),
+            ..Change::default()
+        },
         Some(Emit::OrderConfirmed { total_cents }) => Change {
             total_cents: Some(*total_cents),
-            reason: None,
+            ..Change::default()
         },
         Some(Emit::OrderRejected { reason }) => Change {
-            total_cents: None,
             reason: Some(reason.clone()),
+            ..Change::default()
+        },
+        Some(Emit::OrderRefundRequested { reason, .. }) => Change {
+            reason: Some(format!("refunding: {reason}")),
+            cancel_reason: Some(*reason),
+            ..Change::default()
         },
         Some(Emit::OrderCancelled { reason }) => Change {
-            total_cents: None,
             reason: Some(format!("cancelled: {reason}")),
+            cancel_reason: Some(*reason),
+            ..Change::default()
         },
         None => Change::default(),
     };
     let changed = store::set_status(conn, order_id, to, &change).await?;
-    if status == OrderStatus::Pending && to != OrderStatus::Pending {
-        crate::deadline::stop(conn, order_id).await?;
-    }
+    crate::deadline::follow(conn, order_id, status, to, steps).await?;
     let at = changed.at.timestamp_millis();
     let event = emit.map(|emit| match emit {
+        Emit::OrderAwaitingPayment { amount_cents } => {
+            Event::OrderAwaitingPayment(OrderAwaitingPayment {
+                order_id,
+                customer_id: changed.customer_id,
+                amount_cents,
+                pay_by: at
+                    .saturating_add(i64::try_from(steps.payment.as_millis()).unwrap_or(i64::MAX)),
+                at,
+            })
+        }
         Emit::OrderConfirmed { total_cents } => Event::OrderConfirmed(OrderConfirmed {
             order_id,
             total_cents,
@@ -68,6 +93,15 @@ pub async fn apply(
             order_id,
             reason,
             rejected_at: at,
+        }),
+        Emit::OrderRefundRequested {
+            amount_cents,
+            reason,
+        } => Event::OrderRefundRequested(OrderRefundRequested {
+            order_id,
+            amount_cents,
+            reason,
+            requested_at: at,
         }),
         Emit::OrderCancelled { reason } => Event::OrderCancelled(OrderCancelled {
             order_id,
@@ -86,9 +120,29 @@ pub async fn apply(
     }))
 }
 
+/// How long each step of the saga may take (`--reservation-timeout`, `--payment-timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Steps {
+    /// An order PENDING this long is cancelled (DEADLINE_EXCEEDED).
+    pub reservation: Duration,
+    /// An order AWAITING_PAYMENT this long asks for its refund and is cancelled
+    /// (PAYMENT_TIMEOUT).
+    pub payment: Duration,
+}
+
+impl Default for Steps {
+    /// The settings' defaults: 30 s each.
+    fn default() -> Self {
+        Steps {
+            reservation: Duration::from_secs(30),
+            payment: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Saga duration buckets in seconds, from 50 ms to 5 minutes: a saga takes a few hundred
-/// milliseconds when all is well, and up to the saga deadline (30 s by default) plus the
-/// cancellation when it is not.
+/// milliseconds when all is well, and up to its steps' timeouts (30 s each by default) plus the
+/// compensations when it is not.
 pub const SAGA_BUCKETS: [f64; 14] = [
     0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 120.0, 300.0,
 ];
@@ -98,9 +152,11 @@ pub const SAGA_BUCKETS: [f64; 14] = [
 ///
 /// A saga completes when its order reaches CONFIRMED, REJECTED or CANCELLED (a confirmed order
 /// that is cancelled later completes again, as cancelled: the compensation is a second saga run);
-/// it fails when inventory rejects it (`stock_unavailable`) or its deadline passes
-/// (`deadline_exceeded`); a compensation is counted when a CANCELLING order whose stock inventory
-/// had reserved or sold gets it back.
+/// it fails when inventory rejects it (`stock_unavailable`), its reservation step times out
+/// (`deadline_exceeded`), the processor declines the payment (`payment_declined`) or its payment
+/// step times out (`payment_timeout`); a compensation is counted by step: `payment` when a
+/// REFUNDING order gets its money back (a refund of more than 0), `inventory` when a CANCELLING
+/// order whose stock inventory had reserved or sold gets it back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SagaMetrics {
     order_id: Uuid,
@@ -108,7 +164,7 @@ pub struct SagaMetrics {
     to: OrderStatus,
     outcome: Option<&'static str>,
     failed: Option<&'static str>,
-    compensated: bool,
+    compensated: Option<&'static str>,
     duration: Duration,
 }
 
@@ -124,25 +180,35 @@ impl SagaMetrics {
             OrderStatus::Confirmed => Some("confirmed"),
             OrderStatus::Rejected => Some("rejected"),
             OrderStatus::Cancelled => Some("cancelled"),
-            OrderStatus::Pending | OrderStatus::Cancelling => None,
+            OrderStatus::Pending
+            | OrderStatus::AwaitingPayment
+            | OrderStatus::Refunding
+            | OrderStatus::Cancelling => None,
         };
         let failed = match (to, input) {
             (OrderStatus::Rejected, _) => Some("stock_unavailable"),
-            (
-                OrderStatus::Cancelling,
-                Input::CancelRequested {
-                    reason: CancelReason::DeadlineExceeded,
-                },
-            ) => Some("deadline_exceeded"),
+            (_, Input::PaymentDeclined { .. }) => Some("payment_declined"),
+            (_, Input::CancelRequested { reason }) => match reason {
+                CancelReason::DeadlineExceeded => Some("deadline_exceeded"),
+                CancelReason::PaymentTimeout => Some("payment_timeout"),
+                _ => None,
+            },
             _ => None,
         };
-        let compensated = from == OrderStatus::Cancelling
-            && matches!(
-                input,
+        let compensated = match (from, input) {
+            (OrderStatus::Refunding, Input::PaymentRefunded { refunded_cents })
+                if *refunded_cents > 0 =>
+            {
+                Some("payment")
+            }
+            (
+                OrderStatus::Cancelling,
                 Input::StockReleased {
-                    released_stock: true
-                }
-            );
+                    released_stock: true,
+                },
+            ) => Some("inventory"),
+            _ => None,
+        };
         Self {
             order_id,
             from,
@@ -162,8 +228,8 @@ impl SagaMetrics {
         if let Some(reason) = self.failed {
             metrics::counter!("saga_failed_total", "reason" => reason).increment(1);
         }
-        if self.compensated {
-            metrics::counter!("saga_compensations_total").increment(1);
+        if let Some(step) = self.compensated {
+            metrics::counter!("saga_compensations_total", "step" => step).increment(1);
         }
         if let Some(outcome) = self.outcome {
             metrics::counter!("saga_completed_total", "outcome" => outcome).increment(1);
@@ -186,11 +252,11 @@ pub fn describe_metrics() {
     );
     describe_counter!(
         "saga_failed_total",
-        "Sagas that failed, by reason (stock_unavailable, deadline_exceeded)"
+        "Sagas that failed, by reason (stock_unavailable, deadline_exceeded, payment_declined, payment_timeout)"
     );
     describe_counter!(
         "saga_compensations_total",
-        "Cancellations that gave back reserved or sold stock"
+        "Compensations done, by step: payment (money refunded), inventory (reserved or sold stock given back)"
     );
     describe_histogram!(
         "saga_duration_seconds",

@@ -53,6 +53,18 @@ pub enum CancelReason {
 }
 
 impl CancelReason {
+    pub const ALL: [CancelReason; 4] = [
+        CancelReason::CustomerRequest,
+        CancelReason::DeadlineExceeded,
+        CancelReason::PaymentDeclined,
+        CancelReason::PaymentTimeout,
+    ];
+
+    /// The reason whose Avro symbol is `symbol`; `None` for a symbol this code does not know.
+    pub fn from_symbol(symbol: &str) -> Option<CancelReason> {
+        CancelReason::ALL.into_iter().find(|r| r.as_str() == symbol)
+    }
+
     /// The Avro symbol, e.g. `"CUSTOMER_REQUEST"`.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -780,6 +780,7 @@ async fn quiesce(stack: &Stack, accepted: &HashMap<Uuid, Accepted>) -> (Value, R
     let ids: Vec<Uuid> = accepted.keys().copied().collect();
     let orders = stack.orders_pool().await;
     let inventory = stack.inventory_pool().await;
+    let payments = stack.payments_pool().await;
     let deadline = Instant::now() + QUIET_WITHIN;
     let mut last_report = Instant::now();
     // Once settled, findings that are still there after this are not records in flight.
@@ -795,7 +796,7 @@ async fn quiesce(stack: &Stack, accepted: &HashMap<Uuid, Accepted>) -> (Value, R
         .await
         .unwrap_or(-1);
         let mut outboxes = Vec::new();
-        for pool in [&orders, &inventory] {
+        for pool in [&orders, &inventory, &payments] {
             outboxes.push(
                 sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
                     .fetch_one(pool)
@@ -933,8 +934,11 @@ async fn final_statuses(
             (Expect::Saga | Expect::Rejected, "REJECTED") => rejection_problem(&order.skus, reason),
             (Expect::Saga, "CANCELLED") => {
                 deadline_cancels += 1;
-                let cancelling_at = status_at(history, "CANCELLING");
-                if !reason.contains("DEADLINE_EXCEEDED") {
+                // A step's timeout: the reservation's cancels at once, the payment's asks for
+                // the refund first.
+                let cancelling_at =
+                    status_at(history, "REFUNDING").or_else(|| status_at(history, "CANCELLING"));
+                if !reason.contains("DEADLINE_EXCEEDED") && !reason.contains("PAYMENT_TIMEOUT") {
                     Some(format!(
                         "CANCELLED, nobody asked, and the reason is {reason:?}"
                     ))

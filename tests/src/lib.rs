@@ -49,17 +49,21 @@ pub struct ExternalStack {
     pub name: String,
     pub order_url: String,
     pub inventory_url: String,
+    pub payment_url: String,
+    /// The stand-in card processor.
+    pub gateway_url: String,
     pub relay_url: String,
     pub bootstrap: String,
     /// Server URL without a database, like [`postgres_url`].
     pub postgres_url: String,
     pub orders_db: String,
     pub inventory_db: String,
+    pub payments_db: String,
 }
 
 impl ExternalStack {
     /// Where the stack called `name` is without overrides: `compose` is what
-    /// `docker compose up --wait` publishes on the host (services on 8080-8082, Kafka's host
+    /// `docker compose up --wait` publishes on the host (services on 8080-8084, Kafka's host
     /// listener on localhost:9094, Postgres on 5433), `local` is `scripts/run.sh` (the same
     /// service ports, Tansu on 9092, Postgres on 5432). `None` for another name.
     pub fn defaults(name: &str) -> Option<ExternalStack> {
@@ -76,18 +80,22 @@ impl ExternalStack {
             name: name.to_owned(),
             order_url: "http://127.0.0.1:8080".into(),
             inventory_url: "http://127.0.0.1:8081".into(),
+            payment_url: "http://127.0.0.1:8083".into(),
+            gateway_url: "http://127.0.0.1:8084".into(),
             relay_url: "http://127.0.0.1:8082".into(),
             bootstrap: bootstrap.into(),
             postgres_url: postgres_url.into(),
             orders_db: "orders".into(),
             inventory_db: "inventory".into(),
+            payments_db: "payments".into(),
         })
     }
 }
 
 /// The running stack named by `E2E_STACK` ([`ExternalStack::defaults`]), or `None` when each test
 /// starts its own. Each address can be overridden: `E2E_ORDER_URL`, `E2E_INVENTORY_URL`,
-/// `E2E_RELAY_URL`, `E2E_KAFKA_BOOTSTRAP`, `E2E_POSTGRES_URL`, `E2E_ORDERS_DB`, `E2E_INVENTORY_DB`.
+/// `E2E_PAYMENT_URL`, `E2E_GATEWAY_URL`, `E2E_RELAY_URL`, `E2E_KAFKA_BOOTSTRAP`,
+/// `E2E_POSTGRES_URL`, `E2E_ORDERS_DB`, `E2E_INVENTORY_DB`, `E2E_PAYMENTS_DB`.
 pub fn external_stack() -> Option<&'static ExternalStack> {
     static STACK: OnceLock<Option<ExternalStack>> = OnceLock::new();
     STACK
@@ -102,11 +110,14 @@ pub fn external_stack() -> Option<&'static ExternalStack> {
             for (variable, field) in [
                 ("E2E_ORDER_URL", &mut stack.order_url),
                 ("E2E_INVENTORY_URL", &mut stack.inventory_url),
+                ("E2E_PAYMENT_URL", &mut stack.payment_url),
+                ("E2E_GATEWAY_URL", &mut stack.gateway_url),
                 ("E2E_RELAY_URL", &mut stack.relay_url),
                 ("E2E_KAFKA_BOOTSTRAP", &mut stack.bootstrap),
                 ("E2E_POSTGRES_URL", &mut stack.postgres_url),
                 ("E2E_ORDERS_DB", &mut stack.orders_db),
                 ("E2E_INVENTORY_DB", &mut stack.inventory_db),
+                ("E2E_PAYMENTS_DB", &mut stack.payments_db),
             ] {
                 if let Some(value) = std::env::var(variable).ok().filter(|v| !v.is_empty()) {
                     *field = value;
@@ -618,10 +629,14 @@ pub struct StackOptions {
     pub inventory_db_proxy: bool,
     /// `--retry-delays` of both services (their default when `None`).
     pub retry_delays: Option<String>,
-    /// order-service's `--saga-deadline` (its default, 30 s, when `None`). Ten minutes unless a
-    /// test says otherwise: a test that is not about deadlines must not see its orders cancelled
-    /// because a loaded machine made a saga, a restart or a rebalance take half a minute.
+    /// order-service's `--reservation-timeout` (its default, 30 s, when `None`). Ten minutes
+    /// unless a test says otherwise: a test that is not about timeouts must not see its orders
+    /// cancelled because a loaded machine made a saga, a restart or a rebalance take half a
+    /// minute.
     pub saga_deadline: Option<String>,
+    /// order-service's `--payment-timeout` (its default, 30 s, when `None`); ten minutes unless a
+    /// test says otherwise, as above.
+    pub payment_timeout: Option<String>,
     /// Extra environment variables for the services and the relay (for example OTLP export).
     pub env: Vec<(String, String)>,
     /// Start the broker with a fault: a fetch from inside a record batch answers with the next
@@ -637,7 +652,8 @@ pub struct StackOptions {
     /// shared [`postgres_url`]: a test that restarts Postgres brings its own.
     pub postgres_url: Option<String>,
     /// Start payment-service and the stand-in processor (payment-gateway) with the stack, and
-    /// have the relay tail the payments outbox.
+    /// have the relay tail the payments outbox (the default: orders are paid for before they are
+    /// confirmed).
     pub payments: bool,
 }
 
@@ -649,12 +665,13 @@ impl Default for StackOptions {
             inventory_db_proxy: false,
             retry_delays: None,
             saga_deadline: Some("10m".into()),
+            payment_timeout: Some("10m".into()),
             env: Vec::new(),
             broker_skips_mid_batch: false,
             inventory: true,
             postgres_url: None,
             kafka_tls: false,
-            payments: false,
+            payments: true,
         }
     }
 }
@@ -856,7 +873,12 @@ impl Stack {
                 if process == Process::OrderService
                     && let Some(deadline) = &self.options.saga_deadline
                 {
-                    args.extend(["--saga-deadline".to_owned(), deadline.clone()]);
+                    args.extend(["--reservation-timeout".to_owned(), deadline.clone()]);
+                }
+                if process == Process::OrderService
+                    && let Some(timeout) = &self.options.payment_timeout
+                {
+                    args.extend(["--payment-timeout".to_owned(), timeout.clone()]);
                 }
                 if process == Process::PaymentService {
                     args.extend(["--gateway-url".to_owned(), self.gateway_url.clone()]);
@@ -927,13 +949,13 @@ impl Stack {
             broker: Broker::of(external),
             orders_db: external.orders_db.clone(),
             inventory_db: external.inventory_db.clone(),
-            // Not part of an external stack yet.
-            payments_db: String::new(),
+            payments_db: external.payments_db.clone(),
+            // The processor's ledger is the processor's: not read on an external stack.
             gateway_db: String::new(),
             order_url: external.order_url.clone(),
             inventory_url: external.inventory_url.clone(),
-            payment_url: String::new(),
-            gateway_url: String::new(),
+            payment_url: external.payment_url.clone(),
+            gateway_url: external.gateway_url.clone(),
             relay_metrics_url: external.relay_url.clone(),
             listeners: HashMap::new(),
             procs: HashMap::new(),
@@ -950,6 +972,7 @@ impl Stack {
         for url in [
             stack.order_url.clone(),
             stack.inventory_url.clone(),
+            stack.payment_url.clone(),
             stack.relay_metrics_url.clone(),
         ] {
             stack.wait_ready(&url).await;
@@ -1163,6 +1186,12 @@ impl Stack {
         PgPool::connect(&db_url(&self.pg, &self.inventory_db))
             .await
             .expect("inventory db")
+    }
+
+    pub async fn payments_pool(&self) -> PgPool {
+        PgPool::connect(&db_url(&self.pg, &self.payments_db))
+            .await
+            .expect("payments db")
     }
 
     /// Waits until the outbox of `db` (a pool of one of the stack's databases) is empty: every row
@@ -1400,9 +1429,9 @@ impl Stack {
                 quantity: 1,
             }],
         };
-        // Its saga deadline is the default's (the tests that need it due make it so).
-        let deadline = Duration::from_secs(30);
-        store::insert_order_with_id(&mut tx, id, &order, deadline, &Cause::default())
+        // Its step timeouts are the defaults (the tests that need one due make it so).
+        let steps = order_service::transition::Steps::default();
+        store::insert_order_with_id(&mut tx, id, &order, &steps, &Cause::default())
             .await
             .expect("insert order");
         sqlx::query("DELETE FROM outbox WHERE aggregate_id = $1")
@@ -1431,6 +1460,8 @@ impl Stack {
                 db_url(&self.pg, &self.orders_db),
                 "--inventory-db".to_owned(),
                 db_url(&self.pg, &self.inventory_db),
+                "--payments-db".to_owned(),
+                db_url(&self.pg, &self.payments_db),
             ])
             .args(args)
             .env_remove("KAFKA_CONFIG")

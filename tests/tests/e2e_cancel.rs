@@ -33,7 +33,8 @@ async fn events_of(stack: &Stack, topic: &str, id: Uuid) -> Vec<&'static str> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn cancelling_a_confirmed_order_returns_its_sold_stock_once_even_if_cancelled_twice() {
+async fn cancelling_a_confirmed_order_refunds_it_then_returns_its_sold_stock_once_even_if_cancelled_twice()
+ {
     let stack = Stack::start("cancel_confirmed").await;
     stack.put_product("A", 100, 10).await;
     let id = stack.place_order(&[("A", 3)]).await;
@@ -48,10 +49,10 @@ async fn cancelling_a_confirmed_order_returns_its_sold_stock_once_even_if_cancel
 
     let (status, body) = stack.cancel(id).await;
     assert_eq!(status, StatusCode::ACCEPTED);
-    assert_eq!(body["status"], "CANCELLING");
+    assert_eq!(body["status"], "REFUNDING", "the money back first");
     let (again, body) = stack.cancel(id).await;
     assert_eq!(again, StatusCode::OK, "a second cancel changes nothing");
-    assert!(["CANCELLING", "CANCELLED"].contains(&body["status"].as_str().unwrap()));
+    assert!(["REFUNDING", "CANCELLING", "CANCELLED"].contains(&body["status"].as_str().unwrap()));
 
     stack
         .wait_for_statuses(&[id], &["CANCELLED"], TIMEOUT)
@@ -59,7 +60,26 @@ async fn cancelling_a_confirmed_order_returns_its_sold_stock_once_even_if_cancel
     let order = stack.order(id).await;
     assert_eq!(
         history(&order),
-        ["PENDING", "CONFIRMED", "CANCELLING", "CANCELLED"]
+        [
+            "PENDING",
+            "AWAITING_PAYMENT",
+            "CONFIRMED",
+            "REFUNDING",
+            "CANCELLING",
+            "CANCELLED"
+        ]
+    );
+    // Refunded in full, once.
+    let payment = &stack
+        .get_json(&format!("{}/payments?order_id={id}", stack.payment_url))
+        .await[0];
+    assert_eq!(
+        (
+            payment["status"].as_str(),
+            payment["refunded_cents"].as_i64()
+        ),
+        (Some("REFUNDED"), Some(300)),
+        "{payment}"
     );
     let a = stack.product("A").await;
     assert_eq!(
@@ -80,12 +100,51 @@ async fn cancelling_a_confirmed_order_returns_its_sold_stock_once_even_if_cancel
     assert_eq!(reservations[0]["status"], "RELEASED");
     assert_eq!(
         events_of(&stack, schemas::ORDERS_TOPIC, id).await,
-        ["OrderPlaced", "OrderConfirmed", "OrderCancelled"]
+        [
+            "OrderPlaced",
+            "OrderAwaitingPayment",
+            "OrderConfirmed",
+            "OrderRefundRequested",
+            "OrderCancelled"
+        ]
     );
     assert_eq!(
         events_of(&stack, schemas::INVENTORY_TOPIC, id).await,
         ["StockReserved", "StockReleased"]
     );
+    assert_eq!(
+        events_of(&stack, schemas::PAYMENTS_TOPIC, id).await,
+        ["PaymentConfirmed", "PaymentRefunded"]
+    );
+    // The compensations ran in reverse order, each caused by the one before:
+    // OrderRefundRequested → PaymentRefunded → OrderCancelled → StockReleased.
+    let chain = [
+        (schemas::ORDERS_TOPIC, "OrderRefundRequested"),
+        (schemas::PAYMENTS_TOPIC, "PaymentRefunded"),
+        (schemas::ORDERS_TOPIC, "OrderCancelled"),
+        (schemas::INVENTORY_TOPIC, "StockReleased"),
+    ];
+    let mut cause: Option<String> = None;
+    for (topic, event_type) in chain {
+        let records = kafka::read_topic(&stack.broker.bootstrap, topic)
+            .await
+            .unwrap();
+        let record = records
+            .iter()
+            .find(|r| {
+                r.key_str() == Some(id.to_string().as_str())
+                    && r.header("event-type") == Some(event_type)
+            })
+            .unwrap_or_else(|| panic!("no {event_type} of order {id} on {topic}"));
+        if let Some(cause) = &cause {
+            assert_eq!(
+                record.header("causation-id"),
+                Some(cause.as_str()),
+                "{event_type} is caused by the step before it"
+            );
+        }
+        cause = record.header("message-id").map(str::to_owned);
+    }
     let (after, _) = stack.cancel(id).await;
     assert_eq!(after, StatusCode::OK);
 }

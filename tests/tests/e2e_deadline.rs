@@ -84,7 +84,7 @@ mod own_stack {
         let pool = stack.orders_pool().await;
         // Their deadline jobs are due now.
         let due = sqlx::query("UPDATE jobs SET run_at = now() WHERE kind = $1")
-            .bind(order_service::deadline::KIND)
+            .bind(order_service::deadline::Step::Reservation.kind())
             .execute(&pool)
             .await
             .unwrap()
@@ -94,10 +94,15 @@ mod own_stack {
         let (stop, shutdown) = service_kit::shutdown::Shutdown::new();
         let runners: Vec<_> = (0..3)
             .map(|_| {
+                let step = order_service::deadline::Step::Reservation;
                 let runner = service_kit::jobs::Runner::default().with(
-                    order_service::deadline::kind(),
-                    order_service::deadline::Deadline {
-                        deadline: Duration::from_secs(1),
+                    step.job_kind(),
+                    order_service::deadline::Timeout {
+                        step,
+                        steps: order_service::transition::Steps {
+                            reservation: Duration::from_secs(1),
+                            payment: Duration::from_secs(1),
+                        },
                     },
                 );
                 tokio::spawn(runner.run(pool.clone(), shutdown.clone()))

@@ -6,8 +6,9 @@
 //! full) and against `payments.v1` (one outcome per order, one refund per refunded order), and
 //! the dead-letter topic is empty.
 //!
-//! order-service does not emit these events yet (issue 22 wires the order statuses next); until
-//! then this test plays its part.
+//! The test plays order-service's part (its orders are unknown to order-service, which retries
+//! and dead-letters their payment events: that is not what is checked here), so that the
+//! payments' own promises are checked apart from the saga's.
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -240,8 +240,8 @@ mod own_stack {
         let twice = Uuid::new_v4().to_string();
         send(&stack, &released(confirmed), &twice).await;
         send(&stack, &released(confirmed), &twice).await;
-        // A payment charged and refunded (order-service does not ask for payments yet: the test
-        // plays its part), so that the processor's calls have latencies and outcomes.
+        // A payment charged and refunded by hand-made order events (the sagas above make no
+        // refund), so that every call to the processor has latencies and outcomes.
         let paid = Uuid::new_v4();
         let now = chrono::Utc::now().timestamp_millis();
         let asked = Event::OrderAwaitingPayment(OrderAwaitingPayment {

@@ -31,7 +31,7 @@ async fn a_row_that_commits_after_later_rows_were_published_is_still_published()
     let late_view = store::insert_order(
         &mut late,
         &order,
-        Duration::from_secs(30),
+        &order_service::transition::Steps::default(),
         &Cause::default(),
     )
     .await
@@ -455,10 +455,11 @@ mod own_stack {
             published(urls[1].clone()).await,
         ];
         let increases = [after[0] - before[0], after[1] - before[1]];
-        // Each order's OrderPlaced and OrderConfirmed: 2 rows per order, published once.
+        // Each order's OrderPlaced, OrderAwaitingPayment and OrderConfirmed: 3 rows per order,
+        // published once.
         assert_eq!(
             increases.iter().sum::<f64>(),
-            (2 * ORDERS) as f64,
+            (3 * ORDERS) as f64,
             "rows of the orders source published by the first relay and by the standby: {increases:?}; {}",
             stack.where_logs_are()
         );

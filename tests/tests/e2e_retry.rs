@@ -376,7 +376,10 @@ mod own_stack {
         .await
         .expect("the key is released once H2 applied and the parked rejection was drained");
         let order = stack.order(order_id).await;
-        assert_eq!(history(&order), ["PENDING", "CONFIRMED"]);
+        assert_eq!(
+            history(&order),
+            ["PENDING", "AWAITING_PAYMENT", "CONFIRMED"]
+        );
         assert_eq!(
             order["total_cents"], 100,
             "the order was confirmed by the stray copy of H1, not by its head H2: {order}"

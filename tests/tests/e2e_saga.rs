@@ -77,7 +77,11 @@ async fn fifty_concurrent_orders_against_limited_stock_confirm_exactly_what_stoc
             .iter()
             .map(|h| h["status"].as_str().unwrap())
             .collect();
-        assert_eq!(history, ["PENDING", statuses[id].as_str()]);
+        let expected: &[&str] = match statuses[id].as_str() {
+            "CONFIRMED" => &["PENDING", "AWAITING_PAYMENT", "CONFIRMED"],
+            other => &["PENDING", other],
+        };
+        assert_eq!(history, expected);
     }
 
     // Confirmed orders' stock ends sold (OrderConfirmed reached the inventory); nothing is lost.
@@ -244,10 +248,13 @@ async fn a_redelivered_event_with_the_same_message_id_has_no_second_effect() {
 
 /// Money and quantities have upper bounds in the contract that no sum can overflow. A price
 /// beyond the bound is refused with 422 and nothing is stored; an order at every bound at once
-/// (100 lines of 1,000,000 units at the largest price) is reserved and confirmed with its exact
-/// total, 10^18 cents, where the unchecked arithmetic of old wrapped or panicked.
+/// (100 lines of 1,000,000 units at the largest price) is reserved with its exact total, 10^18
+/// cents, where the unchecked arithmetic of old wrapped or panicked, and its payment is asked for
+/// exactly that. The processor declines it (above its limit): the order ends CANCELLED for
+/// PAYMENT_DECLINED, nothing was charged, and every unit is available again.
 #[tokio::test(flavor = "multi_thread")]
-async fn prices_beyond_the_bound_are_refused_and_an_order_at_every_bound_confirms_exactly() {
+async fn prices_beyond_the_bound_are_refused_and_an_order_at_every_bound_is_asked_its_exact_total()
+{
     let stack = Stack::start("saga_bounds").await;
     let url = format!("{}/products/{}", stack.inventory_url, stack.sku("HUGE"));
     for (price, available) in [(i64::MAX, 10), (limits::MAX_PRICE_CENTS + 1, 10), (1, -1)] {
@@ -277,22 +284,41 @@ async fn prices_beyond_the_bound_are_refused_and_an_order_at_every_bound_confirm
         .collect();
     let id = stack.place_order(&lines).await;
     stack
-        .wait_for_statuses(&[id], &["CONFIRMED"], Duration::from_secs(60))
+        .wait_for_statuses(&[id], &["CANCELLED"], Duration::from_secs(60))
         .await;
     let order = stack.order(id).await;
     assert_eq!(order["total_cents"], limits::MAX_TOTAL_CENTS, "{order}");
     assert_eq!(limits::MAX_TOTAL_CENTS, 1_000_000_000_000_000_000);
+    assert!(
+        order["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("PAYMENT_DECLINED")),
+        "{order}"
+    );
+    let payment = &stack
+        .get_json(&format!("{}/payments?order_id={id}", stack.payment_url))
+        .await[0];
+    assert_eq!(
+        payment["amount_cents"],
+        limits::MAX_TOTAL_CENTS,
+        "{payment}"
+    );
+    assert_eq!(
+        (payment["status"].as_str(), payment["decline_code"].as_str()),
+        (Some("DECLINED"), Some("over_limit")),
+        "{payment}"
+    );
     eventually(SAGA_TIMEOUT, || async {
         let product = stack.product("HUGE").await;
-        Ok((product["sold"] == units).then_some(product))
+        Ok((product["available"] == units).then_some(product))
     })
     .await
     .map(|product| {
         assert_eq!(
-            (&product["available"], &product["reserved"]),
+            (&product["reserved"], &product["sold"]),
             (&json!(0), &json!(0)),
             "{product}"
         )
     })
-    .expect("the confirmed order's stock is sold");
+    .expect("the declined order's stock is available again");
 }

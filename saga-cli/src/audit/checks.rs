@@ -32,7 +32,18 @@ pub struct DeadLetter {
 pub struct OrderRow {
     pub order_id: Uuid,
     pub status: String,
+    /// The reserved total, once the stock was reserved (its payment was asked for).
+    pub total_cents: Option<i64>,
     pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PaymentRow {
+    pub payment_id: Uuid,
+    pub order_id: Uuid,
+    pub status: String,
+    pub amount_cents: i64,
+    pub refunded_cents: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -96,6 +107,9 @@ pub enum Finding {
     /// inventory.v1 (StockReserved or StockReservationRejected caused by it), more than one, or
     /// a StockReleased before its StockReserved.
     Unanswered { order_id: String, problem: String },
+    /// A terminal order whose payment disagrees with it: a confirmed order not paid its total
+    /// once, a cancelled or rejected order whose money was kept, a charge for no order.
+    Money { order_id: Uuid, problem: String },
     /// An outbox row older than the threshold: the relay is not publishing it.
     OldOutbox {
         source: String,
@@ -163,6 +177,9 @@ impl std::fmt::Display for Finding {
             Finding::Unanswered { order_id, problem } => {
                 write!(f, "unanswered: order {order_id}: {problem}")
             }
+            Finding::Money { order_id, problem } => {
+                write!(f, "money: order {order_id}: {problem}")
+            }
             Finding::OldOutbox {
                 source,
                 message_id,
@@ -224,7 +241,7 @@ pub fn orders(
     for order in orders.iter().filter(|o| o.updated_at < cutoff) {
         let reservation = by_order.get(&order.order_id).map(|r| r.status.as_str());
         let (ok, expected) = match order.status.as_str() {
-            "PENDING" | "CANCELLING" => {
+            "PENDING" | "AWAITING_PAYMENT" | "REFUNDING" | "CANCELLING" => {
                 findings.push(Finding::NotTerminal {
                     order_id: order.order_id,
                     status: order.status.clone(),
@@ -257,6 +274,72 @@ pub fn orders(
             .map(|r| Finding::OrphanReservation {
                 order_id: r.order_id,
                 status: r.status.clone(),
+            }),
+    );
+    findings
+}
+
+/// Money, per terminal order older than `cutoff` and its payment (payment-service's; at most one
+/// per order): a CONFIRMED order was charged its total (payment CONFIRMED for that amount); a
+/// CANCELLED order that asked for a payment kept nothing (its payment REFUNDED in full, VOIDED
+/// or DECLINED); an order that never asked for one (REJECTED, or cancelled while PENDING) has no
+/// payment that took money; and no charged payment belongs to no order.
+pub fn payments(
+    orders: &[OrderRow],
+    payments: &[PaymentRow],
+    cutoff: DateTime<Utc>,
+) -> Vec<Finding> {
+    let by_order: HashMap<Uuid, &PaymentRow> = payments.iter().map(|p| (p.order_id, p)).collect();
+    let kept_money = |p: &PaymentRow| match p.status.as_str() {
+        "CONFIRMED" => p.amount_cents,
+        "REFUNDED" => p.amount_cents - p.refunded_cents,
+        _ => 0,
+    };
+    let mut findings = Vec::new();
+    for order in orders.iter().filter(|o| o.updated_at < cutoff) {
+        let payment = by_order.get(&order.order_id).copied();
+        let problem = match (order.status.as_str(), payment, order.total_cents) {
+            ("CONFIRMED", Some(p), Some(total))
+                if p.status == "CONFIRMED" && p.amount_cents == total =>
+            {
+                None
+            }
+            ("CONFIRMED", p, total) => Some(format!(
+                "CONFIRMED for {total:?} cents, but its payment is {}",
+                p.map_or("absent".to_owned(), |p| format!("{} of {} cents", p.status, p.amount_cents))
+            )),
+            ("CANCELLED" | "REJECTED", Some(p), _) if kept_money(p) != 0 => Some(format!(
+                "{} but its payment {} kept {} cents ({}, refunded {})",
+                order.status,
+                p.payment_id,
+                kept_money(p),
+                p.status,
+                p.refunded_cents
+            )),
+            ("CANCELLED", None, Some(_)) => Some(
+                "CANCELLED after its payment was asked for, but payment-service has no payment of it".to_owned(),
+            ),
+            _ => None,
+        };
+        if let Some(problem) = problem {
+            findings.push(Finding::Money {
+                order_id: order.order_id,
+                problem,
+            });
+        }
+    }
+    let known: HashSet<Uuid> = orders.iter().map(|o| o.order_id).collect();
+    findings.extend(
+        payments
+            .iter()
+            .filter(|p| kept_money(p) != 0 && !known.contains(&p.order_id))
+            .map(|p| Finding::Money {
+                order_id: p.order_id,
+                problem: format!(
+                    "payment {} kept {} cents for an order order-service does not know",
+                    p.payment_id,
+                    kept_money(p)
+                ),
             }),
     );
     findings
@@ -558,8 +641,70 @@ mod tests {
         OrderRow {
             order_id: Uuid::from_u128(id),
             status: status.into(),
+            total_cents: None,
             updated_at: DateTime::UNIX_EPOCH,
         }
+    }
+
+    fn paid_order(id: u128, status: &str, total_cents: i64) -> OrderRow {
+        OrderRow {
+            total_cents: Some(total_cents),
+            ..order(id, status)
+        }
+    }
+
+    fn payment(id: u128, status: &str, amount_cents: i64, refunded_cents: i64) -> PaymentRow {
+        PaymentRow {
+            payment_id: Uuid::from_u128(1000 + id),
+            order_id: Uuid::from_u128(id),
+            status: status.into(),
+            amount_cents,
+            refunded_cents,
+        }
+    }
+
+    #[test]
+    fn a_confirmed_order_is_paid_its_total_and_a_cancelled_one_keeps_no_money() {
+        let orders_ = [
+            paid_order(1, "CONFIRMED", 500),
+            paid_order(2, "CONFIRMED", 500),
+            paid_order(3, "CONFIRMED", 500),
+            paid_order(4, "CANCELLED", 500),
+            paid_order(5, "CANCELLED", 500),
+            paid_order(6, "CANCELLED", 500),
+            paid_order(7, "CANCELLED", 500),
+            paid_order(8, "CANCELLED", 500),
+            order(9, "CANCELLED"),
+            order(10, "REJECTED"),
+            paid_order(11, "CANCELLED", 500),
+        ];
+        let payments_ = [
+            payment(1, "CONFIRMED", 500, 0),
+            payment(2, "CONFIRMED", 499, 0),
+            // 3: no payment at all.
+            payment(4, "REFUNDED", 500, 500),
+            payment(5, "VOIDED", 500, 0),
+            payment(6, "DECLINED", 500, 0),
+            payment(7, "CONFIRMED", 500, 0),
+            payment(8, "REFUNDED", 500, 100),
+            payment(10, "CONFIRMED", 300, 0),
+            // 11: asked for, and no payment.
+            payment(12, "CONFIRMED", 700, 0),
+            payment(13, "VOIDED", 700, 0),
+        ];
+        let found: Vec<u128> = payments(&orders_, &payments_, Utc::now())
+            .iter()
+            .map(|f| match f {
+                Finding::Money { order_id, .. } => order_id.as_u128(),
+                other => panic!("{other}"),
+            })
+            .collect();
+        assert_eq!(found, [2, 3, 7, 8, 10, 11, 12]);
+        assert_eq!(
+            payments(&orders_, &payments_, DateTime::UNIX_EPOCH).len(),
+            1,
+            "within the grace period only the charge for no order counts"
+        );
     }
 
     fn reservation(id: u128, status: &str, lines: &[(&str, i64)]) -> ReservationRow {

@@ -31,21 +31,24 @@ use sqlx::types::Json;
 use sqlx::{ConnectOptions, Connection, PgConnection};
 use uuid::Uuid;
 
-use checks::{DeadLetter, Finding, OrderRow, ProductRow, ReservationRow, TopicRecord};
+use checks::{DeadLetter, Finding, OrderRow, PaymentRow, ProductRow, ReservationRow, TopicRecord};
 use messaging::delivery::Delivery;
 use messaging::kafka::KafkaSettings;
 use messaging::reader::{self, End};
 
-/// Who consumes what: (consumer group, its topic, the database holding its inbox).
-const GROUPS: [(&str, &str, Db); 2] = [
+/// Who consumes what: (consumer group, a topic it consumes, the database holding its inbox).
+const GROUPS: [(&str, &str, Db); 4] = [
     ("inventory-service", schemas::ORDERS_TOPIC, Db::Inventory),
+    ("payment-service", schemas::ORDERS_TOPIC, Db::Payments),
     ("order-service", schemas::INVENTORY_TOPIC, Db::Orders),
+    ("order-service", schemas::PAYMENTS_TOPIC, Db::Orders),
 ];
 
 #[derive(Debug, Clone, Copy)]
 enum Db {
     Orders,
     Inventory,
+    Payments,
 }
 
 #[derive(Debug, Args)]
@@ -64,6 +67,13 @@ pub struct AuditArgs {
         default_value = "postgres://postgres@127.0.0.1:5432/inventory"
     )]
     inventory_db: String,
+    /// payment-service's database.
+    #[arg(
+        long,
+        env = "PAYMENTS_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/payments"
+    )]
+    payments_db: String,
     /// How long a record or an order may still be in flight: records newer than this are not
     /// required to be applied, orders updated more recently are not required to be terminal or
     /// agree with their reservation. Make it longer than the retry schedule (`ms`, `s`, `m`).
@@ -91,22 +101,40 @@ pub async fn run(kafka: &KafkaSettings, args: &AuditArgs) -> anyhow::Result<i32>
     let cutoff = started - chrono::Duration::from_std(args.grace).context("--grace")?;
     let mut orders_db = connect("orders", &args.orders_db).await?;
     let mut inventory_db = connect("inventory", &args.inventory_db).await?;
+    let mut payments_db = connect("payments", &args.payments_db).await?;
     let mut report = Report {
         read: Default::default(),
         dead_letters: Default::default(),
         findings: Vec::new(),
     };
 
-    // Each group's topic, inbox and dead letters, kept for the checks across topics.
+    // Each topic once, and each group's inbox and dead letters, kept for the checks across
+    // topics.
+    let mut topics: HashMap<&str, Vec<TopicRecord>> = HashMap::new();
+    for topic in schemas::EVENT_TOPICS {
+        let records = topic_records(kafka, topic).await?;
+        report.findings.extend(checks::event_order(&records));
+        report
+            .read
+            .insert((*topic).to_owned(), json!(records.len()));
+        topics.insert(topic, records);
+    }
+    let mut dead_by_group: HashMap<&str, Vec<DeadLetter>> = HashMap::new();
+    for (group, _, _) in GROUPS {
+        if !dead_by_group.contains_key(group) {
+            dead_by_group.insert(group, dead_letters(kafka, group).await?);
+        }
+    }
     let mut read_by_group = HashMap::new();
     for (group, topic, db) in GROUPS {
-        let records = topic_records(kafka, topic).await?;
-        let dead = dead_letters(kafka, group).await?;
+        let records = &topics[topic];
+        let dead = &dead_by_group[group];
         let conn = match db {
             Db::Orders => &mut orders_db,
             Db::Inventory => &mut inventory_db,
+            Db::Payments => &mut payments_db,
         };
-        let applied = applied_ids(conn, group, &records)
+        let applied = applied_ids(conn, group, records)
             .await
             .with_context(|| format!("reading {group}'s inbox"))?;
         let parked: HashSet<String> =
@@ -119,42 +147,60 @@ pub async fn run(kafka: &KafkaSettings, args: &AuditArgs) -> anyhow::Result<i32>
                 .collect();
         report.findings.extend(checks::unapplied(
             group,
-            &records,
+            records,
             &applied,
-            &dead,
+            dead,
             &parked,
             cutoff.timestamp_millis(),
         ));
-        report.findings.extend(checks::event_order(&records));
-        report.read.insert(topic.to_owned(), json!(records.len()));
         report
             .dead_letters
             .insert(group.to_owned(), json!(dead.len()));
-        read_by_group.insert(group, (records, applied, dead));
+        read_by_group.insert(group, applied);
     }
-    let (placed, applied, dead) = &read_by_group["inventory-service"];
-    let (answers, _, _) = &read_by_group["order-service"];
     report.findings.extend(checks::inventory_answers(
-        placed,
-        applied,
-        dead,
-        answers,
+        &topics[schemas::ORDERS_TOPIC],
+        &read_by_group["inventory-service"],
+        &dead_by_group["inventory-service"],
+        &topics[schemas::INVENTORY_TOPIC],
         cutoff.timestamp_millis(),
     ));
 
-    let orders: Vec<OrderRow> = sqlx::query_as::<_, (Uuid, String, chrono::DateTime<Utc>)>(
-        "SELECT order_id, status, updated_at FROM orders",
+    type Row = (Uuid, String, Option<i64>, chrono::DateTime<Utc>);
+    let orders: Vec<OrderRow> =
+        sqlx::query_as::<_, Row>("SELECT order_id, status, total_cents, updated_at FROM orders")
+            .fetch_all(&mut orders_db)
+            .await
+            .context("reading the orders")?
+            .into_iter()
+            .map(|(order_id, status, total_cents, updated_at)| OrderRow {
+                order_id,
+                status,
+                total_cents,
+                updated_at,
+            })
+            .collect();
+    let payments: Vec<PaymentRow> = sqlx::query_as::<_, (Uuid, Uuid, String, i64, i64)>(
+        "SELECT payment_id, order_id, status, amount_cents, refunded_cents FROM payments",
     )
-    .fetch_all(&mut orders_db)
+    .fetch_all(&mut payments_db)
     .await
-    .context("reading the orders")?
+    .context("reading the payments")?
     .into_iter()
-    .map(|(order_id, status, updated_at)| OrderRow {
-        order_id,
-        status,
-        updated_at,
-    })
+    .map(
+        |(payment_id, order_id, status, amount_cents, refunded_cents)| PaymentRow {
+            payment_id,
+            order_id,
+            status,
+            amount_cents,
+            refunded_cents,
+        },
+    )
     .collect();
+    report
+        .findings
+        .extend(checks::payments(&orders, &payments, cutoff));
+    report.read.insert("payments".into(), json!(payments.len()));
     let (products, reservations) = inventory_snapshot(&mut inventory_db).await?;
     report
         .findings
@@ -167,7 +213,11 @@ pub async fn run(kafka: &KafkaSettings, args: &AuditArgs) -> anyhow::Result<i32>
         .read
         .insert("reservations".into(), json!(reservations.len()));
     report.read.insert("products".into(), json!(products.len()));
-    for (source, conn) in [("orders", &mut orders_db), ("inventory", &mut inventory_db)] {
+    for (source, conn) in [
+        ("orders", &mut orders_db),
+        ("inventory", &mut inventory_db),
+        ("payments", &mut payments_db),
+    ] {
         report
             .findings
             .extend(old_outbox_rows(conn, source, args.outbox_age).await?);
@@ -203,7 +253,7 @@ fn print(report: &Report, args: &AuditArgs, started: chrono::DateTime<Utc>) {
     println!("dead letters: {}", dead.join(", "));
     if report.findings.is_empty() {
         println!(
-            "0 findings: every record applied or dead-lettered, every order older than {:?} terminal and agreeing with its reservation, stock conserved, events in order, every applied OrderPlaced answered once, no old outbox rows",
+            "0 findings: every record applied or dead-lettered, every order older than {:?} terminal and agreeing with its reservation and its payment, stock conserved, money conserved, events in order, every applied OrderPlaced answered once, no old outbox rows",
             args.grace
         );
     } else {
