@@ -44,10 +44,15 @@ pub enum Fault {
     SecondInventoryService,
     RelayTakeover,
     CutInventoryDatabase,
+    KillPaymentService,
+    KillGateway,
+    GatewayErrors,
+    GatewayHangs,
+    SecondPaymentService,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 10] = [
+    pub const ALL: [Fault; 15] = [
         Fault::KillRelay,
         Fault::KillRelayMidBatch,
         Fault::KillOrderService,
@@ -58,6 +63,11 @@ impl Fault {
         Fault::SecondInventoryService,
         Fault::RelayTakeover,
         Fault::CutInventoryDatabase,
+        Fault::KillPaymentService,
+        Fault::KillGateway,
+        Fault::GatewayErrors,
+        Fault::GatewayHangs,
+        Fault::SecondPaymentService,
     ];
 
     /// Whether this fault can hold a saga up for as long as the saga deadline (30 s): a consumer
@@ -82,6 +92,11 @@ impl Fault {
             Fault::SecondInventoryService => "second inventory-service joins, leaves or is killed",
             Fault::RelayTakeover => "second relay takes over from killed leader",
             Fault::CutInventoryDatabase => "inventory database connections cut 2-6 s",
+            Fault::KillPaymentService => "kill -9 payment-service",
+            Fault::KillGateway => "kill -9 payment-gateway (calls wait on its port)",
+            Fault::GatewayErrors => "payment-gateway answers 503 for 2-6 s",
+            Fault::GatewayHangs => "payment-gateway hangs every call for 3-8 s",
+            Fault::SecondPaymentService => "second payment-service joins, leaves or is killed",
         }
     }
 }
@@ -156,7 +171,7 @@ impl Outcome {
             .collect();
         format!(
             "faults injected ({} in {:.0} s of load; relay kills that missed a batch, not \
-             counted: {}):\n{}\norders accepted: {} ({}; by the saga deadline during faults: {}); \
+             counted: {}):\n{}\norders accepted: {} ({}; by a step's timeout during faults: {}); \
              cancel requests: {}; idempotent replays: {}\nquiet after the load: {:.0} s\n\
              saga audit: {} findings, dead letters {}\nviolations: {}",
             self.faults.values().sum::<u32>(),
@@ -408,9 +423,10 @@ pub async fn run(test: &str, options: ChaosOptions) -> Outcome {
         StackOptions {
             postgres_url: Some(cluster.url()),
             inventory_db_proxy: true,
-            // The product's own deadline: orders held up by a fault may be cancelled by it,
-            // which is one more path to check.
+            // The product's own step timeouts: orders held up by a fault may be cancelled by
+            // them, which is one more path to check (the payment's asks for the refund first).
             saga_deadline: None,
+            payment_timeout: None,
             ..StackOptions::default()
         },
     )
@@ -718,8 +734,46 @@ async fn inject(
             tokio::time::sleep(down).await;
             proxy.bring_up();
         }
+        Fault::KillPaymentService => {
+            let down = between(rng, 0.0, 2.0);
+            stack.restart(Process::PaymentService, down).await;
+        }
+        Fault::KillGateway => {
+            let down = between(rng, 0.0, 3.0);
+            stack.restart(Process::Gateway, down).await;
+        }
+        Fault::GatewayErrors | Fault::GatewayHangs => {
+            let (mode, down) = match fault {
+                Fault::GatewayErrors => ("error", between(rng, 2.0, 6.0)),
+                _ => ("hang", between(rng, 3.0, 8.0)),
+            };
+            set_gateway_mode(stack, load, mode).await;
+            tokio::time::sleep(down).await;
+            set_gateway_mode(stack, load, "ok").await;
+        }
+        Fault::SecondPaymentService => {
+            let (up, kill) = (between(rng, 3.0, 8.0), rng.random_bool(0.5));
+            let name = format!("payment-service-{instance}");
+            let (mut second, _listener) =
+                stack.spawn_instance(Process::PaymentService, &name).await;
+            tokio::time::sleep(up).await;
+            end_second_instance(load, &mut second, kill);
+        }
     }
     Injected::AS_MEANT
+}
+
+/// Sets the stand-in processor's fault mode (`PUT /faults`); a knob it refuses is a violation.
+async fn set_gateway_mode(stack: &Stack, load: &Load, mode: &str) {
+    let answer = stack
+        .http
+        .put(format!("{}/faults", stack.gateway_url))
+        .json(&json!({ "mode": mode }))
+        .send()
+        .await;
+    if !answer.is_ok_and(|a| a.status().is_success()) {
+        load.violation(format!("the processor did not take fault mode {mode}"));
+    }
 }
 
 /// Ends a second service instance: `kill -9`, or SIGTERM and a clean exit. Either way it must

@@ -55,6 +55,7 @@ async fn every_metrics_endpoint_passes_promtool_and_has_the_documented_metrics()
     for (process, url) in [
         ("order-service", &stack.order_url),
         ("inventory-service", &stack.inventory_url),
+        ("payment-service", &stack.payment_url),
     ] {
         eventually(TIMEOUT, || async {
             let text = stack.metrics_text(url).await;
@@ -91,7 +92,7 @@ async fn every_metrics_endpoint_passes_promtool_and_has_the_documented_metrics()
         "consumer_parked_key_oldest_age_seconds",
         "consumer_parked_heads_expired_total",
     ];
-    let expected: [(&str, &str, &[&str], &[&str]); 3] = [
+    let expected: [(&str, &str, &[&str], &[&str]); 5] = [
         (
             "order-service",
             &stack.order_url,
@@ -111,6 +112,36 @@ async fn every_metrics_endpoint_passes_promtool_and_has_the_documented_metrics()
             &stack.inventory_url,
             SERVICES,
             &["inventory_reservations_total", "inventory_releases_total"],
+        ),
+        (
+            "payment-service",
+            &stack.payment_url,
+            SERVICES,
+            &[
+                "payments_requested_total",
+                "payments_total",
+                "payments_late_charges_total",
+                "payments_in_flight",
+                "payments_in_flight_oldest_age_seconds",
+                "circuit_breaker_state",
+                "circuit_breaker_calls_total",
+                "circuit_breaker_call_duration_seconds",
+                "outbound_calls_total",
+                "outbound_call_duration_seconds",
+                "jobs_attempts_total",
+                "jobs_given_up_total",
+            ],
+        ),
+        (
+            "payment-gateway",
+            &stack.gateway_url,
+            &[],
+            &[
+                "process_start_time_seconds",
+                "http_requests_total",
+                "gateway_charges_total",
+                "gateway_charged_cents_total",
+            ],
         ),
         (
             "outbox-relay",

@@ -64,9 +64,36 @@ async fn fifty_concurrent_orders_against_limited_stock_confirm_exactly_what_stoc
     assert_eq!(confirmed.len(), 15, "A's stock allows exactly 15 orders");
     for id in &ids {
         let order = stack.order(*id).await;
+        let payments = stack
+            .get_json(&format!("{}/payments?order_id={id}", stack.payment_url))
+            .await;
         if statuses[id] == "CONFIRMED" {
             assert_eq!(order["total_cents"], 2 * 250 + 100, "{order}");
+            // Paid its total, once: one payment, CONFIRMED, and one charge at the processor.
+            assert_eq!(payments.as_array().map(Vec::len), Some(1), "{payments}");
+            assert_eq!(
+                (
+                    payments[0]["status"].as_str(),
+                    payments[0]["amount_cents"].as_i64()
+                ),
+                (Some("CONFIRMED"), Some(2 * 250 + 100)),
+                "{payments}"
+            );
+            let ledger = stack
+                .get_json(&format!(
+                    "{}/ledger?payment_id={}",
+                    stack.gateway_url,
+                    payments[0]["payment_id"].as_str().unwrap()
+                ))
+                .await;
+            assert_eq!(ledger.as_array().map(Vec::len), Some(1), "{ledger}");
+            assert_eq!(ledger[0]["status"], "succeeded", "{ledger}");
         } else {
+            assert_eq!(
+                payments,
+                serde_json::json!([]),
+                "a rejected order asks for no payment"
+            );
             let reason = order["reason"].as_str().unwrap_or_default();
             let expected = format!("insufficient stock for sku {}", stack.sku("A"));
             assert!(reason.contains(&expected), "{order}");
