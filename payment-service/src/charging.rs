@@ -443,36 +443,39 @@ impl Payments {
         expected: &Step,
         reason: &str,
     ) -> Result<Flow, JobError> {
-        let Some((mut tx, _)) = work.lock_if_still(expected).await? else {
-            return Ok(Flow::Again);
-        };
-        let done = work.job.complete(&mut tx).await?;
-        store::settle(&mut tx, work.payment_id, &Settled::Voided { reason }).await?;
-        outbox::append(
-            &mut tx,
-            &refunded(record.order_id, record.payment_id, 0),
-            &work.cause(),
-        )
-        .await?;
-        tx.commit().await?;
-        counted("voided", record);
-        Ok(Flow::Done(done))
+        self.nothing_charged(work, record, expected, Some(reason))
+            .await
     }
 
     /// A payment declined after its refund was asked for: PaymentRefunded with 0 (the status
     /// stays DECLINED).
     async fn answer_declined(&self, work: &Work<'_>, record: &Record) -> Result<Flow, JobError> {
-        let Some((mut tx, _)) = work.lock_if_still(&Step::AnswerNothingCharged).await? else {
+        self.nothing_charged(work, record, &Step::AnswerNothingCharged, None)
+            .await
+    }
+
+    /// Answers the refund request with PaymentRefunded of 0, the payment VOIDED for `voided`
+    /// (or left as it is), if its next step is still `expected`.
+    async fn nothing_charged(
+        &self,
+        work: &Work<'_>,
+        record: &Record,
+        expected: &Step,
+        voided: Option<&str>,
+    ) -> Result<Flow, JobError> {
+        let Some((mut tx, _)) = work.lock_if_still(expected).await? else {
             return Ok(Flow::Again);
         };
         let done = work.job.complete(&mut tx).await?;
-        outbox::append(
-            &mut tx,
-            &refunded(record.order_id, record.payment_id, 0),
-            &work.cause(),
-        )
-        .await?;
+        if let Some(reason) = voided {
+            store::settle(&mut tx, work.payment_id, &Settled::Voided { reason }).await?;
+        }
+        let event = refunded(record.order_id, record.payment_id, 0);
+        outbox::append(&mut tx, &event, &work.cause()).await?;
         tx.commit().await?;
+        if voided.is_some() {
+            counted("voided", record);
+        }
         Ok(Flow::Done(done))
     }
 }

@@ -49,19 +49,8 @@ async fn list_payments(
         None | Some("") => None,
         Some(text) => Some(uuid_of("order_id", text)?),
     };
-    let limit = match query.limit.as_deref() {
-        None | Some("") => DEFAULT_LIST_LIMIT,
-        Some(s) => s
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=MAX_LIST_LIMIT).contains(n))
-            .ok_or_else(|| {
-                Problem::bad_request(format!(
-                    "limit must be between 1 and {MAX_LIST_LIMIT}, got {:?}",
-                    schemas::limits::truncate_chars(s, 32)
-                ))
-            })?,
-    };
+    let limit =
+        service_kit::http::list_limit(query.limit.as_deref(), DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT)?;
     Ok(Json(store::list(&pool, order_id, limit).await?))
 }
 

@@ -206,6 +206,29 @@ impl Harness {
         .unwrap()
     }
 
+    /// Asks for `n` payments of `amount_cents` each with the processor in `mode`, and waits
+    /// until the breaker has opened; their orders.
+    async fn payments_until_the_breaker_opens(
+        &self,
+        mode: Mode,
+        n: usize,
+        amount_cents: i64,
+    ) -> Vec<Uuid> {
+        self.faults(mode, 0);
+        let orders: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+        for order_id in &orders {
+            self.deliver(awaiting(*order_id, Uuid::now_v7(), amount_cents))
+                .await
+                .unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.breaker.state() == State::Closed {
+            assert!(Instant::now() < deadline, "the breaker did not open");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        orders
+    }
+
     fn faults(&self, mode: Mode, latency_ms: u64) {
         self.knobs.set(Faults {
             mode,
@@ -367,18 +390,7 @@ async fn a_refund_asked_for_before_the_payment_voids_it_and_nothing_is_ever_char
 #[tokio::test]
 async fn under_a_hanging_processor_payments_wait_and_a_refund_voids_them_without_a_late_charge() {
     let h = Harness::start("hang").await;
-    h.faults(Mode::Hang, 0);
-    let orders: Vec<Uuid> = (0..6).map(|_| Uuid::now_v7()).collect();
-    for order_id in &orders {
-        h.deliver(awaiting(*order_id, Uuid::now_v7(), 300))
-            .await
-            .unwrap();
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while h.breaker.state() == State::Closed {
-        assert!(Instant::now() < deadline, "the breaker did not open");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let orders = h.payments_until_the_breaker_opens(Mode::Hang, 6, 300).await;
     let mut payments = Vec::new();
     for order_id in &orders {
         let payment = h.payment_of(*order_id).await.unwrap();
@@ -468,18 +480,9 @@ async fn a_charge_whose_answer_never_came_is_found_in_the_ledger_and_refunded() 
 #[tokio::test]
 async fn an_outage_delays_payments_and_they_are_charged_once_when_it_ends() {
     let h = Harness::start("outage").await;
-    h.faults(Mode::Error, 0);
-    let orders: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
-    for order_id in &orders {
-        h.deliver(awaiting(*order_id, Uuid::now_v7(), 900))
-            .await
-            .unwrap();
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while h.breaker.state() == State::Closed {
-        assert!(Instant::now() < deadline, "the breaker did not open");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let orders = h
+        .payments_until_the_breaker_opens(Mode::Error, 5, 900)
+        .await;
     for order_id in &orders {
         assert_eq!(h.payment_of(*order_id).await.unwrap().status, "REQUESTED");
     }

@@ -222,6 +222,24 @@ pub async fn track_requests(request: Request, next: Next) -> Response {
     response
 }
 
+/// The `limit` of a list endpoint's query: `default` when absent or empty, else a number from 1
+/// to `max` (anything else is a 400 that quotes what was sent, cut short).
+pub fn list_limit(text: Option<&str>, default: i64, max: i64) -> Result<i64, Problem> {
+    match text {
+        None | Some("") => Ok(default),
+        Some(s) => s
+            .parse::<i64>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| {
+                Problem::bad_request(format!(
+                    "limit must be between 1 and {max}, got {:?}",
+                    crate::text::truncate_chars(s, 32)
+                ))
+            }),
+    }
+}
+
 /// The longest `Idempotency-Key` accepted.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 200;
 

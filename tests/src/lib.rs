@@ -1188,6 +1188,55 @@ impl Stack {
             .expect("inventory db")
     }
 
+    /// The order's payment as payment-service shows it (`Null` when it has none).
+    pub async fn payment_of(&self, order_id: Uuid) -> Value {
+        self.get_json(&format!(
+            "{}/payments?order_id={order_id}",
+            self.payment_url
+        ))
+        .await[0]
+            .clone()
+    }
+
+    /// What the stand-in processor holds for a payment: cents charged minus refunded, and how
+    /// many of its charges succeeded.
+    pub async fn ledger_of(&self, payment_id: &str) -> (i64, usize) {
+        let entries = self
+            .get_json(&format!(
+                "{}/ledger?payment_id={payment_id}",
+                self.gateway_url
+            ))
+            .await;
+        let mut net = 0;
+        let mut charges = 0;
+        for entry in entries.as_array().expect("the ledger is a list") {
+            if entry["status"] == "succeeded" {
+                charges += 1;
+                net += entry["amount_cents"].as_i64().unwrap_or_default();
+                for refund in entry["refunds"].as_array().into_iter().flatten() {
+                    net -= refund["amount_cents"].as_i64().unwrap_or_default();
+                }
+            }
+        }
+        (net, charges)
+    }
+
+    /// Sets the stand-in processor's fault knobs (`PUT /faults`), e.g. `{"mode": "hang"}`.
+    pub async fn set_gateway_faults(&self, faults: Value) {
+        let answer = self
+            .http
+            .put(format!("{}/faults", self.gateway_url))
+            .json(&faults)
+            .send()
+            .await
+            .expect("PUT /faults");
+        assert!(
+            answer.status().is_success(),
+            "PUT /faults: {}",
+            answer.status()
+        );
+    }
+
     pub async fn payments_pool(&self) -> PgPool {
         PgPool::connect(&db_url(&self.pg, &self.payments_db))
             .await

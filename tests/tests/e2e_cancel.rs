@@ -70,9 +70,7 @@ async fn cancelling_a_confirmed_order_refunds_it_then_returns_its_sold_stock_onc
         ]
     );
     // Refunded in full, once.
-    let payment = &stack
-        .get_json(&format!("{}/payments?order_id={id}", stack.payment_url))
-        .await[0];
+    let payment = stack.payment_of(id).await;
     assert_eq!(
         (
             payment["status"].as_str(),

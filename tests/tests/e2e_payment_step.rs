@@ -9,56 +9,8 @@ use std::time::Duration;
 use e2e::kafka::{self, Outgoing};
 use e2e::{Stack, StackOptions, eventually};
 use serde_json::Value;
-use uuid::Uuid;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-async fn set_faults(stack: &Stack, faults: Value) {
-    let answer = stack
-        .http
-        .put(format!("{}/faults", stack.gateway_url))
-        .json(&faults)
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        answer.status().is_success(),
-        "PUT /faults: {}",
-        answer.status()
-    );
-}
-
-async fn payment_of(stack: &Stack, order_id: Uuid) -> Value {
-    stack
-        .get_json(&format!(
-            "{}/payments?order_id={order_id}",
-            stack.payment_url
-        ))
-        .await[0]
-        .clone()
-}
-
-/// Cents the processor holds for the payment (charged − refunded), and its succeeded charges.
-async fn ledger(stack: &Stack, payment_id: &str) -> (i64, usize) {
-    let entries = stack
-        .get_json(&format!(
-            "{}/ledger?payment_id={payment_id}",
-            stack.gateway_url
-        ))
-        .await;
-    let mut net = 0;
-    let mut charges = 0;
-    for entry in entries.as_array().expect("a list") {
-        if entry["status"] == "succeeded" {
-            charges += 1;
-            net += entry["amount_cents"].as_i64().unwrap();
-            for refund in entry["refunds"].as_array().unwrap() {
-                net -= refund["amount_cents"].as_i64().unwrap();
-            }
-        }
-    }
-    (net, charges)
-}
 
 fn history(order: &Value) -> Vec<String> {
     order["history"]
@@ -93,13 +45,17 @@ mod own_stack {
         )
         .await;
         stack.put_product("A", 250, 100).await;
-        set_faults(&stack, serde_json::json!({"mode": "hang"})).await;
+        stack
+            .set_gateway_faults(serde_json::json!({"mode": "hang"}))
+            .await;
         let mut ids = Vec::new();
         for _ in 0..6 {
             ids.push(stack.place_order(&[("A", 2)]).await);
         }
         stack.wait_for_statuses(&ids, &["CANCELLED"], TIMEOUT).await;
-        set_faults(&stack, serde_json::json!({"mode": "ok"})).await;
+        stack
+            .set_gateway_faults(serde_json::json!({"mode": "ok"}))
+            .await;
         // Long enough for a charge job that survived to run again (its backoff is at most 30 s
         // and it runs at once when woken: none must).
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -123,10 +79,12 @@ mod own_stack {
                     .contains("PAYMENT_TIMEOUT"),
                 "{order}"
             );
-            let payment = payment_of(&stack, *id).await;
+            let payment = stack.payment_of(*id).await;
             assert_eq!(payment["status"], "VOIDED", "{payment}");
             assert_eq!(
-                ledger(&stack, payment["payment_id"].as_str().unwrap()).await,
+                stack
+                    .ledger_of(payment["payment_id"].as_str().unwrap())
+                    .await,
                 (0, 0),
                 "nothing charged for {payment}"
             );
@@ -173,11 +131,9 @@ mod own_stack {
         .await;
         stack.put_product("A", 700, 10).await;
         // Answered 3 s after the charge is recorded, within payment-service's 5 s timeout.
-        set_faults(
-            &stack,
-            serde_json::json!({"mode": "ok", "latency_ms": 3000}),
-        )
-        .await;
+        stack
+            .set_gateway_faults(serde_json::json!({"mode": "ok", "latency_ms": 3000}))
+            .await;
         let id = stack.place_order(&[("A", 1)]).await;
         stack
             .wait_for_statuses(&[id], &["CANCELLED"], TIMEOUT)
@@ -194,7 +150,7 @@ mod own_stack {
             ],
             "{order}"
         );
-        let payment = payment_of(&stack, id).await;
+        let payment = stack.payment_of(id).await;
         assert_eq!(
             (
                 payment["status"].as_str(),
@@ -205,7 +161,7 @@ mod own_stack {
         );
         let payment_id = payment["payment_id"].as_str().unwrap().to_owned();
         assert_eq!(
-            ledger(&stack, &payment_id).await,
+            stack.ledger_of(&payment_id).await,
             (0, 1),
             "charged once, refunded in full"
         );
@@ -219,7 +175,9 @@ mod own_stack {
         );
 
         // Redelivered copies (the same message ids) of what asked for and reported the charge.
-        set_faults(&stack, serde_json::json!({"mode": "ok"})).await;
+        stack
+            .set_gateway_faults(serde_json::json!({"mode": "ok"}))
+            .await;
         let key = id.to_string();
         let mut copies = Vec::new();
         for (topic, event_type) in [
@@ -261,7 +219,7 @@ mod own_stack {
         .await
         .expect("the copies are skipped as duplicates");
         assert_eq!(
-            ledger(&stack, &payment_id).await,
+            stack.ledger_of(&payment_id).await,
             (0, 1),
             "no second charge or refund"
         );

@@ -74,41 +74,10 @@ async fn payment_in(stack: &Stack, order_id: Uuid, statuses: &[&str]) -> Value {
     .unwrap()
 }
 
-/// Cents the processor holds for the payment (charged − refunded), and its succeeded charges.
-async fn ledger(stack: &Stack, payment_id: &str) -> (i64, usize) {
-    let entries = stack
-        .get_json(&format!(
-            "{}/ledger?payment_id={payment_id}",
-            stack.gateway_url
-        ))
-        .await;
-    let mut net = 0;
-    let mut charges = 0;
-    for entry in entries.as_array().expect("a list") {
-        if entry["status"] == "succeeded" {
-            charges += 1;
-            net += entry["amount_cents"].as_i64().unwrap();
-            for refund in entry["refunds"].as_array().unwrap() {
-                net -= refund["amount_cents"].as_i64().unwrap();
-            }
-        }
-    }
-    (net, charges)
-}
-
 async fn set_latency(stack: &Stack, latency_ms: u64) {
-    let answer = stack
-        .http
-        .put(format!("{}/faults", stack.gateway_url))
-        .json(&serde_json::json!({"mode": "ok", "latency_ms": latency_ms}))
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        answer.status().is_success(),
-        "PUT /faults: {}",
-        answer.status()
-    );
+    stack
+        .set_gateway_faults(serde_json::json!({"mode": "ok", "latency_ms": latency_ms}))
+        .await;
 }
 
 /// Waits until one order of `batch` has its charge made at the processor and its answer not yet
@@ -120,7 +89,8 @@ async fn charge_in_flight(stack: &Stack, batch: &[(Uuid, i64)]) -> Uuid {
             let list = stack.get_json(&url).await;
             let Some(payment) = list.get(0) else { continue };
             if payment["status"] == "REQUESTED"
-                && ledger(stack, payment["payment_id"].as_str().unwrap())
+                && stack
+                    .ledger_of(payment["payment_id"].as_str().unwrap())
                     .await
                     .1
                     == 1
@@ -181,7 +151,7 @@ mod own_stack {
         for (order_id, amount) in &orders {
             let payment = payment_in(&stack, *order_id, &["CONFIRMED", "DECLINED"]).await;
             let payment_id = payment["payment_id"].as_str().unwrap().to_owned();
-            let (net, charges) = ledger(&stack, &payment_id).await;
+            let (net, charges) = stack.ledger_of(&payment_id).await;
             if *amount > LIMIT_CENTS {
                 assert_eq!(payment["status"], "DECLINED", "{payment}");
                 assert_eq!(payment["decline_code"], "over_limit");
@@ -218,7 +188,7 @@ mod own_stack {
         for (order_id, amount) in &refunded {
             let payment = payment_in(&stack, *order_id, &["REFUNDED"]).await;
             assert_eq!(payment["refunded_cents"].as_i64(), Some(*amount));
-            assert_eq!(ledger(&stack, &payments[order_id]).await, (0, 1));
+            assert_eq!(stack.ledger_of(&payments[order_id]).await, (0, 1));
         }
         // payments.v1: one outcome per order, one refund per refunded order (distinct message
         // ids: the relay may publish a row twice, never two rows for one outcome).

@@ -79,15 +79,12 @@ async fn fifty_concurrent_orders_against_limited_stock_confirm_exactly_what_stoc
                 (Some("CONFIRMED"), Some(2 * 250 + 100)),
                 "{payments}"
             );
-            let ledger = stack
-                .get_json(&format!(
-                    "{}/ledger?payment_id={}",
-                    stack.gateway_url,
-                    payments[0]["payment_id"].as_str().unwrap()
-                ))
-                .await;
-            assert_eq!(ledger.as_array().map(Vec::len), Some(1), "{ledger}");
-            assert_eq!(ledger[0]["status"], "succeeded", "{ledger}");
+            let payment_id = payments[0]["payment_id"].as_str().unwrap();
+            assert_eq!(
+                stack.ledger_of(payment_id).await,
+                (2 * 250 + 100, 1),
+                "one charge of the total at the processor"
+            );
         } else {
             assert_eq!(
                 payments,
@@ -322,9 +319,7 @@ async fn prices_beyond_the_bound_are_refused_and_an_order_at_every_bound_is_aske
             .is_some_and(|r| r.contains("PAYMENT_DECLINED")),
         "{order}"
     );
-    let payment = &stack
-        .get_json(&format!("{}/payments?order_id={id}", stack.payment_url))
-        .await[0];
+    let payment = stack.payment_of(id).await;
     assert_eq!(
         payment["amount_cents"],
         limits::MAX_TOTAL_CENTS,
