@@ -366,7 +366,8 @@ async fn a_refund_asked_for_before_the_payment_voids_it_and_nothing_is_ever_char
     h.deliver(awaiting(order_id, Uuid::now_v7(), 800))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The late request was applied in the transaction above: no job was queued for it, so
+    // nothing can charge the payment later.
     assert_eq!(
         h.settled(order_id, "VOIDED").await.payment_id,
         voided.payment_id
@@ -419,14 +420,22 @@ async fn under_a_hanging_processor_payments_wait_and_a_refund_voids_them_without
         }
     }
     h.faults(Mode::Ok, 0);
-    // Long enough for any charge job still around to run again, had one survived.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Every job of these payments ends (a charge job still queued looks again, sees the refund
+    // asked for, and sends nothing): once none is left, nothing can charge them any more.
     for payment_id in payments {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while h.jobs_of(payment_id).await != (0, 0) {
+            assert!(
+                Instant::now() < deadline,
+                "payment {payment_id} still has jobs: {:?}",
+                h.jobs_of(payment_id).await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         assert!(
             h.ledger_of(payment_id).await.is_empty(),
             "no late charge of {payment_id}"
         );
-        assert_eq!(h.jobs_of(payment_id).await, (0, 0));
     }
 }
 

@@ -1615,6 +1615,16 @@ pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// The statuses of an order's `history` (as `GET /orders/{id}` shows it), oldest first.
+pub fn status_history(order: &Value) -> Vec<String> {
+    order["history"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| h["status"].as_str().map(str::to_owned))
+        .collect()
+}
+
 /// Polls `check` until it returns `Ok(Some(v))`, or fails after `timeout` with the last message.
 pub async fn eventually<T, F, Fut>(timeout: Duration, mut check: F) -> anyhow::Result<T>
 where

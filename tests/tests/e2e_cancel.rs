@@ -5,22 +5,12 @@ use std::time::Duration;
 use e2e::{Process, Stack, eventually, kafka};
 use reqwest::StatusCode;
 use schemas::Event;
-use serde_json::Value;
 use uuid::Uuid;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 /// After a crash, Tansu can take a session timeout and a rejoin (about 20 s) to give the restarted
 /// consumer its partitions back; on a loaded machine, more.
 const AFTER_RESTART: Duration = Duration::from_secs(120);
-
-fn history(order: &Value) -> Vec<&str> {
-    order["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["status"].as_str().unwrap())
-        .collect()
-}
 
 /// The types of order `id`'s events on `topic`, in order. A record keyed by the order that does
 /// not decode fails the test (other tests' records on a shared stack are not looked at).
@@ -59,7 +49,7 @@ async fn cancelling_a_confirmed_order_refunds_it_then_returns_its_sold_stock_onc
         .await;
     let order = stack.order(id).await;
     assert_eq!(
-        history(&order),
+        e2e::status_history(&order),
         [
             "PENDING",
             "AWAITING_PAYMENT",
@@ -261,7 +251,7 @@ mod own_stack {
             ["StockReserved", "StockReleased"]
         );
         assert_eq!(
-            history(&stack.order(id).await),
+            e2e::status_history(&stack.order(id).await),
             ["PENDING", "CANCELLING", "CANCELLED"]
         );
         eventually(TIMEOUT, || async {

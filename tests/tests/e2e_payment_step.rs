@@ -8,18 +8,8 @@ use std::time::Duration;
 
 use e2e::kafka::{self, Outgoing};
 use e2e::{Stack, StackOptions, eventually};
-use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-fn history(order: &Value) -> Vec<String> {
-    order["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["status"].as_str().unwrap().to_owned())
-        .collect()
-}
 
 /// Tests that need a stack of their own (left out against a running stack: see
 /// `e2e::requires_own_stack`).
@@ -56,13 +46,22 @@ mod own_stack {
         stack
             .set_gateway_faults(serde_json::json!({"mode": "ok"}))
             .await;
-        // Long enough for a charge job that survived to run again (its backoff is at most 30 s
-        // and it runs at once when woken: none must).
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Every payment job ends (a charge job still queued looks again, sees the refund asked
+        // for, and sends nothing): once none is left, nothing can charge these orders any more.
+        let payments = stack.payments_pool().await;
+        eventually(TIMEOUT, || async {
+            let queued: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM jobs WHERE failed_at IS NULL")
+                    .fetch_one(&payments)
+                    .await?;
+            Ok((queued == 0).then_some(()))
+        })
+        .await
+        .expect("every payment job ends");
         for id in &ids {
             let order = stack.order(*id).await;
             assert_eq!(
-                history(&order),
+                e2e::status_history(&order),
                 [
                     "PENDING",
                     "AWAITING_PAYMENT",
@@ -140,7 +139,7 @@ mod own_stack {
             .await;
         let order = stack.order(id).await;
         assert_eq!(
-            history(&order),
+            e2e::status_history(&order),
             [
                 "PENDING",
                 "AWAITING_PAYMENT",

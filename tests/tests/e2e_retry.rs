@@ -95,15 +95,6 @@ async fn dead_letters(stack: &Stack, at_least: usize) -> Vec<Delivery> {
     .expect("dead letters")
 }
 
-fn history(order: &serde_json::Value) -> Vec<String> {
-    order["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["status"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 /// Waits until `n` messages of `order_id` wait in order-service's parking table.
 async fn wait_for_parked_messages(orders_db: &sqlx::PgPool, order_id: Uuid, n: i64, what: &str) {
     eventually(TIMEOUT, || async {
@@ -175,7 +166,7 @@ mod own_stack {
             .await;
         let order = stack.order(order_id).await;
         assert_eq!(order["reason"], "out of tea");
-        assert_eq!(history(&order), ["PENDING", "REJECTED"]);
+        assert_eq!(e2e::status_history(&order), ["PENDING", "REJECTED"]);
         let dlq = kafka::read_topic(&stack.broker.bootstrap, "order-service.dlq")
             .await
             .unwrap();
@@ -297,7 +288,7 @@ mod own_stack {
         assert_eq!(dlq[0].header("dlq-error-class"), Some("permanent"));
         let order = stack.order(a).await;
         assert_eq!(order["reason"], "first");
-        assert_eq!(history(&order), ["PENDING", "REJECTED"]);
+        assert_eq!(e2e::status_history(&order), ["PENDING", "REJECTED"]);
         // The dead letter is written before the parked message and the key are released.
         eventually(TIMEOUT, || async {
             let parked: i64 = sqlx::query_scalar("SELECT count(*) FROM parked_keys")
@@ -377,7 +368,7 @@ mod own_stack {
         .expect("the key is released once H2 applied and the parked rejection was drained");
         let order = stack.order(order_id).await;
         assert_eq!(
-            history(&order),
+            e2e::status_history(&order),
             ["PENDING", "AWAITING_PAYMENT", "CONFIRMED"]
         );
         assert_eq!(
