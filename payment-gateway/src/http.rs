@@ -1,5 +1,5 @@
 //! The processor's API: `POST /charges`, `POST /refunds` (both with a required
-//! `Idempotency-Key`), `GET /ledger?payment_id=`, and the fault knobs `GET|PUT /faults`.
+//! `Idempotency-Key`), `GET /ledger?payment_id=` (or the whole ledger in pages), and the fault knobs `GET|PUT /faults`.
 
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
@@ -117,22 +117,50 @@ async fn refund(
     Ok(Json(refund))
 }
 
+/// `?payment_id=`: that payment's charges; else `?after=<charge_id>&limit=`: a page of the
+/// whole ledger in charge id order (what `saga audit` reconciles against).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct LedgerQuery {
-    payment_id: Uuid,
+    payment_id: Option<Uuid>,
+    after: Option<Uuid>,
+    limit: Option<String>,
 }
+
+/// The most charges in one page of `GET /ledger`.
+pub const MAX_LEDGER_PAGE: i64 = 1000;
 
 async fn ledger_of(
     State(state): State<AppState>,
     query: Result<Query<LedgerQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Vec<LedgerEntry>>, Problem> {
     let Query(query) = query.map_err(|e| {
-        Problem::bad_request(format!("expected ?payment_id=<uuid>: {}", e.body_text()))
+        Problem::bad_request(format!(
+            "expected ?payment_id=<uuid> or ?after=<charge uuid>&limit=<n>: {}",
+            e.body_text()
+        ))
     })?;
-    Ok(Json(
-        ledger::of_payment(&state.pool, query.payment_id).await?,
-    ))
+    let entries = match query {
+        LedgerQuery {
+            payment_id: Some(payment_id),
+            after: None,
+            limit: None,
+        } => ledger::of_payment(&state.pool, payment_id).await?,
+        LedgerQuery {
+            payment_id: Some(_),
+            ..
+        } => {
+            return Err(Problem::bad_request(
+                "payment_id lists one payment's charges: it takes no after or limit",
+            ));
+        }
+        LedgerQuery { after, limit, .. } => {
+            let limit =
+                service_kit::http::list_limit(limit.as_deref(), MAX_LEDGER_PAGE, MAX_LEDGER_PAGE)?;
+            ledger::page(&state.pool, after, limit).await?
+        }
+    };
+    Ok(Json(entries))
 }
 
 async fn get_faults(State(state): State<AppState>) -> Json<Faults> {

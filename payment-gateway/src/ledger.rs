@@ -328,22 +328,51 @@ pub async fn of_payment(pool: &PgPool, payment_id: Uuid) -> sqlx::Result<Vec<Led
     .bind(payment_id)
     .fetch_all(pool)
     .await?;
-    let mut entries = Vec::with_capacity(charges.len());
-    for row in charges {
-        let charge = charge_of(row);
-        let refunds: Vec<RefundRow> = sqlx::query_as(
-            "SELECT refund_id, charge_id, amount_cents, created_at FROM refunds \
-             WHERE charge_id = $1 ORDER BY created_at, refund_id",
-        )
-        .bind(charge.charge_id)
-        .fetch_all(pool)
-        .await?;
-        entries.push(LedgerEntry {
-            charge,
-            refunds: refunds.into_iter().map(refund_of).collect(),
-        });
+    with_refunds(pool, charges).await
+}
+
+/// Up to `limit` charges whose id is above `after` (every charge, from the start, without it),
+/// in charge id order, each with its refunds: a page of the whole ledger, as a reconciliation
+/// reads it. The next page starts after the last charge id of this one.
+pub async fn page(
+    pool: &PgPool,
+    after: Option<Uuid>,
+    limit: i64,
+) -> sqlx::Result<Vec<LedgerEntry>> {
+    let charges: Vec<ChargeRow> = sqlx::query_as(&format!(
+        "SELECT {CHARGE_COLUMNS} FROM charges WHERE charge_id > $1 ORDER BY charge_id LIMIT $2"
+    ))
+    .bind(after.unwrap_or(Uuid::nil()))
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    with_refunds(pool, charges).await
+}
+
+/// The charges, in their order, each with its refunds (oldest first).
+async fn with_refunds(pool: &PgPool, charges: Vec<ChargeRow>) -> sqlx::Result<Vec<LedgerEntry>> {
+    let ids: Vec<Uuid> = charges.iter().map(|row| row.0).collect();
+    let rows: Vec<RefundRow> = sqlx::query_as(
+        "SELECT refund_id, charge_id, amount_cents, created_at FROM refunds \
+         WHERE charge_id = ANY($1) ORDER BY created_at, refund_id",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    let mut refunds: std::collections::HashMap<Uuid, Vec<Refund>> = Default::default();
+    for refund in rows.into_iter().map(refund_of) {
+        refunds.entry(refund.charge_id).or_default().push(refund);
     }
-    Ok(entries)
+    Ok(charges
+        .into_iter()
+        .map(|row| {
+            let charge = charge_of(row);
+            LedgerEntry {
+                refunds: refunds.remove(&charge.charge_id).unwrap_or_default(),
+                charge,
+            }
+        })
+        .collect())
 }
 
 #[cfg(test)]

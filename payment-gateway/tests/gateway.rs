@@ -290,6 +290,77 @@ async fn bad_requests_get_a_problem_and_change_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_whole_ledger_reads_in_pages_each_charge_once_with_its_refunds() {
+    let pool = database("pages").await;
+    let (url, _) = serve(&pool).await;
+    let client = Client::new(&url);
+    let mut charged = std::collections::HashMap::new();
+    for n in 0..7 {
+        let payment = Uuid::new_v4();
+        let amount = 1_000 + n;
+        let (status, charge) = client
+            .post(
+                "/charges",
+                Some(&payment.to_string()),
+                &charge_body(payment, amount),
+            )
+            .await;
+        assert_eq!(status, 200, "{charge}");
+        if n % 2 == 0 {
+            let body = json!({"charge_id": charge["charge_id"], "amount_cents": 10});
+            let (status, refund) = client.post("/refunds", Some(&format!("r{n}")), &body).await;
+            assert_eq!(status, 200, "{refund}");
+        }
+        charged.insert(charge["charge_id"].as_str().unwrap().to_owned(), n);
+    }
+    // Pages of 3: 3, 3, 1, each after the last id of the one before.
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let query = after
+            .as_ref()
+            .map_or(String::new(), |a| format!("&after={a}"));
+        let r = client
+            .http
+            .get(format!("{}/ledger?limit=3{query}", client.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let page: Vec<Value> = r.json().await.unwrap();
+        seen.extend(page.iter().cloned());
+        if page.len() < 3 {
+            break;
+        }
+        after = page
+            .last()
+            .map(|e| e["charge_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(seen.len(), 7, "every charge once: {seen:?}");
+    for entry in &seen {
+        let n = charged[entry["charge_id"].as_str().unwrap()];
+        let refunds = entry["refunds"].as_array().unwrap();
+        assert_eq!(refunds.len(), usize::from(n % 2 == 0), "{entry}");
+        assert_eq!(entry["refunded_cents"], if n % 2 == 0 { 10 } else { 0 });
+    }
+    for bad in [
+        "limit=0",
+        "limit=1001",
+        "after=nope",
+        "payment_id=00000000-0000-0000-0000-000000000001&limit=2",
+        "colour=red",
+    ] {
+        let r = client
+            .http
+            .get(format!("{}/ledger?{bad}", client.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_error_or_a_hang_charges_nothing_and_latency_answers_late_what_was_recorded() {
     let pool = database("faults").await;
     let (url, _) = serve(&pool).await;

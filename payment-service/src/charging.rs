@@ -20,9 +20,13 @@
 //!
 //! Once a refund is asked for, no charge request is sent for the payment again (the charge job
 //! looks under the row's lock before each request, and [`domain::next_step`] never says Charge
-//! then). What this does not cover: a request that reaches the processor later than its in-flight
-//! window (a process frozen between marking the row and sending). Such a late charge is logged
-//! as an error and counted in `payments_late_charges_total`; see the README.
+//! then). A request can still reach the processor, or be recorded there, later than its in-flight
+//! window (a process frozen between marking the row and sending; a processor slow to commit):
+//! a **late charge** of a payment already voided. A `refund-late-charge` job refunds it in full:
+//! queued at once when the late charge's own answer comes back, and queued for
+//! `--late-charge-recheck` after every void of a payment whose charge was sent, to ask the
+//! processor's ledger once more. Each one found is logged and counted in
+//! `payments_late_charges_total` (an in-flight window too short for the processor).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +48,9 @@ use crate::store::{self, Record, Settled};
 pub const CHARGE: &str = "charge-payment";
 /// The job that refunds or voids a payment; its key is the payment id.
 pub const REFUND: &str = "refund-payment";
+/// The job that looks for, and refunds, a charge the processor made after the payment was
+/// voided; its key is the payment id.
+pub const LATE: &str = "refund-late-charge";
 
 /// The longest a refund job waits before it looks again at a payment whose charge request may
 /// still be in flight: the charge's answer, when it comes, lets it go on at once after that.
@@ -79,6 +86,14 @@ pub fn refund_kind() -> JobKind {
     }
 }
 
+/// A late charge is money kept for a cancelled order: like a refund, tried until it is done.
+pub fn late_kind() -> JobKind {
+    JobKind {
+        kind: LATE,
+        ..refund_kind()
+    }
+}
+
 /// Where a job's work came from: the message that queued it and its trace, so that the events
 /// the job writes are caused by that message and belong to the order's trace.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,14 +124,22 @@ pub async fn enqueue(
     payment_id: Uuid,
     origin: &Origin,
 ) -> sqlx::Result<()> {
-    service_kit::jobs::enqueue(
-        conn,
-        kind,
-        &payment_id.to_string(),
-        &origin.payload(),
-        Duration::ZERO,
-    )
-    .await?;
+    enqueue_after(conn, kind, payment_id, origin, Duration::ZERO).await
+}
+
+/// Queues a job of `kind` for the payment, due after `delay`; one already queued becomes due
+/// by then if it was due later.
+async fn enqueue_after(
+    conn: &mut PgConnection,
+    kind: &str,
+    payment_id: Uuid,
+    origin: &Origin,
+    delay: Duration,
+) -> sqlx::Result<()> {
+    let key = payment_id.to_string();
+    if !service_kit::jobs::enqueue(conn, kind, &key, &origin.payload(), delay).await? {
+        service_kit::jobs::due_within(conn, kind, &key, delay).await?;
+    }
     Ok(())
 }
 
@@ -128,6 +151,9 @@ pub struct Payments {
     pub in_flight_window: Duration,
     /// Wakes the job runner (a refund that a charge's answer lets go on).
     pub wake: Wake,
+    /// How long after a payment whose charge was sent is voided the processor's ledger is asked
+    /// once more for a late charge.
+    pub late_recheck: Duration,
 }
 
 /// Which job is running.
@@ -139,6 +165,7 @@ enum Role {
 
 pub struct ChargeJob(pub Arc<Payments>);
 pub struct RefundJob(pub Arc<Payments>);
+pub struct LateChargeJob(pub Arc<Payments>);
 
 impl JobHandler for ChargeJob {
     async fn run(&self, pool: &PgPool, job: &Job) -> Result<Completed, JobError> {
@@ -150,6 +177,32 @@ impl JobHandler for RefundJob {
     async fn run(&self, pool: &PgPool, job: &Job) -> Result<Completed, JobError> {
         self.0.work(pool, job, Role::Refund).await
     }
+}
+
+impl JobHandler for LateChargeJob {
+    async fn run(&self, pool: &PgPool, job: &Job) -> Result<Completed, JobError> {
+        let (payment_id, origin) = of_job(job)?;
+        let span = tracing::info_span!("payment job", otel.name = %format!("{} {payment_id}", job.kind),
+            payment_id = %payment_id, attempt = job.attempt, trace_id = tracing::field::Empty);
+        service_kit::trace_context::continue_from(&span, origin.traceparent.as_deref());
+        let work = Work {
+            pool,
+            job,
+            payment_id,
+            origin,
+            span: span.clone(),
+        };
+        self.0.late_charge(&work).instrument(span).await
+    }
+}
+
+/// The payment a job is about, and where its work came from.
+fn of_job(job: &Job) -> Result<(Uuid, Origin), JobError> {
+    let payment_id = Uuid::parse_str(&job.key)
+        .map_err(|e| permanent(format!("the job's key is not a payment id: {e}")))?;
+    // A payload that does not read (an older version's) only loses the trace link.
+    let origin: Origin = serde_json::from_value(job.payload.clone()).unwrap_or_default();
+    Ok((payment_id, origin))
 }
 
 /// The job, its payment and its origin, as one step sees them.
@@ -222,10 +275,7 @@ enum Flow {
 
 impl Payments {
     async fn work(&self, pool: &PgPool, job: &Job, role: Role) -> Result<Completed, JobError> {
-        let payment_id = Uuid::parse_str(&job.key)
-            .map_err(|e| permanent(format!("the job's key is not a payment id: {e}")))?;
-        // A payload that does not read (an older version's) only loses the trace link.
-        let origin: Origin = serde_json::from_value(job.payload.clone()).unwrap_or_default();
+        let (payment_id, origin) = of_job(job)?;
         let span = tracing::info_span!("payment job", otel.name = %format!("{} {payment_id}", job.kind),
             payment_id = %payment_id, attempt = job.attempt, trace_id = tracing::field::Empty);
         service_kit::trace_context::continue_from(&span, origin.traceparent.as_deref());
@@ -328,12 +378,22 @@ impl Payments {
         if now.status != PaymentStatus::Requested.as_str() {
             // Settled meanwhile without this answer: only a request that reached the processor
             // after its in-flight window can get here (see the module's documentation).
-            if let Charged::Succeeded { charge_id } = &answer {
-                tracing::error!(payment_id = %work.payment_id, %charge_id, status = %now.status,
-                    "a charge succeeded after its payment was settled without it; refund it by hand (the processor's ledger has it)");
-                metrics::counter!("payments_late_charges_total").increment(1);
+            let late = match &answer {
+                Charged::Succeeded { charge_id } if now.charge_id != Some(*charge_id) => {
+                    Some(*charge_id)
+                }
+                _ => None,
+            };
+            if let Some(charge_id) = late {
+                store::mark_late_charge(&mut tx, work.payment_id, charge_id).await?;
+                enqueue(&mut tx, LATE, work.payment_id, &work.origin).await?;
             }
             tx.commit().await?;
+            if let Some(charge_id) = late {
+                tracing::warn!(payment_id = %work.payment_id, %charge_id, status = %now.status,
+                    "a charge succeeded after its payment was settled without it; refunding it");
+                self.wake.now();
+            }
             return Ok(Flow::Done(done));
         }
         let (event, outcome) = match answer {
@@ -470,6 +530,17 @@ impl Payments {
         if let Some(reason) = voided {
             store::settle(&mut tx, work.payment_id, &Settled::Voided { reason }).await?;
         }
+        if *expected == Step::AskLedger {
+            // Its charge was sent: ask the ledger once more later, for one recorded late.
+            enqueue_after(
+                &mut tx,
+                LATE,
+                work.payment_id,
+                &work.origin,
+                self.late_recheck,
+            )
+            .await?;
+        }
         let event = refunded(record.order_id, record.payment_id, 0);
         outbox::append(&mut tx, &event, &work.cause()).await?;
         tx.commit().await?;
@@ -477,6 +548,76 @@ impl Payments {
             counted("voided", record);
         }
         Ok(Flow::Done(done))
+    }
+}
+
+impl Payments {
+    /// Refunds a charge the processor made after the payment was voided: the one its late
+    /// answer named, or one the ledger shows now. A payment with none is done.
+    async fn late_charge(&self, work: &Work<'_>) -> Result<Completed, JobError> {
+        for _ in 0..4 {
+            let record = load(
+                store::get(work.pool, work.payment_id).await?,
+                work.payment_id,
+            )?;
+            if record.status != PaymentStatus::Voided.as_str() || record.late_refunded_cents > 0 {
+                // Only a voided payment can be charged late (any other keeps or refunds its
+                // one charge by the normal way), and this one's is refunded.
+                return work.nothing_to_do().await;
+            }
+            let charge_id = match record.late_charge_id {
+                Some(charge_id) => Some(charge_id),
+                None => {
+                    let permit = self.gateway.permit().map_err(GatewayError::from)?;
+                    match self
+                        .gateway
+                        .find_charge(permit, work.payment_id, record.amount_cents)
+                        .await?
+                    {
+                        LedgerFinding::Charged { charge_id } => Some(charge_id),
+                        LedgerFinding::NothingCharged => None,
+                    }
+                }
+            };
+            let refund_id = match charge_id {
+                Some(charge_id) => {
+                    let permit = self.gateway.permit().map_err(GatewayError::from)?;
+                    let refund = self
+                        .gateway
+                        .refund(permit, work.payment_id, charge_id, record.amount_cents)
+                        .await?;
+                    Some((charge_id, refund))
+                }
+                None => None,
+            };
+            let mut tx = work.pool.begin().await?;
+            let now = load(
+                store::lock(&mut tx, work.payment_id).await?,
+                work.payment_id,
+            )?;
+            if refund_id.is_none() && now.late_charge_id.is_some() {
+                // A late answer named a charge meanwhile: refund that one.
+                tx.rollback().await?;
+                continue;
+            }
+            let done = work.job.complete(&mut tx).await?;
+            if let Some((charge_id, _)) = refund_id {
+                store::settle_late_charge(&mut tx, work.payment_id, charge_id, record.amount_cents)
+                    .await?;
+            }
+            tx.commit().await?;
+            if let Some((charge_id, refund_id)) = refund_id {
+                metrics::counter!("payments_late_charges_total").increment(1);
+                tracing::warn!(payment_id = %work.payment_id, order_id = %record.order_id, %charge_id, %refund_id,
+                    amount_cents = record.amount_cents,
+                    "the processor charged a voided payment after its in-flight window; refunded the late charge in full");
+            }
+            return Ok(done);
+        }
+        Err(JobError::Failed(anyhow::anyhow!(
+            "payment {} kept changing while its late charge was looked for",
+            work.payment_id
+        )))
     }
 }
 

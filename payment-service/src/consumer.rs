@@ -157,7 +157,7 @@ pub fn describe_metrics() {
     );
     describe_counter!(
         "payments_late_charges_total",
-        "Charges that succeeded after their payment was settled without them; each needs a refund by hand"
+        "Charges the processor made after their payment was voided (later than the in-flight window), found and refunded in full"
     );
     describe_gauge!(
         "payments_in_flight",

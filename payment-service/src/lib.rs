@@ -61,6 +61,11 @@ pub struct Settings {
     /// The longest the TCP connection to the processor may take to open.
     #[arg(long, env = "GATEWAY_CONNECT_TIMEOUT", default_value = "1s", value_parser = service_kit::duration::parse)]
     pub gateway_connect_timeout: Duration,
+    /// How long after voiding a payment whose charge was sent (the processor's ledger showed no
+    /// charge once no request could still be in flight) the ledger is asked once more, so that a
+    /// charge recorded later than that is found and refunded.
+    #[arg(long, env = "LATE_CHARGE_RECHECK", default_value = "5m", value_parser = service_kit::duration::parse)]
+    pub late_charge_recheck: Duration,
     #[command(flatten)]
     pub breaker: BreakerSettings,
     #[command(flatten)]
@@ -138,6 +143,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         gateway: gateway::Gateway::new(client, breaker.clone()),
         in_flight_window: settings.gateway_timeout + IN_FLIGHT_MARGIN,
         wake: wake.clone(),
+        late_recheck: settings.late_charge_recheck,
     });
     let spec = ServiceSpec {
         name: "payment-service",
@@ -154,7 +160,11 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
                 charging::charge_kind(),
                 charging::ChargeJob(payments.clone()),
             )
-            .with(charging::refund_kind(), charging::RefundJob(payments)),
+            .with(
+                charging::refund_kind(),
+                charging::RefundJob(payments.clone()),
+            )
+            .with(charging::late_kind(), charging::LateChargeJob(payments)),
         // Payments are the business record: kept (db_table_rows shows their size).
         pruned: Vec::new(),
         metrics: ServiceMetrics {

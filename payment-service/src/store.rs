@@ -26,6 +26,10 @@ pub struct Record {
     /// Charge requests sent to the processor.
     pub attempts: i32,
     pub refund_requested_at: Option<DateTime<Utc>>,
+    /// A charge the processor made after the payment was voided ([`mark_late_charge`]).
+    pub late_charge_id: Option<Uuid>,
+    /// What came back of that late charge (its amount once it was refunded).
+    pub late_refunded_cents: i64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     /// Seconds a charge request sent may still be in flight (0 or less: none can be).
@@ -51,7 +55,8 @@ impl Record {
 }
 
 const COLUMNS: &str = "payment_id, order_id, customer_id, amount_cents, status, reason, \
-    decline_code, charge_id, refunded_cents, attempts, refund_requested_at, created_at, updated_at, \
+    decline_code, charge_id, refunded_cents, attempts, refund_requested_at, late_charge_id, \
+    late_refunded_cents, created_at, updated_at, \
     EXTRACT(EPOCH FROM charge_in_flight_until - clock_timestamp())::float8 AS in_flight_secs";
 
 /// The order's payment, locked until the transaction ends.
@@ -166,6 +171,41 @@ pub async fn mark_charge_sent(
     )
     .bind(payment_id)
     .bind(window.as_secs_f64())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The processor made `charge_id` for a payment settled without it: it is to be refunded.
+pub async fn mark_late_charge(
+    conn: &mut PgConnection,
+    payment_id: Uuid,
+    charge_id: Uuid,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE payments SET late_charge_id = $2, updated_at = now() WHERE payment_id = $1",
+    )
+    .bind(payment_id)
+    .bind(charge_id)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The late charge `charge_id` was refunded: `cents` came back.
+pub async fn settle_late_charge(
+    conn: &mut PgConnection,
+    payment_id: Uuid,
+    charge_id: Uuid,
+    cents: i64,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE payments SET late_charge_id = $2, late_refunded_cents = $3, updated_at = now() \
+         WHERE payment_id = $1",
+    )
+    .bind(payment_id)
+    .bind(charge_id)
+    .bind(cents)
     .execute(conn)
     .await?;
     Ok(())

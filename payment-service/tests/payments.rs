@@ -15,7 +15,7 @@ use messaging::Envelope;
 use messaging::consumer::Handler;
 use payment_gateway::faults::{Faults, Knobs, Mode};
 use payment_gateway::ledger::{ChargeStatus, DeclineRules, LedgerEntry};
-use payment_service::charging::{self, ChargeJob, Payments, RefundJob};
+use payment_service::charging::{self, ChargeJob, LateChargeJob, Payments, RefundJob};
 use payment_service::consumer::OrderEvents;
 use payment_service::gateway::Gateway;
 use payment_service::store::{self, Record};
@@ -42,16 +42,37 @@ struct Harness {
     knobs: Knobs,
     breaker: Breaker,
     handler: OrderEvents,
+    charges_gate: tokio::sync::watch::Sender<bool>,
     _stop: Trigger,
 }
 
+/// How a test's harness differs from the plain one.
+#[derive(Default)]
+struct Setup {
+    /// Another server to call instead of the stand-in (for hostile answers).
+    gateway: Option<axum::Router>,
+    /// Charge requests reach the stand-in only once the test lets them through
+    /// ([`Harness::release_charges`]), whether or not the client is still waiting then (a
+    /// processor slow to record them).
+    charges_held: bool,
+    /// The client's request timeout, when not [`REQUEST_TIMEOUT`].
+    request_timeout: Option<Duration>,
+    /// How long a charge request is taken to be in flight, when not the request timeout and a
+    /// margin (shorter: a request that outlives its window).
+    in_flight_window: Option<Duration>,
+    /// How long after a void the ledger is asked again for a late charge
+    /// (`--late-charge-recheck`), when not [`LATE_RECHECK`].
+    late_recheck: Option<Duration>,
+}
+
+const LATE_RECHECK: Duration = Duration::from_secs(2);
+
 impl Harness {
     async fn start(name: &str) -> Harness {
-        Harness::with_gateway(name, None).await
+        Harness::with(name, Setup::default()).await
     }
 
-    /// `gateway`: another server to call instead of the stand-in (for hostile answers).
-    async fn with_gateway(name: &str, gateway: Option<axum::Router>) -> Harness {
+    async fn with(name: &str, setup: Setup) -> Harness {
         let payments = service_kit::testing::database(
             &format!("payments_{name}"),
             &[&messaging::MIGRATIONS, &PAYMENT_MIGRATIONS],
@@ -63,7 +84,7 @@ impl Harness {
         )
         .await;
         let knobs = Knobs::default();
-        let app = gateway.unwrap_or_else(|| {
+        let mut app = setup.gateway.unwrap_or_else(|| {
             payment_gateway::http::routes(payment_gateway::http::AppState {
                 pool: ledger.clone(),
                 rules: Arc::new(DeclineRules {
@@ -74,6 +95,13 @@ impl Harness {
                 admin_token: AdminToken::default(),
             })
         });
+        let (gate, _) = tokio::sync::watch::channel(!setup.charges_held);
+        if setup.charges_held {
+            app = app.layer(axum::middleware::from_fn_with_state(
+                gate.subscribe(),
+                hold_charges,
+            ));
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let gateway_url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -92,7 +120,7 @@ impl Harness {
             &gateway_url,
             Timeouts {
                 connect: Duration::from_millis(500),
-                request: REQUEST_TIMEOUT,
+                request: setup.request_timeout.unwrap_or(REQUEST_TIMEOUT),
             },
         )
         .unwrap();
@@ -100,12 +128,16 @@ impl Harness {
         let wake = runner.wake();
         let shared = Arc::new(Payments {
             gateway: Gateway::new(client, breaker.clone()),
-            in_flight_window: REQUEST_TIMEOUT + Duration::from_millis(500),
+            in_flight_window: setup
+                .in_flight_window
+                .unwrap_or(REQUEST_TIMEOUT + Duration::from_millis(500)),
             wake: wake.clone(),
+            late_recheck: setup.late_recheck.unwrap_or(LATE_RECHECK),
         });
         let runner = runner
             .with(charging::charge_kind(), ChargeJob(shared.clone()))
-            .with(charging::refund_kind(), RefundJob(shared));
+            .with(charging::refund_kind(), RefundJob(shared.clone()))
+            .with(charging::late_kind(), LateChargeJob(shared));
         let (stop, shutdown) = Shutdown::new();
         tokio::spawn(runner.run(payments.clone(), shutdown));
         Harness {
@@ -114,8 +146,14 @@ impl Harness {
             knobs,
             breaker,
             handler: OrderEvents { wake },
+            charges_gate: gate,
             _stop: stop,
         }
+    }
+
+    /// Lets the held charge requests through to the processor ([`Setup::charges_held`]).
+    fn release_charges(&self) {
+        self.charges_gate.send_replace(true);
     }
 
     /// Applies `event` as the consumer runtime does: in a transaction, then what the handler
@@ -236,6 +274,32 @@ impl Harness {
             error_rate: 0.0,
         });
     }
+}
+
+/// Holds each `POST /charges` until `gate` opens before the processor sees it, in a task of its
+/// own, so that it is recorded even when the client has given up meanwhile.
+async fn hold_charges(
+    axum::extract::State(mut gate): axum::extract::State<tokio::sync::watch::Receiver<bool>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if request.method() != axum::http::Method::POST || request.uri().path() != "/charges" {
+        return next.run(request).await;
+    }
+    // The body is read first: once the client gives up, its connection cannot be read.
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .expect("a charge's body");
+    let request = axum::extract::Request::from_parts(parts, axum::body::Body::from(body));
+    tokio::spawn(async move {
+        gate.wait_for(|open| *open)
+            .await
+            .expect("the harness's gate");
+        next.run(request).await
+    })
+    .await
+    .expect("the held charge's task")
 }
 
 fn awaiting(order_id: Uuid, customer_id: Uuid, amount_cents: i64) -> Event {
@@ -484,6 +548,79 @@ async fn a_charge_whose_answer_never_came_is_found_in_the_ledger_and_refunded() 
     }
 }
 
+/// A charge that reaches the processor after its payment was voided, two ways: recorded there
+/// after the client gave up and after the ledger showed nothing (found by the recheck of the
+/// ledger that follows the void), and answered after an in-flight window too short for it (found
+/// by its own answer: the recheck is an hour away). Either way the late charge is refunded in
+/// full, the payment stays VOIDED with its order answered "nothing charged", and the processor
+/// keeps nothing.
+#[tokio::test]
+async fn a_charge_that_reaches_the_processor_after_its_payment_was_voided_is_refunded() {
+    let recorded_late = Harness::with(
+        "late_recorded",
+        Setup {
+            charges_held: true,
+            late_recheck: Some(Duration::from_secs(5)),
+            ..Setup::default()
+        },
+    )
+    .await;
+    let answered_late = Harness::with(
+        "late_answered",
+        Setup {
+            charges_held: true,
+            request_timeout: Some(Duration::from_secs(20)),
+            in_flight_window: Some(Duration::from_millis(50)),
+            late_recheck: Some(Duration::from_secs(3600)),
+            ..Setup::default()
+        },
+    )
+    .await;
+    for h in [recorded_late, answered_late] {
+        let order_id = Uuid::now_v7();
+        h.deliver(awaiting(order_id, Uuid::now_v7(), 3_300))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while h.payment_of(order_id).await.unwrap().attempts == 0 {
+            assert!(Instant::now() < deadline, "the charge was not sent");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        h.deliver(refund_requested(order_id, 3_300)).await.unwrap();
+        // Voided while the charge is held: the ledger showed nothing. Then the charge lands.
+        let payment = h.settled(order_id, "VOIDED").await;
+        h.release_charges();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let payment = loop {
+            let now = h.payment_of(order_id).await.unwrap();
+            if now.late_refunded_cents > 0 && h.jobs_of(payment.payment_id).await == (0, 0) {
+                break now;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the late charge was not refunded: {now:?}, jobs {:?}, ledger {:?}",
+                h.jobs_of(payment.payment_id).await,
+                h.ledger_of(payment.payment_id).await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(payment.status, "VOIDED", "{payment:?}");
+        assert_eq!(payment.late_refunded_cents, 3_300);
+        let ledger = h.ledger_of(payment.payment_id).await;
+        assert_eq!(ledger.len(), 1, "charged once: {ledger:?}");
+        assert_eq!(payment.late_charge_id, Some(ledger[0].charge.charge_id));
+        assert_eq!(ledger[0].refunds.len(), 1, "refunded once: {ledger:?}");
+        assert_eq!(h.net_cents(payment.payment_id).await, 0, "nothing kept");
+        match h.events_of(order_id).await.as_slice() {
+            [Event::PaymentRefunded(r)] => assert_eq!(r.refunded_cents, 0),
+            other => panic!(
+                "expected PaymentRefunded of 0 only: {:?}",
+                event_types(other)
+            ),
+        }
+    }
+}
+
 /// A processor in error (503 with Retry-After) delays payments; it never declines or drops
 /// them, and they are charged once it is back.
 #[tokio::test]
@@ -527,7 +664,14 @@ async fn an_answer_that_contradicts_the_request_is_not_a_success() {
             }))
         }),
     );
-    let h = Harness::with_gateway("liar", Some(liar)).await;
+    let h = Harness::with(
+        "liar",
+        Setup {
+            gateway: Some(liar),
+            ..Setup::default()
+        },
+    )
+    .await;
     let order_id = Uuid::now_v7();
     h.deliver(awaiting(order_id, Uuid::now_v7(), 500))
         .await

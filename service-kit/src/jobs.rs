@@ -65,6 +65,29 @@ pub async fn enqueue(
     Ok(inserted == 1)
 }
 
+/// Makes a queued job of this kind and key due within `delay` if it was due later (work that
+/// became urgent). A job a runner holds now is left alone: it is running. Returns whether one
+/// was moved.
+pub async fn due_within(
+    conn: &mut PgConnection,
+    kind: &str,
+    key: &str,
+    delay: Duration,
+) -> sqlx::Result<bool> {
+    let moved = sqlx::query(
+        "UPDATE jobs SET run_at = now() + make_interval(secs => $3) \
+         WHERE kind = $1 AND key = $2 AND failed_at IS NULL AND claim IS NULL \
+             AND run_at > now() + make_interval(secs => $3)",
+    )
+    .bind(kind)
+    .bind(key)
+    .bind(delay.as_secs_f64())
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(moved > 0)
+}
+
 /// Takes a queued job of this kind and key off the queue in the caller's transaction (its work
 /// is no longer needed: the step it times out has ended). A job given up on stays as the record.
 /// Returns whether one was queued.

@@ -882,6 +882,9 @@ impl Stack {
                 }
                 if process == Process::PaymentService {
                     args.extend(["--gateway-url".to_owned(), self.gateway_url.clone()]);
+                    // A void's recheck of the ledger within a test's time (every payment job
+                    // ends soon after its order does).
+                    args.extend(["--late-charge-recheck".to_owned(), "3s".to_owned()]);
                 }
                 args
             }
@@ -1512,6 +1515,18 @@ impl Stack {
                 "--payments-db".to_owned(),
                 db_url(&self.pg, &self.payments_db),
             ])
+            // The stack's processor, unless `args` name another; without the payment processes
+            // there is no ledger to read.
+            .args(match () {
+                _ if args
+                    .iter()
+                    .any(|a| *a == "--gateway-url" || *a == "--skip-ledger") =>
+                {
+                    vec![]
+                }
+                _ if self.options.payments => vec!["--gateway-url", self.gateway_url.as_str()],
+                _ => vec!["--skip-ledger"],
+            })
             .args(args)
             .env_remove("KAFKA_CONFIG")
             .stdin(Stdio::null())

@@ -1,6 +1,7 @@
 //! `saga audit` against a real stack: silent on a healthy one, and naming what is wrong when
-//! records were not applied, stock does not add up or an order is stuck; an error, never
-//! "0 findings", when it cannot read a database or the broker.
+//! records were not applied, stock does not add up, an order is stuck or the processor charged a
+//! payment twice; an error, never "0 findings", when it cannot read a database, the broker or
+//! the processor's ledger.
 
 use std::time::Duration;
 
@@ -58,6 +59,10 @@ mod own_stack {
             "{report}"
         );
         assert_eq!(report["dead_letters"]["inventory-service"], 0);
+        assert!(
+            report["read"]["ledger_charges"].as_u64().unwrap() >= 2,
+            "the processor's ledger is read: {report}"
+        );
 
         // Broken on purpose: an applied OrderPlaced loses its inbox row, a unit of stock moves from
         // available to reserved behind the reservations' back, and an order is stuck PENDING.
@@ -82,13 +87,46 @@ mod own_stack {
             .await
             .unwrap();
 
+        // And the confirmed order's payment is charged a second time at the processor, under
+        // another key (what a client without idempotency keys would do).
+        let payment = stack.payment_of(confirmed).await;
+        let again = stack
+            .http
+            .post(format!("{}/charges", stack.gateway_url))
+            .header("idempotency-key", "charged-again")
+            .json(&serde_json::json!({
+                "payment_id": payment["payment_id"],
+                "customer_id": payment["customer_id"],
+                "amount_cents": payment["amount_cents"],
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status(), 200);
+
         let (status, report, stderr) = stack.audit("0s", &[]);
         assert_eq!(status, 1, "findings give exit status 1: {report} {stderr}");
         assert_eq!(report["ok"], false);
         assert_eq!(
             kinds(&report),
-            ["not_terminal", "stock", "unapplied"],
+            ["ledger", "not_terminal", "stock", "unapplied"],
             "{report}"
+        );
+        let ledger: Vec<&Value> = report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["kind"] == "ledger")
+            .collect();
+        assert_eq!(
+            ledger.len(),
+            2,
+            "charged twice, and twice its total kept: {ledger:?}"
+        );
+        assert!(
+            ledger.iter().all(|f| f["order_id"] == confirmed.to_string()
+                && f["payment_id"] == payment["payment_id"]),
+            "{ledger:?}"
         );
         let findings = report["findings"].as_array().unwrap();
         assert!(
@@ -105,9 +143,18 @@ mod own_stack {
         );
 
         // A grace period longer than the records' age hides what may still be in flight, but not
-        // the order stuck for an hour or the stock.
+        // the order stuck for an hour, the stock, or a payment charged twice.
         let (_, report, _) = stack.audit("10m", &[]);
+        assert_eq!(
+            kinds(&report),
+            ["ledger", "not_terminal", "stock"],
+            "{report}"
+        );
+
+        // Without the ledger, the double charge goes unseen, and the report says so.
+        let (_, report, _) = stack.audit("10m", &["--skip-ledger"]);
         assert_eq!(kinds(&report), ["not_terminal", "stock"], "{report}");
+        assert_eq!(report["read"]["ledger"], "not checked (--skip-ledger)");
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -123,6 +170,10 @@ mod own_stack {
             let output = std::process::Command::new(e2e::binary("saga"))
                 .args(["-b", bootstrap, "audit", "--json"])
                 .args(["--orders-db", orders_db, "--inventory-db", inventory_db])
+                // The stack's own payments database and processor: what is unreachable is only
+                // what each case names.
+                .args(["--payments-db", &here(&stack.payments_db)])
+                .args(["--gateway-url", &stack.gateway_url])
                 .output()
                 .unwrap();
             (
@@ -163,6 +214,24 @@ mod own_stack {
         assert!(stdout.is_empty());
         assert!(
             stderr.contains(&format!("from the Kafka broker at 127.0.0.1:{closed}")),
+            "{stderr}"
+        );
+
+        // The processor's ledger, where nothing answers.
+        let (status, report, stderr) = stack.audit(
+            "2m",
+            &["--gateway-url", &format!("http://127.0.0.1:{closed}")],
+        );
+        assert_eq!(status, 2, "{stderr}");
+        assert_eq!(
+            report,
+            serde_json::Value::Null,
+            "no report on data it could not read"
+        );
+        assert!(
+            stderr.contains(&format!(
+                "cannot read the processor's ledger at http://127.0.0.1:{closed}"
+            )),
             "{stderr}"
         );
     }

@@ -46,6 +46,28 @@ pub struct PaymentRow {
     pub refunded_cents: i64,
 }
 
+/// A charge in the processor's ledger, with what its refunds returned.
+#[derive(Debug, Clone)]
+pub struct LedgerCharge {
+    pub charge_id: Uuid,
+    pub payment_id: Uuid,
+    pub amount_cents: i64,
+    pub succeeded: bool,
+    pub refunded_cents: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+impl LedgerCharge {
+    /// What the processor kept of it.
+    fn kept(&self) -> i64 {
+        if self.succeeded {
+            self.amount_cents - self.refunded_cents
+        } else {
+            0
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ReservationRow {
     pub order_id: Uuid,
@@ -110,6 +132,14 @@ pub enum Finding {
     /// A terminal order whose payment disagrees with it: a confirmed order not paid its total
     /// once, a cancelled or rejected order whose money was kept, a charge for no order.
     Money { order_id: Uuid, problem: String },
+    /// The processor's ledger disagrees with the orders: a payment charged more than once, a
+    /// terminal order for which the processor kept other than its total (CONFIRMED) or nothing
+    /// (CANCELLED, REJECTED), money kept for a payment payment-service does not know.
+    Ledger {
+        payment_id: Uuid,
+        order_id: Option<Uuid>,
+        problem: String,
+    },
     /// An outbox row older than the threshold: the relay is not publishing it.
     OldOutbox {
         source: String,
@@ -180,6 +210,19 @@ impl std::fmt::Display for Finding {
             Finding::Money { order_id, problem } => {
                 write!(f, "money: order {order_id}: {problem}")
             }
+            Finding::Ledger {
+                payment_id,
+                order_id: Some(order_id),
+                problem,
+            } => write!(
+                f,
+                "ledger: order {order_id}, payment {payment_id}: {problem}"
+            ),
+            Finding::Ledger {
+                payment_id,
+                order_id: None,
+                problem,
+            } => write!(f, "ledger: payment {payment_id}: {problem}"),
             Finding::OldOutbox {
                 source,
                 message_id,
@@ -342,6 +385,97 @@ pub fn payments(
                 ),
             }),
     );
+    findings
+}
+
+/// The money promise against the processor's ledger: no payment charged twice; for every
+/// terminal order not updated since `cutoff`, what the processor kept of its payment's charges
+/// (charged − refunded) is its total when CONFIRMED and nothing when CANCELLED or REJECTED;
+/// no money kept for a payment payment-service does not know (charges older than `cutoff`).
+pub fn ledger(
+    orders: &[OrderRow],
+    payments: &[PaymentRow],
+    charges: &[LedgerCharge],
+    cutoff: DateTime<Utc>,
+) -> Vec<Finding> {
+    let mut by_payment: HashMap<Uuid, Vec<&LedgerCharge>> = HashMap::new();
+    for charge in charges {
+        by_payment
+            .entry(charge.payment_id)
+            .or_default()
+            .push(charge);
+    }
+    let order_of: HashMap<Uuid, Uuid> = payments
+        .iter()
+        .map(|p| (p.payment_id, p.order_id))
+        .collect();
+    let mut findings = Vec::new();
+    let finding = |payment_id: Uuid, problem: String| Finding::Ledger {
+        payment_id,
+        order_id: order_of.get(&payment_id).copied(),
+        problem,
+    };
+    let mut twice: Vec<(&Uuid, &Vec<&LedgerCharge>)> = by_payment
+        .iter()
+        .filter(|(_, c)| c.iter().filter(|c| c.succeeded).count() > 1)
+        .collect();
+    twice.sort_by_key(|(id, _)| **id);
+    for (payment_id, charges) in twice {
+        let ids: Vec<String> = charges
+            .iter()
+            .filter(|c| c.succeeded)
+            .map(|c| format!("{} ({} cents)", c.charge_id, c.amount_cents))
+            .collect();
+        findings.push(finding(
+            *payment_id,
+            format!(
+                "charged more than once by the processor: {}",
+                ids.join(", ")
+            ),
+        ));
+    }
+    let payment_of: HashMap<Uuid, Uuid> = payments
+        .iter()
+        .map(|p| (p.order_id, p.payment_id))
+        .collect();
+    let kept = |payment_id: &Uuid| -> i64 {
+        by_payment
+            .get(payment_id)
+            .map_or(0, |c| c.iter().map(|c| c.kept()).sum())
+    };
+    for order in orders.iter().filter(|o| o.updated_at < cutoff) {
+        let Some(payment_id) = payment_of.get(&order.order_id) else {
+            continue;
+        };
+        let expected = match (order.status.as_str(), order.total_cents) {
+            ("CONFIRMED", Some(total)) => total,
+            ("CANCELLED" | "REJECTED", _) => 0,
+            _ => continue,
+        };
+        let kept = kept(payment_id);
+        if kept != expected {
+            findings.push(finding(
+                *payment_id,
+                format!(
+                    "the order is {} for {:?} cents, but the processor kept {kept} cents of its charges (expected {expected})",
+                    order.status, order.total_cents
+                ),
+            ));
+        }
+    }
+    let mut unknown: Vec<(&Uuid, i64)> = by_payment
+        .iter()
+        .filter(|(id, c)| !order_of.contains_key(id) && c.iter().all(|c| c.created_at < cutoff))
+        .map(|(id, _)| (id, kept(id)))
+        .filter(|(_, kept)| *kept != 0)
+        .collect();
+    unknown.sort();
+    for (payment_id, kept) in unknown {
+        findings.push(finding(
+            *payment_id,
+            format!("the processor kept {kept} cents for a payment payment-service does not know"),
+        ));
+    }
     findings
 }
 
@@ -705,6 +839,85 @@ mod tests {
             1,
             "within the grace period only the charge for no order counts"
         );
+    }
+
+    fn charge(payment: u128, n: u128, amount_cents: i64, refunded_cents: i64) -> LedgerCharge {
+        LedgerCharge {
+            charge_id: Uuid::from_u128(5000 + payment * 10 + n),
+            payment_id: Uuid::from_u128(1000 + payment),
+            amount_cents,
+            succeeded: true,
+            refunded_cents,
+            created_at: DateTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn the_processor_keeps_the_confirmed_totals_and_charges_each_payment_once() {
+        let orders_ = [
+            paid_order(1, "CONFIRMED", 500),
+            paid_order(2, "CONFIRMED", 500),
+            paid_order(3, "CANCELLED", 500),
+            paid_order(4, "CANCELLED", 500),
+            paid_order(5, "CANCELLED", 500),
+            paid_order(6, "CONFIRMED", 500),
+            paid_order(7, "AWAITING_PAYMENT", 500),
+            paid_order(8, "CANCELLED", 500),
+        ];
+        let payments_: Vec<PaymentRow> = (1..=8).map(|n| payment(n, "CONFIRMED", 500, 0)).collect();
+        let declined = LedgerCharge {
+            succeeded: false,
+            ..charge(8, 1, 500, 0)
+        };
+        let charges = [
+            charge(1, 1, 500, 0),
+            // 2: never charged.
+            charge(3, 1, 500, 500),
+            // 4: a late charge nobody refunded.
+            charge(4, 1, 500, 0),
+            // 5: refunded in part.
+            charge(5, 1, 500, 200),
+            // 6: charged twice, one refunded: the total kept, but charged twice.
+            charge(6, 1, 500, 0),
+            charge(6, 2, 500, 500),
+            // 7: in flight, not terminal: not checked.
+            charge(7, 1, 500, 0),
+            declined,
+            // A payment payment-service does not know.
+            charge(9, 1, 300, 0),
+            charge(10, 1, 300, 300),
+        ];
+        let found: Vec<(u128, Option<u128>)> = ledger(&orders_, &payments_, &charges, Utc::now())
+            .iter()
+            .map(|f| match f {
+                Finding::Ledger {
+                    payment_id,
+                    order_id,
+                    ..
+                } => (payment_id.as_u128() - 1000, order_id.map(|o| o.as_u128())),
+                other => panic!("{other}"),
+            })
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (6, Some(6)),
+                (2, Some(2)),
+                (4, Some(4)),
+                (5, Some(5)),
+                (9, None)
+            ]
+        );
+        let recent: Vec<String> = ledger(&orders_, &payments_, &charges, DateTime::UNIX_EPOCH)
+            .iter()
+            .map(|f| f.to_string())
+            .collect();
+        assert_eq!(
+            recent.len(),
+            1,
+            "within the grace period only the double charge: {recent:?}"
+        );
+        assert!(recent[0].contains("charged more than once"), "{recent:?}");
     }
 
     fn reservation(id: u128, status: &str, lines: &[(&str, i64)]) -> ReservationRow {

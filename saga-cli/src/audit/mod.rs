@@ -10,6 +10,9 @@
 //! - an order whose OrderPlaced inventory applied without exactly one answer caused by it on
 //!   inventory.v1 (StockReserved or StockReservationRejected), or with a release before its
 //!   StockReserved;
+//! - the money: every terminal order's payment against the order (a CONFIRMED order paid its
+//!   total once, a cancelled one kept nothing), and the processor's ledger against both (what it
+//!   kept of each payment's charges, no payment charged twice);
 //! - outbox rows older than a threshold.
 //!
 //! What it cannot read is an error (exit status 2) naming what it could not reach: it never
@@ -31,7 +34,10 @@ use sqlx::types::Json;
 use sqlx::{ConnectOptions, Connection, PgConnection};
 use uuid::Uuid;
 
-use checks::{DeadLetter, Finding, OrderRow, PaymentRow, ProductRow, ReservationRow, TopicRecord};
+use checks::{
+    DeadLetter, Finding, LedgerCharge, OrderRow, PaymentRow, ProductRow, ReservationRow,
+    TopicRecord,
+};
 use messaging::delivery::Delivery;
 use messaging::kafka::KafkaSettings;
 use messaging::reader::{self, End};
@@ -74,6 +80,14 @@ pub struct AuditArgs {
         default_value = "postgres://postgres@127.0.0.1:5432/payments"
     )]
     payments_db: String,
+    /// The processor whose ledger (`GET /ledger`, paged) is reconciled against the orders and
+    /// payments: the stand-in payment-gateway's API.
+    #[arg(long, env = "GATEWAY_URL", default_value = "http://127.0.0.1:8084")]
+    gateway_url: String,
+    /// Do not read the processor's ledger (a real processor without the stand-in's ledger API:
+    /// reconcile with its own reports). The report says the ledger was not checked.
+    #[arg(long)]
+    skip_ledger: bool,
     /// How long a record or an order may still be in flight: records newer than this are not
     /// required to be applied, orders updated more recently are not required to be terminal or
     /// agree with their reservation. Make it longer than the retry schedule (`ms`, `s`, `m`).
@@ -201,6 +215,20 @@ pub async fn run(kafka: &KafkaSettings, args: &AuditArgs) -> anyhow::Result<i32>
         .findings
         .extend(checks::payments(&orders, &payments, cutoff));
     report.read.insert("payments".into(), json!(payments.len()));
+    if args.skip_ledger {
+        report
+            .read
+            .insert("ledger".into(), json!("not checked (--skip-ledger)"));
+    } else {
+        // Read after the payments: a charge is always made after its payment.
+        let charges = ledger(&args.gateway_url).await?;
+        report
+            .findings
+            .extend(checks::ledger(&orders, &payments, &charges, cutoff));
+        report
+            .read
+            .insert("ledger_charges".into(), json!(charges.len()));
+    }
     let (products, reservations) = inventory_snapshot(&mut inventory_db).await?;
     report
         .findings
@@ -281,6 +309,59 @@ async fn connect(name: &str, url: &str) -> anyhow::Result<PgConnection> {
         }
         Err(_) => Err(anyhow!("no answer within 10 s"))
             .context(format!("cannot reach the {name} database at {place}")),
+    }
+}
+
+/// Every charge of the processor's ledger, read in pages.
+async fn ledger(gateway_url: &str) -> anyhow::Result<Vec<LedgerCharge>> {
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        charge_id: Uuid,
+        payment_id: Uuid,
+        amount_cents: i64,
+        status: String,
+        refunded_cents: i64,
+        created_at: chrono::DateTime<Utc>,
+    }
+    const PAGE: usize = 1000;
+    let timeouts = service_kit::outbound::Timeouts {
+        connect: Duration::from_secs(5),
+        request: Duration::from_secs(30),
+    };
+    let client = service_kit::outbound::Client::new("payment-gateway", gateway_url, timeouts)?;
+    let mut charges: Vec<LedgerCharge> = Vec::new();
+    loop {
+        let after = charges
+            .last()
+            .map_or(String::new(), |c| format!("&after={}", c.charge_id));
+        let page: Vec<Entry> = client
+            .get("/ledger", &format!("/ledger?limit={PAGE}{after}"))
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot read the processor's ledger at {}",
+                    client.shown_url()
+                )
+            })?;
+        let full = page.len() == PAGE;
+        for entry in page {
+            anyhow::ensure!(
+                charges.last().is_none_or(|c| c.charge_id < entry.charge_id),
+                "the processor's ledger at {} answered charges out of order",
+                client.shown_url()
+            );
+            charges.push(LedgerCharge {
+                charge_id: entry.charge_id,
+                payment_id: entry.payment_id,
+                amount_cents: entry.amount_cents,
+                succeeded: entry.status == "succeeded",
+                refunded_cents: entry.refunded_cents,
+                created_at: entry.created_at,
+            });
+        }
+        if !full {
+            return Ok(charges);
+        }
     }
 }
 

@@ -207,7 +207,15 @@ async fn main() -> anyhow::Result<()> {
             watched.add(&name, pid);
         }
         watched
-            .add_postgres_backends(&admin, &[&stack.orders_db, &stack.inventory_db])
+            .add_postgres_backends(
+                &admin,
+                &[
+                    &stack.orders_db,
+                    &stack.inventory_db,
+                    &stack.payments_db,
+                    &stack.gateway_db,
+                ],
+            )
             .await;
         watched.add_postgres_server(&admin).await;
         watched
