@@ -323,7 +323,9 @@ async fn ledger(gateway_url: &str) -> anyhow::Result<Vec<LedgerCharge>> {
         refunded_cents: i64,
         created_at: chrono::DateTime<Utc>,
     }
-    const PAGE: usize = 1000;
+    // A charge with its refund is about 450 bytes of JSON: a page of 100 stays well inside the
+    // outbound client's cap on an answer (service_kit::outbound::MAX_ANSWER_BYTES, 64 KiB).
+    const PAGE: usize = 100;
     let timeouts = service_kit::outbound::Timeouts {
         connect: Duration::from_secs(5),
         request: Duration::from_secs(30),
