@@ -181,28 +181,10 @@ impl JobHandler for RefundJob {
 
 impl JobHandler for LateChargeJob {
     async fn run(&self, pool: &PgPool, job: &Job) -> Result<Completed, JobError> {
-        let (payment_id, origin) = of_job(job)?;
-        let span = tracing::info_span!("payment job", otel.name = %format!("{} {payment_id}", job.kind),
-            payment_id = %payment_id, attempt = job.attempt, trace_id = tracing::field::Empty);
-        service_kit::trace_context::continue_from(&span, origin.traceparent.as_deref());
-        let work = Work {
-            pool,
-            job,
-            payment_id,
-            origin,
-            span: span.clone(),
-        };
+        let work = Work::of(pool, job)?;
+        let span = work.span.clone();
         self.0.late_charge(&work).instrument(span).await
     }
-}
-
-/// The payment a job is about, and where its work came from.
-fn of_job(job: &Job) -> Result<(Uuid, Origin), JobError> {
-    let payment_id = Uuid::parse_str(&job.key)
-        .map_err(|e| permanent(format!("the job's key is not a payment id: {e}")))?;
-    // A payload that does not read (an older version's) only loses the trace link.
-    let origin: Origin = serde_json::from_value(job.payload.clone()).unwrap_or_default();
-    Ok((payment_id, origin))
 }
 
 /// The job, its payment and its origin, as one step sees them.
@@ -214,7 +196,26 @@ struct Work<'a> {
     span: tracing::Span,
 }
 
-impl Work<'_> {
+impl<'a> Work<'a> {
+    /// The job's payment (its key), its origin (its payload) and its span, a child of the
+    /// origin's trace.
+    fn of(pool: &'a PgPool, job: &'a Job) -> Result<Work<'a>, JobError> {
+        let payment_id = Uuid::parse_str(&job.key)
+            .map_err(|e| permanent(format!("the job's key is not a payment id: {e}")))?;
+        // A payload that does not read (an older version's) only loses the trace link.
+        let origin: Origin = serde_json::from_value(job.payload.clone()).unwrap_or_default();
+        let span = tracing::info_span!("payment job", otel.name = %format!("{} {payment_id}", job.kind),
+            payment_id = %payment_id, attempt = job.attempt, trace_id = tracing::field::Empty);
+        service_kit::trace_context::continue_from(&span, origin.traceparent.as_deref());
+        Ok(Work {
+            pool,
+            job,
+            payment_id,
+            origin,
+            span,
+        })
+    }
+
     /// The cause of an event this job writes.
     fn cause(&self) -> Cause {
         Cause {
@@ -275,17 +276,8 @@ enum Flow {
 
 impl Payments {
     async fn work(&self, pool: &PgPool, job: &Job, role: Role) -> Result<Completed, JobError> {
-        let (payment_id, origin) = of_job(job)?;
-        let span = tracing::info_span!("payment job", otel.name = %format!("{} {payment_id}", job.kind),
-            payment_id = %payment_id, attempt = job.attempt, trace_id = tracing::field::Empty);
-        service_kit::trace_context::continue_from(&span, origin.traceparent.as_deref());
-        let work = Work {
-            pool,
-            job,
-            payment_id,
-            origin,
-            span: span.clone(),
-        };
+        let work = Work::of(pool, job)?;
+        let span = work.span.clone();
         self.steps(&work, role).instrument(span).await
     }
 
