@@ -1517,16 +1517,18 @@ impl Stack {
             ])
             // The stack's processor, unless `args` name another; without the payment processes
             // there is no ledger to read.
-            .args(match () {
-                _ if args
+            .args(
+                if args
                     .iter()
-                    .any(|a| *a == "--gateway-url" || *a == "--skip-ledger") =>
+                    .any(|a| *a == "--gateway-url" || *a == "--skip-ledger")
                 {
                     vec![]
-                }
-                _ if self.options.payments => vec!["--gateway-url", self.gateway_url.as_str()],
-                _ => vec!["--skip-ledger"],
-            })
+                } else if self.options.payments {
+                    vec!["--gateway-url", self.gateway_url.as_str()]
+                } else {
+                    vec!["--skip-ledger"]
+                },
+            )
             .args(args)
             .env_remove("KAFKA_CONFIG")
             .stdin(Stdio::null())

@@ -352,11 +352,33 @@ async fn ledger(gateway_url: &str) -> anyhow::Result<Vec<LedgerCharge>> {
                 "the processor's ledger at {} answered charges out of order",
                 client.shown_url()
             );
+            // What the ledger says is checked, not trusted: a status it cannot have or refunds
+            // outside the charge would make the sums wrong in silence.
+            let succeeded = match entry.status.as_str() {
+                "succeeded" => true,
+                "declined" => false,
+                other => anyhow::bail!(
+                    "the processor's ledger at {} gives charge {} the unknown status {:?}",
+                    client.shown_url(),
+                    entry.charge_id,
+                    schemas::limits::truncate_chars(other, 32)
+                ),
+            };
+            anyhow::ensure!(
+                entry.amount_cents > 0
+                    && (0..=entry.amount_cents).contains(&entry.refunded_cents)
+                    && (succeeded || entry.refunded_cents == 0),
+                "the processor's ledger at {} gives charge {} {} cents charged and {} refunded",
+                client.shown_url(),
+                entry.charge_id,
+                entry.amount_cents,
+                entry.refunded_cents
+            );
             charges.push(LedgerCharge {
                 charge_id: entry.charge_id,
                 payment_id: entry.payment_id,
                 amount_cents: entry.amount_cents,
-                succeeded: entry.status == "succeeded",
+                succeeded,
                 refunded_cents: entry.refunded_cents,
                 created_at: entry.created_at,
             });
