@@ -56,9 +56,10 @@ else
     if ! running broker && ! running order-service && ! running inventory-service && ! running payment-service; then
         # The broker keeps its topics in memory, so it starts empty: so do the databases, or their
         # orders would refer to events no topic holds any more (and `saga audit` would say so).
-        # The processor's ledger (gateway) is kept: it is the processor's, not the saga's.
-        say "starting from empty databases orders, inventory and payments (the in-memory broker starts empty too)"
-        for db in orders inventory payments; do
+        # The stand-in processor's ledger (gateway) goes too: `saga audit` reconciles it with the
+        # payments, and charges for payments no database holds any more would be findings.
+        say "starting from empty databases orders, inventory, payments and gateway (the in-memory broker starts empty too)"
+        for db in orders inventory payments gateway; do
             psql -q "$PG_URL/postgres" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null
         done
     fi
