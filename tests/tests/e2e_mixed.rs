@@ -55,14 +55,17 @@ mod own_stack {
         let mut stack = Stack::start_with(
             "mixed",
             StackOptions {
-                saga_deadline: Some("1500ms".into()),
+                // Long enough that a machine busy with other tests still reserves within it (with
+                // 1.5 s, a loaded run once saw every order past the first 22 cancelled by it,
+                // none rejected); inventory-service stays down longer than it.
+                saga_deadline: Some("5s".into()),
                 ..StackOptions::default()
             },
         )
         .await;
         stack.put_product("A", 100, STOCK).await;
         // One saga through first (on a sku of its own), so that every consumer has joined its
-        // group before the 1.5 s deadline starts to count: otherwise a slow start cancels every
+        // group before the 5 s deadline starts to count: otherwise a slow start cancels every
         // order and the run is not mixed.
         // The warm-up orders count in the saga metrics: one confirmed, the others cancelled by
         // the deadline.
@@ -77,16 +80,16 @@ mod own_stack {
             if status[&id] == "CONFIRMED" {
                 break;
             }
-            assert!(warm_ups < 20, "no saga completes within the 1.5 s deadline");
+            assert!(warm_ups < 20, "no saga completes within the 5 s deadline");
         }
         let warm_up_cancelled = warm_ups - 1;
 
         // Half the orders, then inventory-service crashes; the other half (and their cancels) arrive
-        // while it is down, long enough for the 1.5 s deadline to cancel those left PENDING.
+        // while it is down, long enough (6 s) for the 5 s deadline to cancel those left PENDING.
         let mut placed = place(&stack, 0..ORDERS / 2).await;
         stack.kill(Process::InventoryService);
         placed.extend(place(&stack, ORDERS / 2..ORDERS).await);
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(Duration::from_secs(6)).await;
         stack.start_process(Process::InventoryService).await;
         let ids: Vec<Uuid> = placed.iter().map(|(id, _)| *id).collect();
 
