@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fuzzes the services' HTTP APIs (orders, inventory, payments) from their own /openapi.json with schemathesis (PyPI, pinned,
+# Fuzzes the services' HTTP APIs (orders, inventory, payments, the saga monitor) from their own /openapi.json with schemathesis (PyPI, pinned,
 # installed once in a venv under ~/.cache/order-saga) against the running local stack
 # (scripts/run.sh's; started here if none runs). Passes when no response is a 5xx other than 503,
 # no process exited, and `saga audit` then finds nothing. Prints how many requests each service
@@ -39,7 +39,7 @@ answered() {
 
 status=0
 for service in order-service=http://127.0.0.1:8080 inventory-service=http://127.0.0.1:8081 \
-    payment-service=http://127.0.0.1:8083; do
+    payment-service=http://127.0.0.1:8083 saga-monitor=http://127.0.0.1:8085; do
     name="${service%%=*}"
     url="${service#*=}"
     before=$(answered "$url")
@@ -65,7 +65,7 @@ for service in order-service=http://127.0.0.1:8080 inventory-service=http://127.
 done
 
 for url in http://127.0.0.1:8080 http://127.0.0.1:8081 http://127.0.0.1:8082 http://127.0.0.1:8083 \
-    http://127.0.0.1:8084; do
+    http://127.0.0.1:8084 http://127.0.0.1:8085; do
     if ! curl -fsS "$url/readyz" >/dev/null; then
         say "$url is not ready after the fuzzing"
         status=1

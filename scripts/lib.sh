@@ -131,6 +131,13 @@ ensure_tls_tools() {  # socat (a TLS-terminating proxy in front of the broker) a
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends socat openssl >/dev/null
 }
 
+ensure_chromium() {  # Debian's Chromium and ChromeDriver: the monitor's pages are tested in a real browser
+    command -v chromium >/dev/null && command -v chromedriver >/dev/null && return
+    say "installing chromium and chromium-driver (Debian's packages; the browser tests of the monitor's pages use them)"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+}
+
 ensure_cargo_deny() {  # cargo-deny, built from crates.io once (about 2.5 minutes on 2 cores)
     cargo deny --version >/dev/null 2>&1 && return
     say "installing cargo-deny from crates.io (once; about 2.5 minutes)"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole system locally in the background: Postgres (installed and started if needed), the
 # Tansu broker on 127.0.0.1:9092, order-service (:8080), inventory-service (:8081), payment-service
-# (:8083), the stand-in card processor payment-gateway (:8084) and outbox-relay (metrics on :8082).
-# Seeds a few products. Logs and pids go to .run/. Stop it with scripts/stop.sh.
+# (:8083), the stand-in card processor payment-gateway (:8084), outbox-relay (metrics on :8082) and
+# saga-monitor (:8085, pages at /ui). Seeds a few products. Logs and pids go to .run/. Stop it with scripts/stop.sh.
 # Release builds (the first build takes about 10 minutes on 2 cores); SAGA_PROFILE=debug runs the
 # debug builds instead (quicker to build, several times slower under load: scripts/test.sh uses them).
 set -euo pipefail
@@ -57,9 +57,10 @@ else
         # The broker keeps its topics in memory, so it starts empty: so do the databases, or their
         # orders would refer to events no topic holds any more (and `saga audit` would say so).
         # The stand-in processor's ledger (gateway) goes too: `saga audit` reconciles it with the
-        # payments, and charges for payments no database holds any more would be findings.
-        say "starting from empty databases orders, inventory, payments and gateway (the in-memory broker starts empty too)"
-        for db in orders inventory payments gateway; do
+        # payments, and charges for payments no database holds any more would be findings. So
+        # does the monitor's projection (monitor): its checkpoints are offsets of the old topics.
+        say "starting from empty databases orders, inventory, payments, gateway and monitor (the in-memory broker starts empty too)"
+        for db in orders inventory payments gateway monitor; do
             psql -q "$PG_URL/postgres" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null
         done
     fi
@@ -82,6 +83,9 @@ wait_ready payment-service http://127.0.0.1:8083/readyz
 start outbox-relay "$BIN/outbox-relay" --source "orders=$PG_URL/orders" --source "inventory=$PG_URL/inventory" \
     --source "payments=$PG_URL/payments" --kafka-bootstrap-servers "$BROKER"
 wait_ready outbox-relay http://127.0.0.1:8082/readyz
+start saga-monitor "$BIN/saga-monitor" --database-url "$PG_URL/monitor" --kafka-bootstrap-servers "$BROKER" \
+    --trace-url-template "${TRACE_URL_TEMPLATE:-http://localhost:16686/trace/{trace_id}}"
+wait_ready saga-monitor http://127.0.0.1:8085/readyz
 
 say "seeding products"
 for p in "WIDGET-1 Widget 250 100" "GADGET-2 Gadget 1299 20" "GIZMO-3 Gizmo 99 5"; do
@@ -98,7 +102,8 @@ The order saga is running.
   payment-service    http://127.0.0.1:8083   (GET /payments?order_id=, GET /payments/{id})
   payment-gateway    http://127.0.0.1:8084   (a stand-in card processor: GET /ledger?payment_id=, PUT /faults)
   outbox-relay       http://127.0.0.1:8082/metrics
-  Kafka broker       $BROKER (Tansu, in memory)   Postgres $PG_URL (databases orders, inventory, payments, gateway)
+  saga-monitor       http://127.0.0.1:8085/ui   (every saga step by step; GET /sagas?stuck=true, GET /sagas/{order_id})
+  Kafka broker       $BROKER (Tansu, in memory)   Postgres $PG_URL (databases orders, inventory, payments, gateway, monitor)
   logs               $RUN_DIR/logs/
   tools              $BIN/saga (topics as JSON, dead letters), scripts/kcat.sh
   traces             exported when OTEL_EXPORTER_OTLP_ENDPOINT is set (e.g. http://localhost:4318, a Jaeger)

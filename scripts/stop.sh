@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Stops what scripts/run.sh started (services first, then the relay, then the broker).
+# Stops what scripts/run.sh started (the monitor and the services first, then the relay, then the broker).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for name in order-service inventory-service payment-service payment-gateway outbox-relay broker; do
+for name in saga-monitor order-service inventory-service payment-service payment-gateway outbox-relay broker; do
     pidfile=.run/pids/$name.pid
     [ -f "$pidfile" ] || continue
     pid=$(cat "$pidfile")

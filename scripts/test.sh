@@ -4,7 +4,7 @@
 # end-to-end suite again against a running stack (scripts/run.sh's, started here if none runs), the
 # way it runs against Docker Compose.
 # Installs what is missing first (Postgres, Tansu, cargo-deny, kcat, promtool, docker-compose, socat,
-# openssl, and schemathesis in a venv). Checks the dependencies with cargo deny. Extra arguments
+# openssl, Chromium and ChromeDriver, and schemathesis in a venv). Checks the dependencies with cargo deny. Extra arguments
 # go to the test runner.
 #
 # With E2E_STACK=compose (after `docker compose up --wait`) or E2E_STACK=local (after
@@ -37,6 +37,7 @@ if [ -n "${E2E_STACK:-}" ]; then
     ensure_kcat
     export KCAT_LIB_DIR
     ensure_promtool
+    ensure_chromium
     e2e_against_stack "$@"
     exit
 fi
@@ -56,6 +57,7 @@ export KCAT_LIB_DIR
 ensure_promtool
 ensure_docker_compose
 ensure_tls_tools
+ensure_chromium
 status=0
 if have_nextest; then
     say "running the tests with cargo-nextest"

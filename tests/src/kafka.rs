@@ -208,3 +208,32 @@ pub async fn commit_offsets(
     })
     .await?
 }
+
+/// Every topic of the broker but its internal ones, with the sum of its partitions' high
+/// watermarks: what has ever been produced to it (for a check that something produced nothing).
+pub async fn high_watermarks(
+    bootstrap: &str,
+) -> anyhow::Result<std::collections::BTreeMap<String, i64>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = config(bootstrap)
+        .set("group.id", "e2e-watermarks")
+        .create()?;
+    tokio::task::spawn_blocking(move || {
+        let metadata = consumer.fetch_metadata(None, Duration::from_secs(10))?;
+        let mut marks = std::collections::BTreeMap::new();
+        for topic in metadata.topics() {
+            if topic.name().starts_with("__") {
+                continue;
+            }
+            let mut sum = 0;
+            for p in topic.partitions() {
+                let (_, high) =
+                    consumer.fetch_watermarks(topic.name(), p.id(), Duration::from_secs(10))?;
+                sum += high;
+            }
+            marks.insert(topic.name().to_owned(), sum);
+        }
+        Ok(marks)
+    })
+    .await?
+}

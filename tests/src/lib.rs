@@ -14,6 +14,7 @@
 //! out by the runner (they live in `own_stack` modules; see [`requires_own_stack`]).
 
 pub mod bench;
+pub mod browser;
 pub mod chaos;
 pub mod kafka;
 pub mod pg_cluster;
@@ -53,6 +54,7 @@ pub struct ExternalStack {
     /// The stand-in card processor.
     pub gateway_url: String,
     pub relay_url: String,
+    pub monitor_url: String,
     pub bootstrap: String,
     /// Server URL without a database, like [`postgres_url`].
     pub postgres_url: String,
@@ -83,6 +85,7 @@ impl ExternalStack {
             payment_url: "http://127.0.0.1:8083".into(),
             gateway_url: "http://127.0.0.1:8084".into(),
             relay_url: "http://127.0.0.1:8082".into(),
+            monitor_url: "http://127.0.0.1:8085".into(),
             bootstrap: bootstrap.into(),
             postgres_url: postgres_url.into(),
             orders_db: "orders".into(),
@@ -94,7 +97,7 @@ impl ExternalStack {
 
 /// The running stack named by `E2E_STACK` ([`ExternalStack::defaults`]), or `None` when each test
 /// starts its own. Each address can be overridden: `E2E_ORDER_URL`, `E2E_INVENTORY_URL`,
-/// `E2E_PAYMENT_URL`, `E2E_GATEWAY_URL`, `E2E_RELAY_URL`, `E2E_KAFKA_BOOTSTRAP`,
+/// `E2E_PAYMENT_URL`, `E2E_GATEWAY_URL`, `E2E_RELAY_URL`, `E2E_MONITOR_URL`, `E2E_KAFKA_BOOTSTRAP`,
 /// `E2E_POSTGRES_URL`, `E2E_ORDERS_DB`, `E2E_INVENTORY_DB`, `E2E_PAYMENTS_DB`.
 pub fn external_stack() -> Option<&'static ExternalStack> {
     static STACK: OnceLock<Option<ExternalStack>> = OnceLock::new();
@@ -113,6 +116,7 @@ pub fn external_stack() -> Option<&'static ExternalStack> {
                 ("E2E_PAYMENT_URL", &mut stack.payment_url),
                 ("E2E_GATEWAY_URL", &mut stack.gateway_url),
                 ("E2E_RELAY_URL", &mut stack.relay_url),
+                ("E2E_MONITOR_URL", &mut stack.monitor_url),
                 ("E2E_KAFKA_BOOTSTRAP", &mut stack.bootstrap),
                 ("E2E_POSTGRES_URL", &mut stack.postgres_url),
                 ("E2E_ORDERS_DB", &mut stack.orders_db),
@@ -655,6 +659,8 @@ pub struct StackOptions {
     /// have the relay tail the payments outbox (the default: orders are paid for before they are
     /// confirmed).
     pub payments: bool,
+    /// Extra arguments for saga-monitor ([`Stack::start_monitor`]), such as its allowances.
+    pub monitor_args: Vec<String>,
 }
 
 impl Default for StackOptions {
@@ -672,6 +678,7 @@ impl Default for StackOptions {
             postgres_url: None,
             kafka_tls: false,
             payments: true,
+            monitor_args: Vec::new(),
         }
     }
 }
@@ -696,16 +703,19 @@ pub enum Process {
     /// The stand-in card processor.
     Gateway,
     Relay,
+    /// The read side: started by [`Stack::start_monitor`], not with the stack.
+    Monitor,
 }
 
 impl Process {
     /// Every process, in the order a stack starts them.
-    pub const ALL: [Process; 5] = [
+    pub const ALL: [Process; 6] = [
         Process::OrderService,
         Process::InventoryService,
         Process::PaymentService,
         Process::Gateway,
         Process::Relay,
+        Process::Monitor,
     ];
 
     /// Its binary, and the name of its log.
@@ -716,6 +726,7 @@ impl Process {
             Process::PaymentService => "payment-service",
             Process::Gateway => "payment-gateway",
             Process::Relay => "outbox-relay",
+            Process::Monitor => "saga-monitor",
         }
     }
 
@@ -725,7 +736,8 @@ impl Process {
             Process::OrderService
             | Process::InventoryService
             | Process::PaymentService
-            | Process::Gateway => "--listen-addr",
+            | Process::Gateway
+            | Process::Monitor => "--listen-addr",
             Process::Relay => "--metrics-addr",
         }
     }
@@ -742,17 +754,23 @@ pub struct Stack {
     pub payments_db: String,
     /// The stand-in processor's ledger.
     pub gateway_db: String,
+    /// saga-monitor's projection.
+    pub monitor_db: String,
     pub order_url: String,
     pub inventory_url: String,
     pub payment_url: String,
     pub gateway_url: String,
     pub relay_metrics_url: String,
+    pub monitor_url: String,
     /// Where the stack's own processes serve, held for the stack's lifetime ([`listener`]).
     listeners: HashMap<Process, TcpListener>,
     /// The stack's own processes that it started (and has not been told to kill).
     procs: HashMap<Process, Proc>,
     /// The arguments each process is started with.
     args: HashMap<Process, Vec<String>>,
+    /// More monitors, each with a database of its own ([`Stack::spawn_monitor`]): killed and
+    /// dropped with the stack.
+    monitors: Vec<(Proc, TcpListener, String)>,
     /// The Postgres server of the stack's databases, without a database.
     pub pg: String,
     /// The inventory database's proxy, when [`StackOptions::inventory_db_proxy`] asked for one.
@@ -792,6 +810,7 @@ impl Stack {
         let inventory_db = format!("e2e_inventory_{suffix}");
         let payments_db = format!("e2e_payments_{suffix}");
         let gateway_db = format!("e2e_gateway_{suffix}");
+        let monitor_db = format!("e2e_monitor_{suffix}");
         let listeners: HashMap<Process, TcpListener> =
             Process::ALL.iter().map(|p| (*p, listener())).collect();
         let inventory_proxy = if options.inventory_db_proxy {
@@ -805,14 +824,17 @@ impl Stack {
             inventory_db,
             payments_db,
             gateway_db,
+            monitor_db,
             order_url: url_of(&listeners[&Process::OrderService]),
             inventory_url: url_of(&listeners[&Process::InventoryService]),
             payment_url: url_of(&listeners[&Process::PaymentService]),
             gateway_url: url_of(&listeners[&Process::Gateway]),
             relay_metrics_url: url_of(&listeners[&Process::Relay]),
+            monitor_url: url_of(&listeners[&Process::Monitor]),
             listeners,
             procs: HashMap::new(),
             args: HashMap::new(),
+            monitors: Vec::new(),
             pg,
             inventory_proxy,
             http: http_client(),
@@ -897,6 +919,11 @@ impl Stack {
                     "stdin".into(),
                 ];
             }
+            Process::Monitor => {
+                let mut args = vec!["--database-url".into(), db_url(&self.pg, &self.monitor_db)];
+                args.extend(self.options.monitor_args.iter().cloned());
+                args
+            }
             Process::Relay => {
                 let mut args = vec![
                     "--source".into(),
@@ -932,6 +959,7 @@ impl Stack {
             Process::PaymentService => self.payment_url.clone(),
             Process::Gateway => self.gateway_url.clone(),
             Process::Relay => self.relay_metrics_url.clone(),
+            Process::Monitor => self.monitor_url.clone(),
         }
     }
 
@@ -955,14 +983,18 @@ impl Stack {
             payments_db: external.payments_db.clone(),
             // The processor's ledger is the processor's: not read on an external stack.
             gateway_db: String::new(),
+            // The monitor's projection is read through its API only.
+            monitor_db: String::new(),
             order_url: external.order_url.clone(),
             inventory_url: external.inventory_url.clone(),
             payment_url: external.payment_url.clone(),
             gateway_url: external.gateway_url.clone(),
             relay_metrics_url: external.relay_url.clone(),
+            monitor_url: external.monitor_url.clone(),
             listeners: HashMap::new(),
             procs: HashMap::new(),
             args: HashMap::new(),
+            monitors: Vec::new(),
             pg: postgres_url(),
             inventory_proxy: None,
             http: http_client(),
@@ -1047,6 +1079,117 @@ impl Stack {
         self.wait_ready(&self.url_of(process)).await;
     }
 
+    /// Starts saga-monitor (on an external stack: waits until the stack's monitor is ready).
+    pub async fn start_monitor(&mut self) {
+        if self.is_external() {
+            self.wait_ready(&self.monitor_url).await;
+        } else {
+            self.start_process(Process::Monitor).await;
+        }
+    }
+
+    /// Starts another saga-monitor, `name`, with a database of its own (the stack's monitor's
+    /// with `_<name>` appended) and the same broker, waits until it is ready, and returns where it
+    /// serves. It is killed and its database dropped with the stack.
+    pub async fn spawn_monitor(&mut self, name: &str) -> String {
+        assert!(
+            !self.is_external(),
+            "only a test's own stack can be started"
+        );
+        let db = format!("{}_{name}", self.monitor_db);
+        let mut args = self.args[&Process::Monitor].clone();
+        let at = args
+            .iter()
+            .position(|a| a == "--database-url")
+            .expect("the monitor's --database-url");
+        args[at + 1] = db_url(&self.pg, &db);
+        let listener = listener();
+        let url = url_of(&listener);
+        let proc = Proc::spawn_serving(
+            name,
+            &binary(Process::Monitor.program()),
+            &args,
+            &self.log_dir,
+            &self.options.env,
+            &listener,
+        );
+        self.wait_ready(&url).await;
+        self.monitors.push((proc, listener, db));
+        url
+    }
+
+    /// Runs `saga-monitor <command>` (`rebuild`, `snapshot`) against the stack's monitor
+    /// database and broker to its end; returns its exit code and its output (also appended to
+    /// `<command>.log`).
+    pub async fn monitor_command(&self, command: &str) -> (Option<i32>, String) {
+        let mut args = self.args[&Process::Monitor].clone();
+        args.push(command.to_owned());
+        let output = tokio::process::Command::new(binary(Process::Monitor.program()))
+            .args(&args)
+            .env("RUST_LOG", project_log_level())
+            .envs(self.options.env.iter().cloned())
+            .output()
+            .await
+            .expect("running saga-monitor");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let _ = std::fs::write(self.log_dir.join(format!("{command}.log")), &text);
+        (output.status.code(), text)
+    }
+
+    /// Starts `saga-monitor <command>` in the background, logging to `<name>.log`.
+    pub fn spawn_monitor_command(&self, command: &str, name: &str) -> Proc {
+        let mut args = self.args[&Process::Monitor].clone();
+        args.push(command.to_owned());
+        Proc::spawn_env(
+            name,
+            &binary(Process::Monitor.program()),
+            &args,
+            &self.log_dir,
+            &self.options.env,
+        )
+    }
+
+    /// A saga as saga-monitor shows it (`GET /sagas/{order_id}`), once it has `steps` steps of
+    /// kind `event` and its outcome is `outcome`; fails after `timeout` saying what it showed.
+    pub async fn monitored_saga(
+        &self,
+        order_id: Uuid,
+        outcome: &str,
+        steps: usize,
+        timeout: Duration,
+    ) -> Value {
+        let url = format!("{}/sagas/{order_id}", self.monitor_url);
+        let mut last = Value::Null;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r = self
+                .http
+                .get(&url)
+                .send()
+                .await
+                .expect("GET /sagas/{order_id}");
+            if r.status().is_success() {
+                last = r.json().await.expect("saga json");
+                let events = last["steps"]
+                    .as_array()
+                    .map_or(0, |s| s.iter().filter(|s| s["kind"] == "event").count());
+                if last["outcome"] == outcome && events >= steps {
+                    return last;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "saga {order_id} did not show {outcome} with {steps} events within {timeout:?}; it showed {last:#}; {}",
+                self.where_logs_are()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Starts `process` without waiting for it.
     pub fn launch(&mut self, process: Process) {
         assert!(
@@ -1106,6 +1249,7 @@ impl Stack {
             Process::PaymentService => self.payment_url = url,
             Process::Gateway => self.gateway_url = url,
             Process::Relay => self.relay_metrics_url = url,
+            Process::Monitor => self.monitor_url = url,
         }
         self.listeners.insert(process, listener);
     }
@@ -1577,15 +1721,18 @@ impl Drop for Stack {
         for proc in self.procs.values_mut() {
             proc.kill9();
         }
-        drop_databases(
-            &self.pg,
-            vec![
-                self.orders_db.clone(),
-                self.inventory_db.clone(),
-                self.payments_db.clone(),
-                self.gateway_db.clone(),
-            ],
-        );
+        let mut databases = vec![
+            self.orders_db.clone(),
+            self.inventory_db.clone(),
+            self.payments_db.clone(),
+            self.gateway_db.clone(),
+            self.monitor_db.clone(),
+        ];
+        for (proc, _, db) in &mut self.monitors {
+            proc.kill9();
+            databases.push(db.clone());
+        }
+        drop_databases(&self.pg, databases);
     }
 }
 

@@ -100,6 +100,7 @@ fn the_compose_file_agrees_with_the_binaries_ports_and_topics() {
         ("payment-service", "LISTEN_ADDR"),
         ("payment-gateway", "LISTEN_ADDR"),
         ("outbox-relay", "METRICS_ADDR"),
+        ("saga-monitor", "LISTEN_ADDR"),
     ] {
         let spec = &services[service];
         assert_eq!(
@@ -161,6 +162,7 @@ fn the_compose_file_agrees_with_the_binaries_ports_and_topics() {
         "inventory-service",
         "payment-service",
         "payment-gateway",
+        "saga-monitor",
     ]
     .iter()
     .map(|service| env(&services[*service], "DATABASE_URL").unwrap().to_owned())

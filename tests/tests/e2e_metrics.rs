@@ -46,7 +46,8 @@ fn names(text: &str) -> Vec<&str> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_metrics_endpoint_passes_promtool_and_has_the_documented_metrics() {
-    let stack = Stack::start("metrics").await;
+    let mut stack = Stack::start("metrics").await;
+    stack.start_monitor().await;
     stack.put_product("A", 100, 2).await;
     // A confirmed saga, a rejected one and a cancelled one, so every saga series exists.
     stack.one_saga_of_each_outcome().await;
@@ -92,7 +93,14 @@ async fn every_metrics_endpoint_passes_promtool_and_has_the_documented_metrics()
         "consumer_parked_key_oldest_age_seconds",
         "consumer_parked_heads_expired_total",
     ];
-    let expected: [(&str, &str, &[&str], &[&str]); 5] = [
+    // The monitor's lag gauges come from its client's statistics too.
+    eventually(TIMEOUT, || async {
+        let text = stack.metrics_text(&stack.monitor_url).await;
+        Ok(text.contains("monitor_projection_lag").then_some(()))
+    })
+    .await
+    .expect("saga-monitor exports monitor_projection_lag");
+    let expected: [(&str, &str, &[&str], &[&str]); 6] = [
         (
             "order-service",
             &stack.order_url,
@@ -156,6 +164,24 @@ async fn every_metrics_endpoint_passes_promtool_and_has_the_documented_metrics()
                 "relay_commit_to_ack_seconds",
                 "relay_send_to_ack_seconds",
                 "relay_batch_size",
+            ],
+        ),
+        (
+            "saga-monitor",
+            &stack.monitor_url,
+            &[],
+            &[
+                "process_start_time_seconds",
+                "http_requests_total",
+                "monitor_steps_projected_total",
+                "monitor_records_unattributed_total",
+                "monitor_offset_gaps_total",
+                "monitor_write_failures_total",
+                "monitor_projection_lag",
+                "monitor_sagas",
+                "monitor_stuck_sagas",
+                "monitor_rebuild_running",
+                "monitor_rebuild_behind_records",
             ],
         ),
     ];

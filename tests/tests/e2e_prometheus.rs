@@ -159,7 +159,7 @@ mod own_stack {
             deploy_dir().join("prometheus/alerts.yml").to_str().unwrap(),
         ]);
 
-        let stack = Stack::start_with(
+        let mut stack = Stack::start_with(
             "prometheus",
             StackOptions {
                 retry_delays: Some("200ms".into()),
@@ -169,6 +169,7 @@ mod own_stack {
         )
         .await;
 
+        stack.start_monitor().await;
         // Prometheus scrapes the stack every second, with the deploy config's job names and rules.
         let dir = stack.log_dir().join("prometheus");
         std::fs::create_dir_all(&dir).unwrap();
@@ -181,13 +182,15 @@ mod own_stack {
              - {{job_name: inventory-service, static_configs: [{{targets: [{inventory:?}]}}]}}\n\
              - {{job_name: payment-service, static_configs: [{{targets: [{payment:?}]}}]}}\n\
              - {{job_name: payment-gateway, static_configs: [{{targets: [{gateway:?}]}}]}}\n\
-             - {{job_name: outbox-relay, static_configs: [{{targets: [{relay:?}]}}]}}\n",
+             - {{job_name: outbox-relay, static_configs: [{{targets: [{relay:?}]}}]}}\n\
+             - {{job_name: saga-monitor, static_configs: [{{targets: [{monitor:?}]}}]}}\n",
             rules = deploy_dir().join("prometheus/alerts.yml"),
             order = host_port(&stack.order_url),
             inventory = host_port(&stack.inventory_url),
             payment = host_port(&stack.payment_url),
             gateway = host_port(&stack.gateway_url),
             relay = host_port(&stack.relay_metrics_url),
+            monitor = host_port(&stack.monitor_url),
         );
         let deploy_config =
             std::fs::read_to_string(deploy_dir().join("prometheus/prometheus.yml")).unwrap();
@@ -197,6 +200,7 @@ mod own_stack {
             "payment-service",
             "payment-gateway",
             "outbox-relay",
+            "saga-monitor",
         ] {
             assert!(
                 deploy_config.contains(&format!("job_name: {job}")),

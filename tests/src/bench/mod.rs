@@ -1,8 +1,9 @@
 //! The parts of `saga-bench` (see `src/bin/saga-bench.rs`): the machine's ceilings, the relay and
-//! the saga measured against them, and the processes' CPU and memory. Nothing here asserts; every
+//! the saga measured against them, the processes' CPU and memory, and the saga monitor's rebuild. Nothing here asserts; every
 //! function measures and returns numbers for the report.
 
 pub mod ceilings;
+pub mod monitor;
 pub mod relay;
 pub mod resources;
 pub mod saga;

@@ -9,13 +9,16 @@
 //! - saga: placed→terminal latency at fixed offered rates, open loop, and the highest rate the
 //!   stack sustains (p99 under 1 s, no backlog left);
 //! - resources: CPU and RSS of every process under load, CPU milliseconds per saga for each
-//!   process and for Postgres, and the whole stack when idle (the Postgres server included).
+//!   process and for Postgres, and the whole stack when idle (the Postgres server included);
+//! - monitor: `saga-monitor rebuild` of a log of confirmed sagas' events (five each), produced
+//!   straight to a broker of its own, from the start of the topics.
 //!
 //! Run it with `scripts/bench.sh` (release build; options after `--`):
 //! `--quick` (smaller sizes, a minute or two), `--drain-rows N` (also the batched produce
 //! ceiling's records), `--produce-records N` (the one-record-per-batch ceiling's),
 //! `--relay-args "--batch-size 5000 …"` (the relay's flags in the drain and latency runs),
-//! `--window-seconds S`, `--saga-rates 100,200,400,600`, `--report PATH`.
+//! `--window-seconds S`, `--saga-rates 100,200,400,600`, `--monitor-sagas N`, `--report PATH`;
+//! `--only-monitor` runs the monitor's part alone.
 
 use std::time::Duration;
 
@@ -32,6 +35,8 @@ struct Options {
     saga_rates: Vec<f64>,
     search_steps: usize,
     idle: Duration,
+    monitor_sagas: usize,
+    only_monitor: bool,
     report: std::path::PathBuf,
 }
 
@@ -78,6 +83,8 @@ fn options() -> Options {
         saga_rates: rates("--saga-rates", "100,200,400,600"),
         search_steps: if quick { 1 } else { 4 },
         idle: Duration::from_secs(if quick { 5 } else { 20 }),
+        monitor_sagas: number("--monitor-sagas", if quick { 10_000.0 } else { 100_000.0 }) as usize,
+        only_monitor: args.iter().any(|a| a == "--only-monitor"),
         report: value("--report")
             .map(Into::into)
             .unwrap_or_else(|| e2e::target_dir().join("bench/report.json")),
@@ -102,6 +109,14 @@ async fn main() -> anyhow::Result<()> {
         "machine": {"cores": cores, "binaries": profile.display().to_string()},
         "started_at": chrono::Utc::now().to_rfc3339(),
     });
+
+    if options.only_monitor {
+        report["monitor_rebuild"] =
+            bench::monitor::rebuild(&server, &log_dir.join("monitor"), options.monitor_sagas)
+                .await?;
+        print_monitor(&report["monitor_rebuild"]);
+        return write_report(&options, &report);
+    }
 
     // Ceilings.
     progress(format!(
@@ -310,6 +325,8 @@ async fn main() -> anyhow::Result<()> {
     });
     report["idle"] = idle.json();
     report["idle_right_after_load"] = idle_after_load.json();
+    report["monitor_rebuild"] =
+        bench::monitor::rebuild(&server, &log_dir.join("monitor"), options.monitor_sagas).await?;
 
     // The summary: each measure against its ceiling or target.
     let at_400 = results.iter().find(|r| r.offered_per_second == 400.0);
@@ -409,10 +426,26 @@ async fn main() -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    print_monitor(&report["monitor_rebuild"]);
+    write_report(&options, &report)
+}
+
+fn print_monitor(rebuild: &Value) {
+    println!("saga monitor");
+    println!(
+        "  rebuild of {} sagas ({} records) from the start of the topics: {} s, {} records/s",
+        rebuild["sagas"],
+        rebuild["records"],
+        rebuild["rebuild_seconds"],
+        rebuild["records_per_second"]
+    );
+}
+
+fn write_report(options: &Options, report: &Value) -> anyhow::Result<()> {
     if let Some(dir) = options.report.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&options.report, serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(&options.report, serde_json::to_string_pretty(report)?)?;
     println!("report: {}", options.report.display());
     Ok(())
 }
