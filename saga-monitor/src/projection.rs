@@ -185,6 +185,7 @@ impl Projector {
                     }
                 }
             }
+            // Every 5 s, as the client's statistics (the watermarks) come every 5 s too.
             export_lag(&self.watermarks, &self.positions);
         }
         let first = tokio::select! {
@@ -221,7 +222,6 @@ impl Projector {
             metrics::counter!("monitor_steps_projected_total", "kind" => s.kind.as_str())
                 .increment(1);
         }
-        export_lag(&self.watermarks, &self.positions);
         Ok(Some(batch.len()))
     }
 }

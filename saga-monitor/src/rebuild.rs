@@ -95,13 +95,19 @@ pub async fn run(
         if log_end.is_none() && projector.has_listed_topics() {
             log_end = Some(projector.high_watermarks().await?);
         }
+        // Where the live projection stands matters only when the rebuild may be done, or says
+        // how far it is: not read for every batch.
+        let progress_due = last_progress.elapsed() >= PROGRESS_EVERY;
+        if n > 0 && !progress_due {
+            continue;
+        }
         let live = store::checkpoints(&pool, LIVE).await?;
         let left = behind(projector.positions(), &live).max(
             log_end
                 .as_ref()
                 .map_or(i64::MAX, |end| behind(projector.positions(), end)),
         );
-        if last_progress.elapsed() >= PROGRESS_EVERY {
+        if progress_due {
             if log_end.is_some() {
                 tracing::info!(
                     records,

@@ -569,6 +569,18 @@ async fn assert_same_sagas(stack: &Stack, a: &str, b: &str, ids: &[Uuid], lists:
     }
 }
 
+/// Once every order of `ids` is terminal and both the stack's monitor and the `witness` show
+/// every saga ended, both show the same sagas and list.
+async fn assert_witness_agrees_once_all_ended(stack: &Stack, witness: &str, ids: &[Uuid]) {
+    stack
+        .wait_for_statuses(ids, &["CONFIRMED", "CANCELLED", "REJECTED"], TIMEOUT)
+        .await;
+    for base in [stack.monitor_url.as_str(), witness] {
+        wait_until_every_saga_ended(stack, base, ids).await;
+    }
+    assert_same_sagas(stack, &stack.monitor_url, witness, ids, true).await;
+}
+
 /// Tests that need a stack of their own (left out against a running stack: see
 /// `e2e::requires_own_stack`).
 mod own_stack {
@@ -607,13 +619,7 @@ mod own_stack {
         for id in ids.iter().step_by(3) {
             stack.cancel(*id).await;
         }
-        stack
-            .wait_for_statuses(&ids, &["CONFIRMED", "CANCELLED", "REJECTED"], TIMEOUT)
-            .await;
-        for base in [stack.monitor_url.clone(), witness.clone()] {
-            wait_until_every_saga_ended(&stack, &base, &ids).await;
-        }
-        assert_same_sagas(&stack, &stack.monitor_url, &witness, &ids, true).await;
+        assert_witness_agrees_once_all_ended(&stack, &witness, &ids).await;
         // Each step once: as many event steps as the event topics hold distinct messages of
         // these orders (the relay publishes at least once).
         let mut records = std::collections::HashSet::new();
@@ -702,13 +708,7 @@ mod own_stack {
             );
             ids.extend(placed);
         }
-        stack
-            .wait_for_statuses(&ids, &["CONFIRMED", "CANCELLED", "REJECTED"], TIMEOUT)
-            .await;
-        for base in [stack.monitor_url.clone(), witness.clone()] {
-            wait_until_every_saga_ended(&stack, &base, &ids).await;
-        }
-        assert_same_sagas(&stack, &stack.monitor_url, &witness, &ids, true).await;
+        assert_witness_agrees_once_all_ended(&stack, &witness, &ids).await;
     }
 
     /// While a rebuild runs (held: the broker is paused), a second one is refused; the first,
