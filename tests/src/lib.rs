@@ -1119,8 +1119,8 @@ impl Stack {
     }
 
     /// Runs `saga-monitor <command>` (`rebuild`, `snapshot`) against the stack's monitor
-    /// database and broker to its end; returns its exit code and its output (also appended to
-    /// `<command>.log`).
+    /// database and broker to its end; returns its exit code and its output (also written to
+    /// `<command>.log` in the test's log directory).
     pub async fn monitor_command(&self, command: &str) -> (Option<i32>, String) {
         let mut args = self.args[&Process::Monitor].clone();
         args.push(command.to_owned());
