@@ -238,6 +238,7 @@ async fn serve(settings: Settings, signals: Shutdown) -> anyhow::Result<()> {
         projection::Target {
             schema: store::LIVE.to_owned(),
             max_batch: usize::from(settings.max_batch),
+            summarize: true,
         },
         shutdown.clone(),
     ));

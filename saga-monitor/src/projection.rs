@@ -57,6 +57,11 @@ pub struct Target {
     pub schema: String,
     /// The most records one transaction projects.
     pub max_batch: usize,
+    /// Whether each batch recomputes the summaries of the sagas it touches (the live
+    /// projection), or writes steps alone and leaves the summaries to
+    /// [`store::summarize_all`] (a rebuild's first pass over the log, where a saga's records
+    /// come in many batches and would be summarized again with each).
+    pub summarize: bool,
 }
 
 /// Projects until `shutdown` fires. Database errors are waited out with the batch held (it is
@@ -128,6 +133,16 @@ impl Projector {
             last_discovery: None,
             unattributed: UnattributedLog::default(),
         })
+    }
+
+    /// Recompute the summaries of the sagas each batch touches from now on.
+    pub fn summarize_from_now_on(&mut self) {
+        self.target.summarize = true;
+    }
+
+    /// The most records one batch takes.
+    pub fn max_batch(&self) -> usize {
+        self.target.max_batch
     }
 
     /// The next offset of each partition, as committed.
@@ -213,7 +228,7 @@ impl Projector {
             }
         }
         let (steps, reached) = steps_of(&batch, &self.positions, &mut self.unattributed);
-        write(&self.pool, &self.target.schema, &steps, &reached, shutdown).await?;
+        write(&self.pool, &self.target, &steps, &reached, shutdown).await?;
         for ((topic, partition), next) in reached {
             let position = self.positions.entry((topic, partition)).or_insert(0);
             *position = (*position).max(next);
@@ -259,7 +274,7 @@ fn steps_of(
 /// Writes one batch, waiting out database errors with the batch held.
 async fn write(
     pool: &PgPool,
-    schema: &str,
+    target: &Target,
     steps: &[step::Step],
     reached: &Checkpoints,
     shutdown: &Shutdown,
@@ -268,7 +283,8 @@ async fn write(
     loop {
         let attempt = async {
             let mut tx = pool.begin().await?;
-            let applied = store::apply(&mut tx, schema, steps, reached).await?;
+            let applied =
+                store::apply(&mut tx, &target.schema, steps, reached, target.summarize).await?;
             tx.commit().await?;
             Ok::<_, sqlx::Error>(applied)
         };

@@ -8,6 +8,10 @@
 //! - **Resumable**: the rebuild's tables carry their own checkpoints, written with their rows; a
 //!   rebuild killed at any moment continues from them when started again (of the same projection
 //!   version; tables of another version are built again from scratch).
+//! - **Two passes**: the first writes steps alone (a saga's records come in several batches, and
+//!   summarizing it with each would read its steps again every time); once the steps reach the
+//!   end of the log, every saga is summarized once, and from then on each batch summarizes the
+//!   sagas it touches, as the live projection does.
 //! - **Nothing but its own tables**: the monitor has no Kafka producer at all (its only Kafka
 //!   client is [`crate::projection`]'s consumer, which commits nothing), and its only database is
 //!   the monitor's own. The rebuild writes [`REBUILD`]'s tables, and the swap renames schemas.
@@ -69,13 +73,15 @@ pub async fn run(
     if !locked {
         bail!("another rebuild of this monitor's projection is running; this one does nothing");
     }
-    let (resumed, from_snapshot) = prepare(&pool).await?;
+    let prepared = prepare(&pool).await?;
+    let mut summarized = prepared.summarized;
     let mut projector = Projector::new(
         pool.clone(),
         &kafka,
         Target {
             schema: REBUILD.to_owned(),
             max_batch,
+            summarize: summarized,
         },
     )
     .await?;
@@ -95,10 +101,10 @@ pub async fn run(
         if log_end.is_none() && projector.has_listed_topics() {
             log_end = Some(projector.high_watermarks().await?);
         }
-        // Where the live projection stands matters only when the rebuild may be done, or says
-        // how far it is: not read for every batch.
+        // A full batch says more is waiting: where the live projection stands is read only
+        // when the rebuild may be done (a batch that took all there was), or says how far it is.
         let progress_due = last_progress.elapsed() >= PROGRESS_EVERY;
-        if n > 0 && !progress_due {
+        if n == projector.max_batch() && !progress_due {
             continue;
         }
         let live = store::checkpoints(&pool, LIVE).await?;
@@ -119,22 +125,32 @@ pub async fn run(
             }
             last_progress = Instant::now();
         }
-        // Caught up: nothing more fetched, at or past the end of the log as it was when the
-        // rebuild began, and at or past the live projection.
-        if n == 0 && left == 0 && swap(&pool).await? {
+        // Caught up: at or past the end of the log as it was when the rebuild began, and at or
+        // past the live projection (also while records keep coming: the swap checks it again
+        // with the live tables locked).
+        if left > 0 {
+            continue;
+        }
+        if !summarized {
+            summarize(&pool).await?;
+            projector.summarize_from_now_on();
+            summarized = true;
+            continue;
+        }
+        if swap(&pool).await? {
             break;
         }
     }
     let rebuilt = Rebuilt {
-        from_snapshot,
-        resumed,
+        from_snapshot: prepared.from_snapshot,
+        resumed: prepared.resumed,
         records,
         took: started.elapsed(),
     };
     tracing::info!(
         records,
-        from_snapshot = ?from_snapshot,
-        resumed,
+        from_snapshot = ?rebuilt.from_snapshot,
+        resumed = rebuilt.resumed,
         seconds = rebuilt.took.as_secs_f64(),
         "the rebuilt projection is swapped in; the old tables are dropped"
     );
@@ -145,10 +161,20 @@ pub async fn run(
     Ok(rebuilt)
 }
 
+/// Where a rebuild starts.
+struct Prepared {
+    /// Its tables were made by a rebuild killed before its swap.
+    resumed: bool,
+    /// The snapshot its tables were first filled from.
+    from_snapshot: Option<i64>,
+    /// Its summaries are made: each batch from now on recomputes those it touches.
+    summarized: bool,
+}
+
 /// Makes the rebuild's tables: kept when they are of this version (a resumed rebuild), else
-/// made anew, like the live ones, and filled from the newest snapshot of this version when there
-/// is one. Returns whether it resumed, and the snapshot it started from.
-async fn prepare(pool: &PgPool) -> anyhow::Result<(bool, Option<i64>)> {
+/// made anew, like the live ones, and filled with the steps of the newest snapshot of this
+/// version when there is one.
+async fn prepare(pool: &PgPool) -> anyhow::Result<Prepared> {
     let version: Option<i32> = sqlx::query_scalar("SELECT version FROM rebuild.info")
         .fetch_optional(pool)
         .await
@@ -158,11 +184,16 @@ async fn prepare(pool: &PgPool) -> anyhow::Result<(bool, Option<i64>)> {
             _ => Err(e),
         })?;
     if version == Some(crate::PROJECTION_VERSION) {
-        let (snapshot,): (Option<i64>,) = sqlx::query_as("SELECT snapshot_id FROM rebuild.info")
-            .fetch_one(pool)
-            .await?;
+        let (from_snapshot, summarized): (Option<i64>, bool) =
+            sqlx::query_as("SELECT snapshot_id, summarized FROM rebuild.info")
+                .fetch_one(pool)
+                .await?;
         tracing::info!("resuming the rebuild from its own checkpoints");
-        return Ok((true, snapshot));
+        return Ok(Prepared {
+            resumed: true,
+            from_snapshot,
+            summarized,
+        });
     }
     let mut tx = pool.begin().await?;
     sqlx::query(&format!("DROP SCHEMA IF EXISTS {REBUILD} CASCADE"))
@@ -190,17 +221,9 @@ async fn prepare(pool: &PgPool) -> anyhow::Result<(bool, Option<i64>)> {
         .await?
         .rows_affected();
         store::advance_checkpoints(&mut tx, REBUILD, checkpoints).await?;
-        let orders: Vec<uuid::Uuid> =
-            sqlx::query_scalar(&format!("SELECT DISTINCT order_id FROM {REBUILD}.steps"))
-                .fetch_all(&mut *tx)
-                .await?;
-        for chunk in orders.chunks(1000) {
-            store::resummarize(&mut tx, REBUILD, chunk).await?;
-        }
         tracing::info!(
             snapshot_id = id,
             steps,
-            sagas = orders.len(),
             "rebuilding from the newest snapshot of this projection version"
         );
     } else {
@@ -210,7 +233,8 @@ async fn prepare(pool: &PgPool) -> anyhow::Result<(bool, Option<i64>)> {
     }
     // Last, so that tables without it are known to be half made.
     sqlx::query(&format!(
-        "CREATE TABLE {REBUILD}.info AS SELECT $1::int AS version, $2::bigint AS snapshot_id, now() AS started_at"
+        "CREATE TABLE {REBUILD}.info AS SELECT $1::int AS version, $2::bigint AS snapshot_id,
+                                               now() AS started_at, false AS summarized"
     ))
     .bind(crate::PROJECTION_VERSION)
     .bind(snapshot_id)
@@ -218,7 +242,30 @@ async fn prepare(pool: &PgPool) -> anyhow::Result<(bool, Option<i64>)> {
     .await
     .context("marking the rebuild's tables made")?;
     tx.commit().await?;
-    Ok((false, snapshot_id))
+    Ok(Prepared {
+        resumed: false,
+        from_snapshot: snapshot_id,
+        summarized: false,
+    })
+}
+
+/// Summarizes every saga of the rebuild's steps, once they reach the end of the log, and marks
+/// it done (a rebuild killed before the mark summarizes them all again).
+async fn summarize(pool: &PgPool) -> anyhow::Result<()> {
+    tracing::info!("rebuilding: every step is in; summarizing every saga");
+    let started = Instant::now();
+    let sagas = store::summarize_all(pool, REBUILD)
+        .await
+        .context("summarizing the rebuilt sagas")?;
+    sqlx::query(&format!("UPDATE {REBUILD}.info SET summarized = true"))
+        .execute(pool)
+        .await?;
+    tracing::info!(
+        sagas,
+        seconds = started.elapsed().as_secs_f64(),
+        "rebuilding: every saga summarized; catching up with the live projection to swap"
+    );
+    Ok(())
 }
 
 /// Swaps the rebuilt tables in, if the rebuild stands at or past the live projection in every

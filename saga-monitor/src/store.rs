@@ -39,16 +39,23 @@ pub struct Applied {
 
 /// Projects one batch: its steps (each record once), the checkpoints it reached (`positions`:
 /// every partition read, with its next offset, including those whose records were no step),
-/// and the summaries of the sagas it touched, recomputed from all their steps, in one
-/// transaction.
+/// and, when `summarize`, the summaries of the sagas it touched, recomputed from all their
+/// steps, in one transaction.
 pub async fn apply(
     tx: &mut Transaction<'_, Postgres>,
     schema: &str,
     steps: &[Step],
     positions: &Checkpoints,
+    summarize: bool,
 ) -> sqlx::Result<Applied> {
     let new_steps = insert_steps(tx, schema, steps).await?;
     advance_checkpoints(tx, schema, positions).await?;
+    if !summarize {
+        return Ok(Applied {
+            new_steps,
+            sagas: 0,
+        });
+    }
     let touched: BTreeSet<Uuid> = steps.iter().map(|s| s.order_id).collect();
     let touched: Vec<Uuid> = touched.into_iter().collect();
     let sagas = resummarize(tx, schema, &touched).await?;
@@ -116,6 +123,23 @@ async fn insert_steps(
     .execute(&mut **tx)
     .await?;
     Ok(result.rows_affected())
+}
+
+/// Recomputes the summary of every saga in `schema`'s steps, a thousand sagas per transaction
+/// (each summary stands alone: a kill midway leaves correct summaries and stale ones, never
+/// wrong steps). Returns how many sagas it summarized.
+pub async fn summarize_all(pool: &PgPool, schema: &str) -> sqlx::Result<u64> {
+    let orders: Vec<Uuid> = sqlx::query_scalar(&format!(
+        "SELECT DISTINCT order_id FROM {schema}.steps ORDER BY order_id"
+    ))
+    .fetch_all(pool)
+    .await?;
+    for chunk in orders.chunks(1000) {
+        let mut tx = pool.begin().await?;
+        resummarize(&mut tx, schema, chunk).await?;
+        tx.commit().await?;
+    }
+    Ok(orders.len() as u64)
 }
 
 /// Recomputes the summaries of `orders` from their steps.

@@ -9,7 +9,8 @@
 //! middle of a batch), of each service; the broker stopped (SIGSTOP) for longer than the
 //! consumers' session timeout; Postgres stopped in immediate mode and started again; a second
 //! instance of each service joining and then leaving or killed; a second relay taking over from
-//! a killed leader; the inventory database's connections cut (a proxy).
+//! a killed leader; the inventory database's connections cut (a proxy); `kill -9` of the saga
+//! monitor, which must then show what a monitor never killed shows ([`monitor`]).
 //!
 //! Settings from the environment: `CHAOS_SECS` (how long faults are injected), `CHAOS_RATE`
 //! (orders per second offered), `CHAOS_SEED` (the fault schedule and the orders' shapes; printed
@@ -27,6 +28,8 @@ use rand::{Rng, SeedableRng};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use uuid::Uuid;
+
+mod monitor;
 
 use crate::pg_cluster::PgCluster;
 use crate::{Proc, Process, Stack, StackOptions};
@@ -49,10 +52,11 @@ pub enum Fault {
     GatewayErrors,
     GatewayHangs,
     SecondPaymentService,
+    KillMonitor,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 15] = [
+    pub const ALL: [Fault; 16] = [
         Fault::KillRelay,
         Fault::KillRelayMidBatch,
         Fault::KillOrderService,
@@ -68,15 +72,17 @@ impl Fault {
         Fault::GatewayErrors,
         Fault::GatewayHangs,
         Fault::SecondPaymentService,
+        Fault::KillMonitor,
     ];
 
     /// Whether this fault can hold a saga up for as long as the saga deadline (30 s): a consumer
     /// group waiting out a session timeout and a rebalance, or a database or broker away. A relay
-    /// killed or replaced is back within a few seconds, its rows waiting in the outbox.
+    /// killed or replaced is back within a few seconds, its rows waiting in the outbox; the
+    /// saga monitor takes no part in any saga.
     pub fn can_hold_a_saga_up(self) -> bool {
         !matches!(
             self,
-            Fault::KillRelay | Fault::KillRelayMidBatch | Fault::RelayTakeover
+            Fault::KillRelay | Fault::KillRelayMidBatch | Fault::RelayTakeover | Fault::KillMonitor
         )
     }
 
@@ -97,6 +103,7 @@ impl Fault {
             Fault::GatewayErrors => "payment-gateway answers 503 for 2-6 s",
             Fault::GatewayHangs => "payment-gateway hangs every call for 3-8 s",
             Fault::SecondPaymentService => "second payment-service joins, leaves or is killed",
+            Fault::KillMonitor => "kill -9 saga-monitor",
         }
     }
 }
@@ -151,6 +158,8 @@ pub struct Outcome {
     pub cancels: u64,
     /// The last `saga audit --json` report.
     pub audit: Value,
+    /// What the saga monitor and its witness agreed on.
+    pub monitor: monitor::Agreed,
     /// Broken promises, each in words; empty when the run passed.
     pub violations: Vec<String>,
     pub load_secs: f64,
@@ -173,7 +182,8 @@ impl Outcome {
             "faults injected ({} in {:.0} s of load; relay kills that missed a batch, not \
              counted: {}):\n{}\norders accepted: {} ({}; by a step's timeout during faults: {}); \
              cancel requests: {}; idempotent replays: {}\nquiet after the load: {:.0} s\n\
-             saga audit: {} findings, dead letters {}\nviolations: {}",
+             saga audit: {} findings, dead letters {}\nsaga monitor: {} sagas and {} steps, \
+             the same as a monitor never killed\nviolations: {}",
             self.faults.values().sum::<u32>(),
             self.load_secs,
             self.missed_mid_batch,
@@ -186,6 +196,8 @@ impl Outcome {
             self.quiesce_secs,
             self.audit["findings"].as_array().map_or(0, |f| f.len()),
             self.audit["dead_letters"],
+            self.monitor.sagas,
+            self.monitor.steps,
             if self.violations.is_empty() {
                 "none".to_owned()
             } else {
@@ -437,6 +449,7 @@ pub async fn run(test: &str, options: ChaosOptions) -> Outcome {
     for sku in SCARCE {
         stack.put_product(sku, 5_000, SCARCE_STOCK).await;
     }
+    let witness = monitor::start(&mut stack).await;
 
     let load = Arc::new(Load {
         http: reqwest::Client::new(),
@@ -550,6 +563,13 @@ pub async fn run(test: &str, options: ChaosOptions) -> Outcome {
     if audit["ok"] != json!(true) {
         violations.push(describe_findings(&audit));
     }
+    let ids: Vec<Uuid> = accepted.keys().copied().collect();
+    let agreed = monitor::agree(&stack, &witness, &ids)
+        .await
+        .unwrap_or_else(|difference| {
+            violations.push(difference);
+            monitor::Agreed::default()
+        });
     if audit["dead_letters"]
         .as_object()
         .is_none_or(|groups| groups.values().any(|n| n != &json!(0)))
@@ -569,6 +589,7 @@ pub async fn run(test: &str, options: ChaosOptions) -> Outcome {
         replays: load.replays.load(Ordering::Relaxed),
         cancels: load.cancels.load(Ordering::Relaxed),
         audit,
+        monitor: agreed,
         violations,
         load_secs,
         quiesce_secs,
@@ -750,6 +771,11 @@ async fn inject(
             set_gateway_mode(stack, load, mode).await;
             tokio::time::sleep(down).await;
             set_gateway_mode(stack, load, "ok").await;
+        }
+        Fault::KillMonitor => {
+            stack.kill(Process::Monitor);
+            tokio::time::sleep(between(rng, 0.0, 2.0)).await;
+            stack.start_process(Process::Monitor).await;
         }
         Fault::SecondPaymentService => {
             let (up, kill) = (between(rng, 3.0, 8.0), rng.random_bool(0.5));

@@ -1088,6 +1088,11 @@ impl Stack {
         }
     }
 
+    /// The database of the monitor [`Stack::spawn_monitor`] starts as `name`.
+    pub fn monitor_db_of(&self, name: &str) -> String {
+        format!("{}_{name}", self.monitor_db)
+    }
+
     /// Starts another saga-monitor, `name`, with a database of its own (the stack's monitor's
     /// with `_<name>` appended) and the same broker, waits until it is ready, and returns where it
     /// serves. It is killed and its database dropped with the stack.
@@ -1096,24 +1101,15 @@ impl Stack {
             !self.is_external(),
             "only a test's own stack can be started"
         );
-        let db = format!("{}_{name}", self.monitor_db);
+        let db = self.monitor_db_of(name);
         let mut args = self.args[&Process::Monitor].clone();
         let at = args
             .iter()
             .position(|a| a == "--database-url")
             .expect("the monitor's --database-url");
         args[at + 1] = db_url(&self.pg, &db);
-        let listener = listener();
+        let (proc, listener) = self.spawn_with(Process::Monitor, name, &args).await;
         let url = url_of(&listener);
-        let proc = Proc::spawn_serving(
-            name,
-            &binary(Process::Monitor.program()),
-            &args,
-            &self.log_dir,
-            &self.options.env,
-            &listener,
-        );
-        self.wait_ready(&url).await;
         self.monitors.push((proc, listener, db));
         url
     }
@@ -1212,21 +1208,31 @@ impl Stack {
     /// its own and logging to `<name>.log`, and waits until it is ready; returns it and its
     /// listener ([`url_of`]; for [`Stack::replace`]).
     pub async fn spawn_instance(&self, process: Process, name: &str) -> (Proc, TcpListener) {
+        self.spawn_with(process, name, &self.args[&process]).await
+    }
+
+    /// Starts `process` as `name` with `args`, serving on a listener of its own, and waits until
+    /// it is ready.
+    async fn spawn_with(
+        &self,
+        process: Process,
+        name: &str,
+        args: &[String],
+    ) -> (Proc, TcpListener) {
         assert!(
             !self.is_external(),
             "only a test's own stack can be started"
         );
         let listener = listener();
-        let url = url_of(&listener);
         let proc = Proc::spawn_serving(
             name,
             &binary(process.program()),
-            &self.args[&process],
+            args,
             &self.log_dir,
             &self.options.env,
             &listener,
         );
-        self.wait_ready(&url).await;
+        self.wait_ready(&url_of(&listener)).await;
         (proc, listener)
     }
 
@@ -1324,15 +1330,23 @@ impl Stack {
     }
 
     pub async fn orders_pool(&self) -> PgPool {
-        PgPool::connect(&db_url(&self.pg, &self.orders_db))
-            .await
-            .expect("orders db")
+        self.pool_of(&self.orders_db).await
     }
 
     pub async fn inventory_pool(&self) -> PgPool {
-        PgPool::connect(&db_url(&self.pg, &self.inventory_db))
+        self.pool_of(&self.inventory_db).await
+    }
+
+    /// The saga monitor's database (its projection is in schema `projection`).
+    pub async fn monitor_pool(&self) -> PgPool {
+        self.pool_of(&self.monitor_db).await
+    }
+
+    /// A pool on the stack's database `db`.
+    pub async fn pool_of(&self, db: &str) -> PgPool {
+        PgPool::connect(&db_url(&self.pg, db))
             .await
-            .expect("inventory db")
+            .unwrap_or_else(|e| panic!("connecting to {db}: {e}"))
     }
 
     /// The order's payment as payment-service shows it (`Null` when it has none).

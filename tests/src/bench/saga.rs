@@ -31,6 +31,9 @@ pub struct RateResult {
     pub placed_to_terminal: Samples,
     /// From the last offer to the moment every accepted order was terminal.
     pub drain_after_window: Duration,
+    /// From the moment every accepted order was terminal to the moment the saga monitor showed
+    /// every one of them ended (when a monitor runs): how far behind the saga it was.
+    pub monitor_behind: Option<Duration>,
     pub usage: Usage,
 }
 
@@ -54,6 +57,7 @@ impl RateResult {
             "post_latency": self.post.json(),
             "placed_to_terminal": self.placed_to_terminal.json(),
             "seconds_to_drain_after_offer_stopped": super::secs(self.drain_after_window),
+            "monitor_seconds_behind_at_end": self.monitor_behind.map(super::secs),
             "sustained": self.sustained(),
             "resources": self.usage.json(),
             "cpu_ms_per_saga": self.usage.per_process.keys()
@@ -85,8 +89,14 @@ impl RateResult {
     }
 
     pub fn describe(&self) -> String {
+        let monitor = self.monitor_behind.map_or(String::new(), |behind| {
+            format!(
+                "; the monitor showed them all {:.2} s later",
+                behind.as_secs_f64()
+            )
+        });
         format!(
-            "{:>5.0}/s offered: placed→terminal {}; drained {:.2} s after the offer stopped; {} refused, {} not offered → {}",
+            "{:>5.0}/s offered: placed→terminal {}; drained {:.2} s after the offer stopped{monitor}; {} refused, {} not offered → {}",
             self.offered_per_second,
             self.placed_to_terminal.describe(),
             self.drain_after_window.as_secs_f64(),
@@ -111,10 +121,12 @@ pub async fn stock(stack: &Stack) {
 }
 
 /// Offers `rate` orders a second for `window`, then waits for every accepted one to be
-/// terminal, measuring `watched` throughout.
+/// terminal, and, given the saga monitor's database, for the monitor to show them all ended,
+/// measuring `watched` throughout.
 pub async fn open_loop(
     stack: &Stack,
     orders: &PgPool,
+    monitor: Option<&PgPool>,
     rate: f64,
     window: Duration,
     watched: &Watched,
@@ -133,7 +145,7 @@ pub async fn open_loop(
             json!({"customer_id": Uuid::new_v4(), "items": items})
         })
         .collect();
-    let ((outcomes, not_offered, offered_at_end, ended), usage) =
+    let ((outcomes, not_offered, offered_at_end, ended, monitor_behind), usage) =
         resources::measure(watched, async {
             let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
             let mut requests = tokio::task::JoinSet::new();
@@ -172,10 +184,17 @@ pub async fn open_loop(
                 .filter_map(|(o, _)| o.clone().ok())
                 .collect();
             let ended = wait_terminal(orders, &ids, Duration::from_secs(600)).await;
-            (outcomes, not_offered, offered_at_end, ended)
+            let monitor_behind = match (monitor, &ended) {
+                (Some(monitor), Ok(ended)) => {
+                    Some(super::monitor::caught_up_after(monitor, &ids, *ended).await)
+                }
+                _ => None,
+            };
+            (outcomes, not_offered, offered_at_end, ended, monitor_behind)
         })
         .await;
     let ended = ended?;
+    let monitor_behind = monitor_behind.transpose()?;
     let mut refused: Vec<(String, usize)> = Vec::new();
     let mut ids = Vec::new();
     let mut post = Vec::new();
@@ -215,6 +234,7 @@ pub async fn open_loop(
         post: Samples::new(post),
         placed_to_terminal: Samples::new(placed_to_terminal),
         drain_after_window: ended.saturating_duration_since(offered_at_end),
+        monitor_behind,
         usage,
     })
 }

@@ -211,10 +211,12 @@ async fn main() -> anyhow::Result<()> {
     drop(relay);
 
     // The saga.
-    progress("saga: starting broker, services and relay");
-    let stack = e2e::Stack::start("saga-bench").await;
+    progress("saga: starting broker, services, relay and saga monitor");
+    let mut stack = e2e::Stack::start("saga-bench").await;
+    stack.start_monitor().await;
     saga::stock(&stack).await;
     let orders = stack.orders_pool().await;
+    let monitor = stack.monitor_pool().await;
     let admin = service_kit::db::connect(&e2e::db_url(&server, "postgres"), 2).await?;
     let watched = || async {
         let mut watched = resources::Watched::default();
@@ -229,6 +231,7 @@ async fn main() -> anyhow::Result<()> {
                     &stack.inventory_db,
                     &stack.payments_db,
                     &stack.gateway_db,
+                    &stack.monitor_db,
                 ],
             )
             .await;
@@ -239,6 +242,7 @@ async fn main() -> anyhow::Result<()> {
     saga::open_loop(
         &stack,
         &orders,
+        Some(&monitor),
         20.0,
         Duration::from_secs(2),
         &watched().await,
@@ -250,8 +254,15 @@ async fn main() -> anyhow::Result<()> {
             "saga: {rate} orders/s offered for {:?}",
             options.window
         ));
-        let result =
-            saga::open_loop(&stack, &orders, *rate, options.window, &watched().await).await?;
+        let result = saga::open_loop(
+            &stack,
+            &orders,
+            Some(&monitor),
+            *rate,
+            options.window,
+            &watched().await,
+        )
+        .await?;
         progress(result.describe());
         results.push(result);
     }
@@ -284,8 +295,15 @@ async fn main() -> anyhow::Result<()> {
         progress(format!(
             "saga: looking for the highest sustained rate: {next} orders/s"
         ));
-        let result =
-            saga::open_loop(&stack, &orders, next, options.window, &watched().await).await?;
+        let result = saga::open_loop(
+            &stack,
+            &orders,
+            Some(&monitor),
+            next,
+            options.window,
+            &watched().await,
+        )
+        .await?;
         progress(result.describe());
         results.push(result);
     }
@@ -341,6 +359,7 @@ async fn main() -> anyhow::Result<()> {
         "order-service",
         "inventory-service",
         "outbox-relay",
+        "saga-monitor",
         "broker",
     ]
     .iter()
