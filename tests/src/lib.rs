@@ -1116,7 +1116,8 @@ impl Stack {
 
     /// Runs `saga-monitor <command>` (`rebuild`, `snapshot`) against the stack's monitor
     /// database and broker to its end; returns its exit code and its output (also written to
-    /// `<command>.log` in the test's log directory).
+    /// `<command>.log` in the test's log directory). Killed if the returned future is dropped
+    /// (a test that gave up on it).
     pub async fn monitor_command(&self, command: &str) -> (Option<i32>, String) {
         let mut args = self.args[&Process::Monitor].clone();
         args.push(command.to_owned());
@@ -1124,6 +1125,7 @@ impl Stack {
             .args(&args)
             .env("RUST_LOG", project_log_level())
             .envs(self.options.env.iter().cloned())
+            .kill_on_drop(true)
             .output()
             .await
             .expect("running saga-monitor");
