@@ -136,6 +136,10 @@ pub fn describe_metrics() {
         "Times a partition jumped past the next offset (records expired before they were projected, or a broker fault), by topic"
     );
     metrics::describe_counter!(
+        "monitor_steps_left_out_total",
+        "Steps left out because their saga already had the most one keeps (a flood under one order id); the records stay on the topics"
+    );
+    metrics::describe_counter!(
         "monitor_write_failures_total",
         "Failed writes of a batch to the projection's database (each is retried with the batch held)"
     );

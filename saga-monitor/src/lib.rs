@@ -35,7 +35,8 @@ use crate::summary::{Allowances, Outcome, Waiting};
 
 /// The version of what the projection stores: raise it whenever [`step`], [`summary`] or the
 /// tables change what a record becomes, so that a rebuild ignores snapshots taken by other code.
-pub const PROJECTION_VERSION: i32 = 1;
+/// 2: a saga keeps at most [`store::MAX_STEPS_PER_SAGA`] steps.
+pub const PROJECTION_VERSION: i32 = 2;
 
 /// The projection's tables.
 pub static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -205,6 +206,7 @@ async fn serve(settings: Settings, signals: Shutdown) -> anyhow::Result<()> {
         metrics::counter!("monitor_steps_projected_total", "kind" => kind).absolute(0);
     }
     metrics::counter!("monitor_write_failures_total").absolute(0);
+    metrics::counter!("monitor_steps_left_out_total").absolute(0);
     for topic in schemas::EVENT_TOPICS {
         metrics::counter!("monitor_records_unattributed_total", "topic" => topic).absolute(0);
         metrics::counter!("monitor_offset_gaps_total", "topic" => topic).absolute(0);

@@ -89,6 +89,7 @@ pub struct Projector {
     assigned: HashSet<(String, i32)>,
     last_discovery: Option<Instant>,
     unattributed: UnattributedLog,
+    left_out: OncePerMinute,
 }
 
 impl Projector {
@@ -132,6 +133,7 @@ impl Projector {
             assigned: HashSet::new(),
             last_discovery: None,
             unattributed: UnattributedLog::default(),
+            left_out: OncePerMinute::default(),
         })
     }
 
@@ -228,14 +230,29 @@ impl Projector {
             }
         }
         let (steps, reached) = steps_of(&batch, &self.positions, &mut self.unattributed);
-        write(&self.pool, &self.target, &steps, &reached, shutdown).await?;
+        let applied = write(&self.pool, &self.target, &steps, &reached, shutdown).await?;
         for ((topic, partition), next) in reached {
             let position = self.positions.entry((topic, partition)).or_insert(0);
             *position = (*position).max(next);
         }
+        let mut projected: HashMap<step::Kind, u64> = HashMap::new();
         for s in &steps {
-            metrics::counter!("monitor_steps_projected_total", "kind" => s.kind.as_str())
-                .increment(1);
+            *projected.entry(s.kind).or_default() += 1;
+        }
+        for (_, kind) in &applied.left_out {
+            *projected.entry(*kind).or_default() -= 1;
+        }
+        for (kind, n) in projected {
+            metrics::counter!("monitor_steps_projected_total", "kind" => kind.as_str())
+                .increment(n);
+        }
+        if let Some(&(order_id, _)) = applied.left_out.first() {
+            let n = applied.left_out.len() as u64;
+            metrics::counter!("monitor_steps_left_out_total").increment(n);
+            if let Some(steps) = self.left_out.count(n) {
+                tracing::warn!(%order_id, steps, max = store::MAX_STEPS_PER_SAGA,
+                    "steps of sagas that already had the most a saga keeps were left out (this order's, and those since the last such line); their records stay on the topics");
+            }
         }
         Ok(Some(batch.len()))
     }
@@ -271,14 +288,14 @@ fn steps_of(
     (steps, reached)
 }
 
-/// Writes one batch, waiting out database errors with the batch held.
+/// Writes one batch, waiting out database errors with the batch held; what it changed.
 async fn write(
     pool: &PgPool,
     target: &Target,
     steps: &[step::Step],
     reached: &Checkpoints,
     shutdown: &Shutdown,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<store::Applied> {
     let mut delay = Duration::from_millis(100);
     loop {
         let attempt = async {
@@ -295,7 +312,7 @@ async fn write(
                     sagas = applied.sagas,
                     "projected a batch"
                 );
-                return Ok(());
+                return Ok(applied);
             }
             Err(e) => {
                 metrics::counter!("monitor_write_failures_total").increment(1);
@@ -372,25 +389,39 @@ fn export_lag(watermarks: &Watermarks, positions: &Checkpoints) {
 /// Counts records that are no step and logs them at most once a minute, so a flood of them
 /// cannot flood the log.
 #[derive(Default)]
-struct UnattributedLog {
-    since_last: u64,
-    last: Option<Instant>,
-}
+struct UnattributedLog(OncePerMinute);
 
 impl UnattributedLog {
     fn record(&mut self, d: &Delivery, why: &Unattributed) {
         metrics::counter!("monitor_records_unattributed_total", "topic" => d.topic.clone())
             .increment(1);
-        self.since_last += 1;
+        if let Some(records) = self.0.count(1) {
+            tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset,
+                records, reason = %why,
+                "records that belong to no saga were skipped (this one and those since the last such line)");
+        }
+    }
+}
+
+/// Counts things that are logged at most once a minute.
+#[derive(Default)]
+struct OncePerMinute {
+    since_last: u64,
+    last: Option<Instant>,
+}
+
+impl OncePerMinute {
+    /// Counts `n` more; when a line is due, how many it covers (these and those since the
+    /// last line).
+    fn count(&mut self, n: u64) -> Option<u64> {
+        self.since_last += n;
         if self
             .last
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(60))
         {
-            tracing::warn!(topic = %d.topic, partition = d.partition, offset = d.offset,
-                records = self.since_last, reason = %why,
-                "records that belong to no saga were skipped (this one and those since the last such line)");
-            self.since_last = 0;
-            self.last = Some(Instant::now());
+            return None;
         }
+        self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.since_last))
     }
 }

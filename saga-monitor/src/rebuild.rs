@@ -273,11 +273,22 @@ async fn summarize(pool: &PgPool) -> anyhow::Result<()> {
 /// moved ahead meanwhile.
 async fn swap(pool: &PgPool) -> anyhow::Result<bool> {
     let mut tx = pool.begin().await?;
-    sqlx::query(&format!(
-        "LOCK TABLE {LIVE}.checkpoints, {LIVE}.steps, {LIVE}.sagas IN ACCESS EXCLUSIVE MODE"
+    // In the order the live projection's batches take them (steps, checkpoints, sagas), so that
+    // a batch in flight is waited for rather than deadlocked with. Anything else that locks them
+    // in another order (the prune) can still deadlock with the swap: then the swap is tried
+    // again with the next batch.
+    let locked = sqlx::query(&format!(
+        "LOCK TABLE {LIVE}.steps, {LIVE}.checkpoints, {LIVE}.sagas IN ACCESS EXCLUSIVE MODE"
     ))
     .execute(&mut *tx)
-    .await?;
+    .await;
+    if let Err(sqlx::Error::Database(e)) = &locked
+        && e.code().as_deref() == Some("40P01")
+    {
+        tracing::info!("the swap met another transaction's locks (a deadlock); trying again");
+        return Ok(false);
+    }
+    locked?;
     let live: Checkpoints = rows_of(&mut tx, LIVE).await?;
     let rebuilt: Checkpoints = rows_of(&mut tx, REBUILD).await?;
     if behind(&rebuilt, &live) > 0 {

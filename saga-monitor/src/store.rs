@@ -29,18 +29,27 @@ pub async fn checkpoints(pool: &PgPool, schema: &str) -> sqlx::Result<Checkpoint
         .collect())
 }
 
+/// The most steps one saga keeps. A saga of this system has a few dozen at most (each event,
+/// retry copy and dead letter of it); records past this under one order id (a flood produced
+/// under one key) are counted and left out, so that no saga can slow the projection (each batch
+/// reads every step of the sagas it touches) or swell its page without bound.
+pub const MAX_STEPS_PER_SAGA: i64 = 500;
+
 /// What one batch changed.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Applied {
     /// Steps new to the projection (a record seen before is none).
     pub new_steps: u64,
     pub sagas: u64,
+    /// This batch's steps left out, each as its saga and kind: their sagas had
+    /// [`MAX_STEPS_PER_SAGA`] steps.
+    pub left_out: Vec<(Uuid, Kind)>,
 }
 
 /// Projects one batch: its steps (each record once), the checkpoints it reached (`positions`:
 /// every partition read, with its next offset, including those whose records were no step),
 /// and, when `summarize`, the summaries of the sagas it touched, recomputed from all their
-/// steps, in one transaction.
+/// steps, in one transaction. Steps of a saga that has [`MAX_STEPS_PER_SAGA`] are left out.
 pub async fn apply(
     tx: &mut Transaction<'_, Postgres>,
     schema: &str,
@@ -48,18 +57,55 @@ pub async fn apply(
     positions: &Checkpoints,
     summarize: bool,
 ) -> sqlx::Result<Applied> {
-    let new_steps = insert_steps(tx, schema, steps).await?;
-    advance_checkpoints(tx, schema, positions).await?;
-    if !summarize {
-        return Ok(Applied {
-            new_steps,
-            sagas: 0,
-        });
-    }
     let touched: BTreeSet<Uuid> = steps.iter().map(|s| s.order_id).collect();
     let touched: Vec<Uuid> = touched.into_iter().collect();
-    let sagas = resummarize(tx, schema, &touched).await?;
-    Ok(Applied { new_steps, sagas })
+    let (kept, left_out) = within_cap(tx, schema, &touched, steps).await?;
+    let new_steps = insert_steps(tx, schema, &kept).await?;
+    advance_checkpoints(tx, schema, positions).await?;
+    let sagas = if summarize {
+        resummarize(tx, schema, &touched).await?
+    } else {
+        0
+    };
+    Ok(Applied {
+        new_steps,
+        sagas,
+        left_out,
+    })
+}
+
+/// The steps of `steps` their sagas have room for (in the batch's order), and the saga and
+/// kind of each one left out. A record seen before counts against the room too, so a saga at
+/// the cap may keep a few less than [`MAX_STEPS_PER_SAGA`].
+async fn within_cap<'s>(
+    tx: &mut Transaction<'_, Postgres>,
+    schema: &str,
+    touched: &[Uuid],
+    steps: &'s [Step],
+) -> sqlx::Result<(Vec<&'s Step>, Vec<(Uuid, Kind)>)> {
+    if steps.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let mut held: HashMap<Uuid, i64> = sqlx::query_as(&format!(
+        "SELECT order_id, count(*) FROM {schema}.steps WHERE order_id = ANY($1) GROUP BY order_id"
+    ))
+    .bind(touched)
+    .fetch_all(&mut **tx)
+    .await?
+    .into_iter()
+    .collect();
+    let mut kept = Vec::with_capacity(steps.len());
+    let mut left_out = Vec::new();
+    for step in steps {
+        let n = held.entry(step.order_id).or_insert(0);
+        if *n < MAX_STEPS_PER_SAGA {
+            *n += 1;
+            kept.push(step);
+        } else {
+            left_out.push((step.order_id, step.kind));
+        }
+    }
+    Ok((kept, left_out))
 }
 
 /// Moves each partition's checkpoint forward to `positions` (never back).
@@ -93,12 +139,12 @@ pub(crate) async fn advance_checkpoints(
 async fn insert_steps(
     tx: &mut Transaction<'_, Postgres>,
     schema: &str,
-    steps: &[Step],
+    steps: &[&Step],
 ) -> sqlx::Result<u64> {
     if steps.is_empty() {
         return Ok(0);
     }
-    let col = |f: fn(&Step) -> Option<String>| steps.iter().map(f).collect::<Vec<_>>();
+    let col = |f: fn(&Step) -> Option<String>| steps.iter().map(|s| f(s)).collect::<Vec<_>>();
     let result = sqlx::query(&format!(
         "INSERT INTO {schema}.steps (topic, partition, \"offset\", order_id, at, service, event_type,
                                      kind, message_id, causation_id, trace_id, note, decoded)

@@ -509,6 +509,72 @@ async fn records_that_do_not_decode_show_in_their_saga_and_the_projection_goes_o
     stack.monitored_saga(next, "confirmed", 5, TIMEOUT).await;
 }
 
+/// A flood of records under one order id (on a topic of its own, which no service reads): the
+/// saga keeps the most steps a saga keeps, the rest are counted and left out, its page still
+/// renders, and the projection goes on with the next order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_under_one_order_id_is_capped_and_the_projection_goes_on() {
+    const KEPT: usize = 500; // saga_monitor::store::MAX_STEPS_PER_SAGA
+    const FLOOD: usize = 700;
+    let mut stack = Stack::start("monitor_flood").await;
+    stack.start_monitor().await;
+    stack.put_product("A", 250, 10).await;
+    let left_out = || async {
+        stack
+            .metric(&stack.monitor_url, "monitor_steps_left_out_total", &[])
+            .await
+    };
+    let left_out_before = left_out().await;
+    let flooded = Uuid::new_v4();
+    let topic = format!("flood{}.v1", Uuid::new_v4().simple());
+    messaging::kafka::ensure_topics(
+        &messaging::kafka::KafkaSettings::new(&stack.broker.bootstrap),
+        &[messaging::kafka::TopicSpec::new(
+            &topic,
+            Duration::from_secs(3_600),
+        )],
+        1,
+    )
+    .await
+    .expect("the flood's topic");
+    let records: Vec<Outgoing> = (0..FLOOD)
+        .map(|i| Outgoing {
+            topic: topic.clone(),
+            key: Some(flooded.to_string().into_bytes()),
+            headers: vec![
+                ("message-id".into(), Uuid::new_v4().to_string().into_bytes()),
+                ("event-type".into(), format!("Flood{i}").into_bytes()),
+            ],
+            payload: Some(vec![0xfe; 64]),
+        })
+        .collect();
+    kafka::produce_many(&stack.broker.bootstrap, &records)
+        .await
+        .expect("produce");
+    eventually(TIMEOUT, || async {
+        Ok((left_out().await - left_out_before >= (FLOOD - KEPT) as f64).then_some(()))
+    })
+    .await
+    .expect("the steps past the cap are counted as left out");
+    let saga = saga_of(&stack, &stack.monitor_url, flooded).await.unwrap();
+    assert_eq!(
+        saga["steps"].as_array().map(Vec::len),
+        Some(KEPT),
+        "the flooded saga keeps {KEPT} steps"
+    );
+    assert_eq!(left_out().await - left_out_before, (FLOOD - KEPT) as f64);
+    let page = stack
+        .http
+        .get(format!("{}/ui/sagas/{flooded}", stack.monitor_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains(&flooded.to_string()));
+    let next = stack.place_order(&[("A", 1)]).await;
+    stack.monitored_saga(next, "confirmed", 5, TIMEOUT).await;
+}
+
 async fn saga_of(stack: &Stack, base: &str, id: Uuid) -> anyhow::Result<Value> {
     let r = stack.http.get(format!("{base}/sagas/{id}")).send().await?;
     anyhow::ensure!(r.status().is_success(), "{base}/sagas/{id}: {}", r.status());
