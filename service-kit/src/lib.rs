@@ -15,6 +15,8 @@
 //! - [`pruning`]: the retention job that deletes rows past their retention and measures tables.
 //! - [`telemetry`]: logs, traces (OTLP) and the Prometheus recorder; [`trace_context`]: W3C
 //!   `traceparent` values carried across every hop.
+//! - [`process`]: a process's `main`: telemetry, settings, run, and a fatal error logged as one
+//!   line.
 //! - [`backoff`], [`duration`], [`shutdown`], [`text`]: the small things everything uses.
 //! - `testing` (feature `testing`): a fresh database for a test.
 
@@ -26,6 +28,7 @@ pub mod http;
 pub mod http_server;
 pub mod jobs;
 pub mod outbound;
+pub mod process;
 pub mod pruning;
 pub mod shutdown;
 pub mod telemetry;

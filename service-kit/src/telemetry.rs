@@ -7,12 +7,17 @@
 //!   OTLP over HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`)
 //!   is set, as `OTEL_SERVICE_NAME` (default: the binary's name); `OTEL_EXPORTER_OTLP_PROTOCOL`
 //!   picks `http/protobuf` (default) or `http/json`. Unset, nothing is exported, but trace ids
-//!   are still real and still travel with the events.
+//!   are still real and still travel with the events. When an export fails (no collector there,
+//!   not up yet, or refusing) the log says so once, and once more when spans are exported again
+//!   with how many were dropped meanwhile: spans are never lost without a word.
 //! - Metrics: a Prometheus recorder.
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -46,13 +51,76 @@ impl Telemetry {
     }
 }
 
+/// A span exporter that says in the log when its exports start failing and when they succeed
+/// again (the SDK drops a failed batch without a word).
+#[derive(Debug)]
+struct Reporting<E> {
+    inner: E,
+    failing: AtomicBool,
+    /// Spans dropped since the exports started failing.
+    dropped: AtomicU64,
+}
+
+impl<E> Reporting<E> {
+    fn new(inner: E) -> Reporting<E> {
+        Reporting {
+            inner,
+            failing: AtomicBool::new(false),
+            dropped: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<E: SpanExporter> SpanExporter for Reporting<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let spans = batch.len() as u64;
+        let result = self.inner.export(batch).await;
+        match &result {
+            Err(e) => {
+                self.dropped.fetch_add(spans, Ordering::Relaxed);
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, spans,
+                        "spans could not be exported ({e}); they are dropped until the OTLP endpoint takes them again");
+                }
+            }
+            Ok(()) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    let dropped = self.dropped.swap(0, Ordering::Relaxed);
+                    tracing::info!(
+                        dropped,
+                        "spans are exported again; {dropped} were dropped meanwhile"
+                    );
+                }
+            }
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: std::time::Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// Whether logs are JSON lines (`LOG_FORMAT=json`).
+pub fn logs_json() -> bool {
+    std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"))
+}
+
 /// Whether [`init`] set up an exporter: spans leave the process. Code that makes spans only
 /// for the trace (the relay's per-row send spans) skips them when nothing would receive them.
 pub fn exporting() -> bool {
-    EXPORTING.load(std::sync::atomic::Ordering::Relaxed)
+    EXPORTING.load(Ordering::Relaxed)
 }
 
-static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 /// Installs logging and tracing for the process `service`. Call once, first thing in `main`.
 pub fn init(service: &'static str) -> Telemetry {
@@ -85,7 +153,7 @@ pub fn init(service: &'static str) -> Telemetry {
         .join()
         .expect("building the OTLP exporter");
         match exporter {
-            Ok(exporter) => builder = builder.with_batch_exporter(exporter),
+            Ok(exporter) => builder = builder.with_batch_exporter(Reporting::new(exporter)),
             Err(e) => export_error = Some(e.to_string()),
         }
     }
@@ -95,7 +163,7 @@ pub fn init(service: &'static str) -> Telemetry {
     opentelemetry::global::set_tracer_provider(provider.clone());
     let tracer = provider.tracer(service);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    let json = logs_json();
     let otel = tracing_opentelemetry::layer().with_tracer(tracer);
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let _ = if json {
@@ -124,7 +192,7 @@ pub fn init(service: &'static str) -> Telemetry {
         }
     }
     let exporting = exporting && export_error.is_none();
-    EXPORTING.store(exporting, std::sync::atomic::Ordering::Relaxed);
+    EXPORTING.store(exporting, Ordering::Relaxed);
     Telemetry {
         provider,
         exporting,

@@ -135,6 +135,26 @@ impl Browser {
         Ok(url.as_str().unwrap_or_default().to_owned())
     }
 
+    /// Waits (up to `timeout`) until the page at an address containing `part` has loaded (a
+    /// click on a link or a submit button returns before the navigation it starts is done);
+    /// returns the address.
+    pub async fn wait_for_page(&self, part: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let url = self.current_url().await?;
+            let state = self.script("return document.readyState").await?;
+            if url.contains(part) && state == "complete" {
+                return Ok(url);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "no page at an address containing {part:?} loaded within {timeout:?}: at {url}, {state}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The elements that match a CSS selector, in document order.
     pub async fn find_all(&self, css: &str) -> anyhow::Result<Vec<Element>> {
         let found = self

@@ -731,7 +731,7 @@ impl Process {
     }
 
     /// The flag that says where it serves HTTP (set to `stdin`: the listener is handed to it).
-    fn port_flag(self) -> &'static str {
+    pub fn port_flag(self) -> &'static str {
         match self {
             Process::OrderService
             | Process::InventoryService

@@ -996,8 +996,10 @@ mod own_stack {
             .click(&browser.find("button[type=submit]").await.unwrap())
             .await
             .unwrap();
-        let url = browser.current_url().await.unwrap();
-        assert!(url.contains("stuck=true"), "{url}");
+        browser
+            .wait_for_page("stuck=true", TIMEOUT)
+            .await
+            .expect("the form's filter loads the stuck sagas' page");
         let rows = browser.find_all("tr.saga").await.unwrap();
         let mut held_shown = false;
         for row in &rows {

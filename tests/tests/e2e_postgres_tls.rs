@@ -83,17 +83,22 @@ mod own_stack {
             .await
             .expect("order-service gives up on an untrusted server within a minute")
             .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        // Its log (stdout) and anything else it wrote (stderr).
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
         assert!(
             !output.status.success(),
             "started against an untrusted server"
         );
         assert!(
-            stderr.to_lowercase().contains("certificate"),
-            "the error names the certificate: {stderr}"
+            printed.to_lowercase().contains("certificate"),
+            "the error names the certificate: {printed}"
         );
         assert!(
-            !stderr.contains(TLS_ROLE_PASSWORD),
+            !printed.contains(TLS_ROLE_PASSWORD),
             "the password is in the error"
         );
         assert!(stack.exited().is_empty(), "{:?}", stack.exited());
