@@ -514,8 +514,8 @@ async fn records_that_do_not_decode_show_in_their_saga_and_the_projection_goes_o
 /// renders, and the projection goes on with the next order.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_flood_under_one_order_id_is_capped_and_the_projection_goes_on() {
-    const KEPT: usize = 500; // saga_monitor::store::MAX_STEPS_PER_SAGA
-    const FLOOD: usize = 700;
+    const KEPT: usize = saga_monitor::store::MAX_STEPS_PER_SAGA as usize;
+    const FLOOD: usize = KEPT + 200;
     let mut stack = Stack::start("monitor_flood").await;
     stack.start_monitor().await;
     stack.put_product("A", 250, 10).await;

@@ -54,12 +54,17 @@ pub async fn agree(stack: &Stack, witness: &Witness, ids: &[Uuid]) -> Result<Agr
     let deadline = Instant::now() + CATCH_UP_WITHIN;
     loop {
         let mut behind = Vec::new();
-        for (name, pool) in &monitors {
-            match lag(stack, pool, &statuses).await {
-                Ok(None) => {}
-                Ok(Some(why)) => behind.push(format!("{name}: {why}")),
-                Err(e) => behind.push(format!("{name}: {e}")),
+        match kafka::high_watermarks(&stack.broker.bootstrap).await {
+            Ok(ends) => {
+                for (name, pool) in &monitors {
+                    match lag(pool, &ends, &statuses).await {
+                        Ok(None) => {}
+                        Ok(Some(why)) => behind.push(format!("{name}: {why}")),
+                        Err(e) => behind.push(format!("{name}: {e}")),
+                    }
+                }
             }
+            Err(e) => behind.push(format!("the topics' ends: {e}")),
         }
         if behind.is_empty() {
             break;
@@ -104,14 +109,13 @@ pub async fn agree(stack: &Stack, witness: &Witness, ids: &[Uuid]) -> Result<Agr
 }
 
 /// Why the monitor of `pool` has not caught up, or `None` when it has: every projected topic
-/// read at least to its high watermark, and every order of `statuses` shown ended with its
-/// status.
+/// read at least to its end in `ends` (each topic's high watermarks summed), and every order of
+/// `statuses` shown ended with its status.
 async fn lag(
-    stack: &Stack,
     pool: &PgPool,
+    ends: &BTreeMap<String, i64>,
     statuses: &HashMap<Uuid, String>,
 ) -> anyhow::Result<Option<String>> {
-    let ends = kafka::high_watermarks(&stack.broker.bootstrap).await?;
     let read: HashMap<String, i64> = sqlx::query_as(
         "SELECT topic, sum(next_offset)::bigint FROM projection.checkpoints GROUP BY topic",
     )
@@ -119,7 +123,10 @@ async fn lag(
     .await?
     .into_iter()
     .collect();
-    for (topic, end) in ends.iter().filter(|(t, _)| projected(t)) {
+    for (topic, end) in ends
+        .iter()
+        .filter(|(t, _)| saga_monitor::step::classify(t).is_some())
+    {
         let at = read.get(topic).copied().unwrap_or(0);
         if at < *end {
             return Ok(Some(format!("{topic} read to {at} of {end}")));
@@ -146,11 +153,6 @@ async fn lag(
             wrong[0]
         )
     }))
-}
-
-/// The topics the monitor projects: event topics, retry topics and dead-letter queues.
-fn projected(topic: &str) -> bool {
-    topic.ends_with(".v1") || topic.ends_with(".dlq") || topic.contains(".retry.")
 }
 
 /// Every step (by topic, partition and offset) and every saga (by order id) of a monitor's
