@@ -18,11 +18,15 @@ use crate::domain::{
 };
 use crate::store;
 
-pub const GROUP: &str = "inventory-service";
+pub const GROUP: &str = schemas::INVENTORY_SERVICE;
 
 pub struct OrderEvents;
 
 impl Handler for OrderEvents {
+    fn handles(&self, event: &Event) -> bool {
+        event.read_by().contains(&GROUP)
+    }
+
     async fn handle(
         &self,
         conn: &mut PgConnection,

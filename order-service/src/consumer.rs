@@ -14,7 +14,7 @@ use crate::domain::Input;
 use crate::store;
 use crate::transition::{self, Applied, Steps};
 
-pub const GROUP: &str = "order-service";
+pub const GROUP: &str = schemas::ORDER_SERVICE;
 
 /// The topics order-service consumes.
 pub const TOPICS: &[&str] = &[schemas::INVENTORY_TOPIC, schemas::PAYMENTS_TOPIC];
@@ -24,6 +24,10 @@ pub struct SagaEvents {
 }
 
 impl Handler for SagaEvents {
+    fn handles(&self, event: &Event) -> bool {
+        event.read_by().contains(&GROUP)
+    }
+
     async fn handle(
         &self,
         conn: &mut PgConnection,

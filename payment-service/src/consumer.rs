@@ -20,7 +20,7 @@ use crate::charging::{self, Origin};
 use crate::domain::{self, OnAwaitingPayment, OnRefundRequested};
 use crate::store::{self, Record};
 
-pub const GROUP: &str = "payment-service";
+pub const GROUP: &str = schemas::PAYMENT_SERVICE;
 
 pub struct OrderEvents {
     /// Wakes the job runner once a transaction that queued a job has committed.
@@ -28,6 +28,10 @@ pub struct OrderEvents {
 }
 
 impl Handler for OrderEvents {
+    fn handles(&self, event: &Event) -> bool {
+        event.read_by().contains(&GROUP)
+    }
+
     async fn handle(
         &self,
         conn: &mut PgConnection,

@@ -62,6 +62,10 @@ pub struct Target {
     /// [`store::summarize_all`] (a rebuild's first pass over the log, where a saga's records
     /// come in many batches and would be summarized again with each).
     pub summarize: bool,
+    /// How long a batch waits, after its first record, for more to join it (0: it takes only
+    /// what is already fetched). Each batch is one transaction of five statements whatever its
+    /// size, so while records trickle in one at a time, waiting a little writes many in one.
+    pub linger: Duration,
 }
 
 /// Projects until `shutdown` fires. Database errors are waited out with the batch held (it is
@@ -182,7 +186,8 @@ impl Projector {
     }
 
     /// Projects what has arrived: waits up to `wait` for a record, then takes what is already
-    /// fetched (up to the target's batch size) and writes it in one transaction. Returns how many
+    /// fetched and what arrives within the target's linger (up to its batch size) and writes it
+    /// in one transaction. Returns how many
     /// records it projected, or `None` once `shutdown` fired.
     pub async fn step(
         &mut self,
@@ -218,15 +223,29 @@ impl Projector {
                 return Ok(Some(0));
             }
         }
-        // What is already fetched joins the batch; nothing waits for more.
+        // What is already fetched joins the batch, and what arrives within the linger.
+        let until = Instant::now() + self.target.linger;
         while batch.len() < self.target.max_batch {
-            match self.consumer.recv().now_or_never() {
-                Some(Ok(m)) => batch.push(Delivery::from_message(&m)),
-                Some(Err(e)) => {
+            let next = match self.consumer.recv().now_or_never() {
+                Some(next) => next,
+                None => {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    tokio::select! {
+                        _ = shutdown.wait() => break,
+                        _ = tokio::time::sleep(left) => break,
+                        next = self.consumer.recv() => next,
+                    }
+                }
+            };
+            match next {
+                Ok(m) => batch.push(Delivery::from_message(&m)),
+                Err(e) => {
                     tracing::warn!(error = %e, "reading from the broker failed; the client retries");
                     break;
                 }
-                None => break,
             }
         }
         let (steps, reached) = steps_of(&batch, &self.positions, &mut self.unattributed);

@@ -82,6 +82,8 @@ pub async fn run(
             schema: REBUILD.to_owned(),
             max_batch,
             summarize: summarized,
+            // A rebuild reads a backlog: its batches fill without waiting.
+            linger: Duration::ZERO,
         },
     )
     .await?;

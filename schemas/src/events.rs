@@ -256,10 +256,18 @@ macro_rules! aggregates {
     };
 }
 
-/// Declares the events: each with its aggregate. The variant name is the struct's, the Avro
-/// record name and the `event-type` header; its schema is `avro/<name>.avsc`.
+/// The consumer group of order-service.
+pub const ORDER_SERVICE: &str = "order-service";
+/// The consumer group of inventory-service.
+pub const INVENTORY_SERVICE: &str = "inventory-service";
+/// The consumer group of payment-service.
+pub const PAYMENT_SERVICE: &str = "payment-service";
+
+/// Declares the events: each with its aggregate and the consumer groups that act on it. The
+/// variant name is the struct's, the Avro record name and the `event-type` header; its schema is
+/// `avro/<name>.avsc`.
 macro_rules! events {
-    ($($name:ident in $aggregate:ident,)*) => {
+    ($($name:ident in $aggregate:ident, read by [$($reader:ident),*],)*) => {
         /// Any event of the saga. The variant name is the Avro record name and the `event-type`
         /// header.
         #[derive(Debug, Clone, PartialEq, Eq)]
@@ -295,6 +303,23 @@ macro_rules! events {
             pub fn order_id(&self) -> Uuid {
                 match self {
                     $(Event::$name(e) => e.order_id,)*
+                }
+            }
+
+            /// The consumer groups that act on the event (DESIGN.md's flow). Every other group
+            /// reading its topic passes it by: it has nothing to do for it.
+            pub fn read_by(&self) -> &'static [&'static str] {
+                match self {
+                    $(Event::$name(_) => &[$($reader),*],)*
+                }
+            }
+
+            /// [`Event::read_by`] for an `event-type` header's value; `None` for a type that is
+            /// not one of the saga's.
+            pub fn readers_of(event_type: &str) -> Option<&'static [&'static str]> {
+                match event_type {
+                    $(stringify!($name) => Some(&[$($reader),*]),)*
+                    _ => None,
                 }
             }
 
@@ -382,18 +407,19 @@ aggregates! {
 }
 
 events! {
-    OrderPlaced in Order,
-    OrderAwaitingPayment in Order,
-    OrderConfirmed in Order,
-    OrderRejected in Order,
-    OrderRefundRequested in Order,
-    OrderCancelled in Order,
-    StockReserved in Inventory,
-    StockReservationRejected in Inventory,
-    StockReleased in Inventory,
-    PaymentConfirmed in Payment,
-    PaymentDeclined in Payment,
-    PaymentRefunded in Payment,
+    OrderPlaced in Order, read by [INVENTORY_SERVICE],
+    OrderAwaitingPayment in Order, read by [PAYMENT_SERVICE],
+    OrderConfirmed in Order, read by [INVENTORY_SERVICE],
+    // Inventory reserved nothing for a rejected order: there is nothing to undo.
+    OrderRejected in Order, read by [],
+    OrderRefundRequested in Order, read by [PAYMENT_SERVICE],
+    OrderCancelled in Order, read by [INVENTORY_SERVICE],
+    StockReserved in Inventory, read by [ORDER_SERVICE],
+    StockReservationRejected in Inventory, read by [ORDER_SERVICE],
+    StockReleased in Inventory, read by [ORDER_SERVICE],
+    PaymentConfirmed in Payment, read by [ORDER_SERVICE],
+    PaymentDeclined in Payment, read by [ORDER_SERVICE],
+    PaymentRefunded in Payment, read by [ORDER_SERVICE],
 }
 
 /// The topic an aggregate type publishes to (`"order"` → `orders.v1`, `"inventory"` →

@@ -43,9 +43,10 @@ pub use codec::{
 };
 pub use error::DecodeError;
 pub use events::{
-    AGGREGATES, Aggregate, CancelReason, EVENT_TOPICS, Event, INVENTORY_AGGREGATE, INVENTORY_TOPIC,
-    ORDER_AGGREGATE, ORDERS_TOPIC, OrderAwaitingPayment, OrderCancelled, OrderConfirmed, OrderItem,
-    OrderPlaced, OrderRefundRequested, OrderRejected, PAYMENT_AGGREGATE, PAYMENTS_TOPIC,
+    AGGREGATES, Aggregate, CancelReason, EVENT_TOPICS, Event, INVENTORY_AGGREGATE,
+    INVENTORY_SERVICE, INVENTORY_TOPIC, ORDER_AGGREGATE, ORDER_SERVICE, ORDERS_TOPIC,
+    OrderAwaitingPayment, OrderCancelled, OrderConfirmed, OrderItem, OrderPlaced,
+    OrderRefundRequested, OrderRejected, PAYMENT_AGGREGATE, PAYMENT_SERVICE, PAYMENTS_TOPIC,
     PaymentConfirmed, PaymentDeclined, PaymentRefunded, ReservedLine, Shortage, StockReleased,
     StockReservationRejected, StockReserved, topic_for_aggregate,
 };

@@ -275,6 +275,29 @@ fn every_example_json_decodes_and_round_trips_through_encode_json() {
     }
 }
 
+/// Who acts on each event: the table's two readings agree, every event of a service's topic
+/// is acted on by someone but OrderRejected (inventory reserved nothing for it), and no group
+/// acts on its own service's events.
+#[test]
+fn every_event_names_the_groups_that_act_on_it() {
+    for event_type in Event::EVENT_TYPES {
+        let event = decode_json(event_type, &example(event_type)).unwrap();
+        assert_eq!(Event::readers_of(event_type), Some(event.read_by()));
+        let own_group = match event.topic() {
+            t if t == schemas::ORDERS_TOPIC => schemas::ORDER_SERVICE,
+            t if t == schemas::INVENTORY_TOPIC => schemas::INVENTORY_SERVICE,
+            _ => schemas::PAYMENT_SERVICE,
+        };
+        assert!(!event.read_by().contains(&own_group), "{event_type}");
+        assert_eq!(
+            event.read_by().is_empty(),
+            event_type == "OrderRejected",
+            "{event_type}"
+        );
+    }
+    assert_eq!(Event::readers_of("NoSuchEvent"), None);
+}
+
 #[test]
 fn examples_are_one_line_each_for_kcat() {
     for event_type in Event::EVENT_TYPES {

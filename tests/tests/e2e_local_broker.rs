@@ -159,6 +159,16 @@ mod own_stack {
     async fn a_consumer_resuming_inside_a_batch_misses_nothing() {
         e2e::requires_own_stack("starts inventory-service at an offset it sets");
         let (stack, records) = resume_inside_a_batch("local_broker_resume_in_batch", false).await;
+        // The OrderPlaced records (every one in the batches the consumer resumes inside) leave an
+        // inbox row; the OrderRejected after them are passed by with none.
+        let records: Vec<_> = records
+            .into_iter()
+            .filter(|r| {
+                r.header("event-type")
+                    .and_then(schemas::Event::readers_of)
+                    .is_some_and(|readers| readers.contains(&GROUP))
+            })
+            .collect();
         let wanted = records.len();
         eventually(TIMEOUT, || async {
             Ok((applied(&stack, &records).await.len() == wanted).then_some(()))

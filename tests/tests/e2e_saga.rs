@@ -270,6 +270,74 @@ async fn a_redelivered_event_with_the_same_message_id_has_no_second_effect() {
     assert_eq!(reserved, 1);
 }
 
+/// Each group applies the events it acts on (an inbox row each) and passes the others on its
+/// topic by, counted, with no inbox row: payment-service takes OrderAwaitingPayment and passes
+/// OrderPlaced and OrderConfirmed by; inventory-service the other way round.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_group_applies_the_events_it_acts_on_and_passes_the_others_by() {
+    let stack = Stack::start("passed_by").await;
+    let sku = stack.sku("A");
+    stack.put_product(&sku, 100, 10).await;
+    let id = stack.place_order(&[(&sku, 1)]).await;
+    stack
+        .wait_for_statuses(&[id], &["CONFIRMED"], SAGA_TIMEOUT)
+        .await;
+    eventually(SAGA_TIMEOUT, || async {
+        Ok((stack.product(&sku).await["sold"] == 1).then_some(()))
+    })
+    .await
+    .expect("the confirmed order's stock is sold");
+    let records = wait_for_events(&stack, schemas::ORDERS_TOPIC, &[id], |e| {
+        matches!(e, Event::OrderConfirmed(_))
+    })
+    .await;
+    let id_of = |event_type: &str| {
+        records
+            .iter()
+            .find(|(_, e)| e.event_type() == event_type)
+            .and_then(|(r, _)| r.header("message-id")?.parse::<Uuid>().ok())
+            .unwrap_or_else(|| panic!("no {event_type} of the order on orders.v1"))
+    };
+    let all = ["OrderPlaced", "OrderAwaitingPayment", "OrderConfirmed"].map(id_of);
+    let inboxed = |pool: sqlx::PgPool, group: &'static str| async move {
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT message_id FROM inbox WHERE consumer_group = $1 AND message_id = ANY($2) \
+             ORDER BY processed_at",
+        )
+        .bind(group)
+        .bind(&all[..])
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        ids
+    };
+    assert_eq!(
+        inboxed(stack.payments_pool().await, schemas::PAYMENT_SERVICE).await,
+        vec![all[1]],
+        "payment-service applied OrderAwaitingPayment alone"
+    );
+    assert_eq!(
+        inboxed(stack.inventory_pool().await, schemas::INVENTORY_SERVICE).await,
+        vec![all[0], all[2]],
+        "inventory-service applied OrderPlaced and OrderConfirmed"
+    );
+    for (url, event_type) in [
+        (&stack.payment_url, "OrderPlaced"),
+        (&stack.payment_url, "OrderConfirmed"),
+        (&stack.inventory_url, "OrderAwaitingPayment"),
+    ] {
+        let passed = stack
+            .metric(
+                url,
+                "consumer_messages_ignored_total",
+                &[("event_type", event_type)],
+            )
+            .await;
+        assert!(passed >= 1.0, "{url} counted no {event_type} passed by");
+    }
+}
+
 /// Money and quantities have upper bounds in the contract that no sum can overflow. A price
 /// beyond the bound is refused with 422 and nothing is stored; an order at every bound at once
 /// (100 lines of 1,000,000 units at the largest price) is reserved with its exact total, 10^18

@@ -69,6 +69,14 @@ impl<H: Handler> Worker<H> {
         .record(started.elapsed().as_secs_f64());
     }
 
+    /// A record of an event the group does not act on ([`Handler::handles`]): counted, nothing
+    /// else (no inbox row: it has no effect that could be applied twice).
+    pub(super) fn passed_by(&self, delivery: &Delivery, envelope: &Envelope) {
+        let event_type = envelope.event.event_type();
+        self.count("consumer_messages_ignored_total", delivery, event_type);
+        tracing::trace!(message_id = %envelope.message_id, event_type, "not an event this group acts on; passed by");
+    }
+
     /// A message found already applied (in the inbox): counted and logged, nothing else.
     pub(super) fn skipped_duplicate(&self, delivery: &Delivery, envelope: &Envelope) {
         let event_type = envelope.event.event_type();

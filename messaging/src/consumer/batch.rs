@@ -3,7 +3,8 @@
 //! pays one commit for many records instead of one each.
 //!
 //! Only what the single-record path would apply at once joins a group: a decodable record whose
-//! key is not parked, and whose handler succeeds. Each record runs in a savepoint; the first one
+//! key is not parked, and whose handler succeeds; an event the group does not act on passes
+//! through the group with no statement of its own. Each record runs in a savepoint; the first one
 //! that would not apply (its key is parked, it is undecodable, the handler says "not yet" or
 //! "never", or anything fails) is rolled back to its savepoint, ends the group, and the group
 //! before it commits. That record then goes through the single-record path ([`Worker::process`])
@@ -38,6 +39,8 @@ enum Joined {
     Applied(AfterCommit),
     /// Already applied (its message id is in the inbox): skipped.
     Duplicate,
+    /// An event the group does not act on ([`super::Handler::handles`]): no statement for it.
+    PassedBy,
 }
 
 impl<H: Handler> Worker<H> {
@@ -103,6 +106,10 @@ impl<H: Handler> Worker<H> {
             let Ok(envelope) = Envelope::decode(record) else {
                 break;
             };
+            if !self.handler.handles(&envelope.event) {
+                joined.push((envelope, Joined::PassedBy));
+                continue;
+            }
             if parked.contains(key) {
                 break;
             }
@@ -126,6 +133,7 @@ impl<H: Handler> Worker<H> {
                     let _span = process_span(&self.group, record).entered();
                     self.skipped_duplicate(record, &envelope);
                 }
+                Joined::PassedBy => self.passed_by(record, &envelope),
             }
         }
         tracing::debug!(group = %self.group, records = count, "applied in one transaction");

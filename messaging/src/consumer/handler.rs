@@ -4,6 +4,7 @@
 
 use std::future::Future;
 
+use schemas::Event;
 use sqlx::PgConnection;
 
 use crate::delivery::Envelope;
@@ -36,6 +37,15 @@ impl From<sqlx::Error> for HandlerError {
 /// transaction that also holds the inbox claim; it must do all its writes through `conn`. What it
 /// returns runs only once that transaction has committed.
 pub trait Handler: Send + Sync + 'static {
+    /// Whether the group acts on `event` at all (the saga's services: [`schemas::Event::read_by`]).
+    /// A record of an event it does not act on, read from a subscribed topic, is passed by with
+    /// no transaction and no inbox row (it has no effect to apply once), and counted in
+    /// `consumer_messages_ignored_total`. The default acts on every event.
+    fn handles(&self, event: &Event) -> bool {
+        let _ = event;
+        true
+    }
+
     fn handle(
         &self,
         conn: &mut PgConnection,

@@ -340,6 +340,10 @@ pub fn describe_metrics() {
         "Messages applied (inbox claimed, effect committed), by group, topic and event type"
     );
     describe_counter!(
+        "consumer_messages_ignored_total",
+        "Records of events the group does not act on, read from its topics and passed by without a transaction or an inbox row, by group, topic and event type"
+    );
+    describe_counter!(
         "consumer_messages_duplicate_total",
         "Messages skipped because the inbox had their message id already, by group, topic and event type"
     );

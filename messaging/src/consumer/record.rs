@@ -129,6 +129,12 @@ impl<H: Handler> Worker<H> {
             }
         };
         let event_type = envelope.event.event_type();
+        // Only from the subscribed topics: a copy in a retry topic may head its key, and ends
+        // its key's chain through the path below.
+        if stage == Stage::Main && !self.handler.handles(&envelope.event) {
+            self.passed_by(delivery, &envelope);
+            return Ok(());
+        }
         if stage == Stage::Retry
             && let Some(due) = retry::not_before(delivery)
         {

@@ -236,7 +236,9 @@ impl std::fmt::Display for Finding {
 }
 
 /// Records of `group`'s topic, older than `cutoff_ms`, that have no inbox row (`applied`) and
-/// no dead letter (by message id, or by original place for records without a valid id).
+/// no dead letter (by message id, or by original place for records without a valid id). Events
+/// the group does not act on ([`schemas::Event::read_by`]) are passed by with no inbox row and
+/// are not looked for; a record whose type is not one of the saga's must be dead-lettered.
 pub fn unapplied(
     group: &str,
     records: &[TopicRecord],
@@ -254,6 +256,12 @@ pub fn unapplied(
     records
         .iter()
         .filter(|r| r.timestamp_ms.is_none_or(|t| t < cutoff_ms))
+        .filter(|r| {
+            r.event_type
+                .as_deref()
+                .and_then(schemas::Event::readers_of)
+                .is_none_or(|readers| readers.contains(&group))
+        })
         .filter(|r| match r.message_id {
             Some(id) => !applied.contains(&id) && !dead_ids.contains(&id),
             None => !dead_places.contains(&(r.topic.as_str(), r.partition, r.offset)),
@@ -714,6 +722,8 @@ pub fn sequence_problem(types: &[&str]) -> Option<String> {
 mod tests {
     use super::*;
 
+    const INVENTORY: &str = schemas::INVENTORY_SERVICE;
+
     fn record(partition: i32, offset: i64, key: &str, id: u128, event: &str) -> TopicRecord {
         TopicRecord {
             topic: "orders.v1".into(),
@@ -740,7 +750,7 @@ mod tests {
             original: None,
         }];
         let parked = HashSet::from(["k".to_owned()]);
-        let found = unapplied("g", &records, &applied, &dead, &parked, 1);
+        let found = unapplied(INVENTORY, &records, &applied, &dead, &parked, 1);
         assert_eq!(found.len(), 1);
         assert!(matches!(
             &found[0],
@@ -764,11 +774,34 @@ mod tests {
         }];
         let none = HashSet::new();
         let records = [recent, poison.clone()];
-        assert!(unapplied("g", &records, &HashSet::new(), &dead, &none, 5).is_empty());
+        assert!(unapplied(INVENTORY, &records, &HashSet::new(), &dead, &none, 5).is_empty());
         assert_eq!(
-            unapplied("g", &[poison], &HashSet::new(), &[], &none, 5).len(),
+            unapplied(INVENTORY, &[poison], &HashSet::new(), &[], &none, 5).len(),
             1
         );
+    }
+
+    #[test]
+    fn events_the_group_does_not_act_on_need_no_inbox_row_but_unknown_types_do() {
+        let records = [
+            record(0, 0, "k", 1, "OrderAwaitingPayment"),
+            record(0, 1, "k", 2, "OrderRejected"),
+            record(0, 2, "k", 3, "NoSuchEvent"),
+        ];
+        let (none, parked) = (HashSet::new(), HashSet::new());
+        let found = unapplied(INVENTORY, &records, &none, &[], &parked, 1);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(matches!(&found[0], Finding::Unapplied { offset: 2, .. }));
+        // payment-service acts on OrderAwaitingPayment: without an inbox row it is a finding.
+        let found = unapplied(
+            schemas::PAYMENT_SERVICE,
+            &records[..1],
+            &none,
+            &[],
+            &parked,
+            1,
+        );
+        assert_eq!(found.len(), 1, "{found:?}");
     }
 
     fn order(id: u128, status: &str) -> OrderRow {

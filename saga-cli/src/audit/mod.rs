@@ -1,7 +1,7 @@
 //! `saga audit`: reads both event topics, both dead-letter topics and both services' databases, and
 //! reports what breaks the saga's promises (see [`checks`] for the rules):
-//! - per consumer group, records on its topic that it never applied (no inbox row) and did not
-//!   dead-letter;
+//! - per consumer group, records of the events it acts on that it never applied (no inbox row)
+//!   and did not dead-letter;
 //! - accepted orders still not terminal after the grace period;
 //! - terminal orders whose reservation disagrees (CONFIRMED ↔ COMMITTED, CANCELLED ↔ RELEASED or
 //!   none, REJECTED ↔ none), and reservations of orders order-service does not know;
