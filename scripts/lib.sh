@@ -145,6 +145,101 @@ ensure_cargo_deny() {  # cargo-deny, built from crates.io once (about 2.5 minute
     cargo deny --version >/dev/null 2>&1 || die "installing cargo-deny failed; run cargo install --locked cargo-deny by hand to see why"
 }
 
+# A Docker engine for the Compose run (scripts/compose-test.sh): Debian's docker.io,
+# docker-compose and debootstrap, installed when missing, and dockerd started when none answers.
+# What this started, stop_docker_engine stops, and removes what dockerd leaves behind: its
+# bridges, its iptables chains and rules (iptables-nft), and ip_forward as it was. Debian's CLI
+# (/usr/bin/docker) is used throughout: it has BuildKit built in, which a newer CLI without the
+# buildx plugin (such as /usr/local/bin/docker on these machines) does not.
+DOCKER=/usr/bin/docker
+DOCKERD_PID=""
+ensure_docker_engine() {
+    if [ ! -x /usr/sbin/dockerd ] || [ ! -x "$DOCKER" ] || ! command -v docker-compose >/dev/null ||
+        ! command -v debootstrap >/dev/null; then
+        say "installing docker.io, docker-compose and debootstrap (Debian's packages)"
+        as_root apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends \
+            docker.io docker-compose debootstrap >/dev/null
+    fi
+    if as_root "$DOCKER" info >/dev/null 2>&1; then
+        say "a Docker engine answers; using it"
+        return
+    fi
+    DOCKERD_IP_FORWARD=$(sysctl -n net.ipv4.ip_forward)
+    DOCKERD_FORWARD_POLICY=$(as_root iptables -S FORWARD 2>/dev/null | sed -n 's/^-P FORWARD //p')
+    DOCKERD_LOG="$CACHE_DIR/dockerd.log"
+    mkdir -p "$CACHE_DIR"
+    say "starting dockerd (log: $DOCKERD_LOG); it is stopped, and what it leaves removed, when this command ends"
+    # Started directly (not through as_root, a function: `$!` would name the subshell that runs
+    # it, and stopping that would leave dockerd running).
+    if [ "$(id -u)" = 0 ]; then
+        dockerd >"$DOCKERD_LOG" 2>&1 &
+    else
+        sudo dockerd >"$DOCKERD_LOG" 2>&1 &
+    fi
+    DOCKERD_PID=$!
+    local i
+    for i in $(seq 1 60); do
+        as_root "$DOCKER" info >/dev/null 2>&1 && return
+        kill -0 "$DOCKERD_PID" 2>/dev/null || break
+        sleep 0.5
+    done
+    tail -n 20 "$DOCKERD_LOG" >&2
+    die "dockerd did not answer within 30 s (its log is above)"
+}
+
+# Stops the dockerd that ensure_docker_engine started (none: nothing to do) and removes what it
+# leaves: containers' state stays in /var/lib/docker (the images are the cache of the next run),
+# but no bridge, no DOCKER chain or rule, and ip_forward and the FORWARD policy as they were.
+stop_docker_engine() {
+    [ -n "$DOCKERD_PID" ] || return 0
+    say "stopping the dockerd this command started"
+    as_root kill "$DOCKERD_PID" 2>/dev/null || true
+    local i
+    for i in $(seq 1 60); do
+        kill -0 "$DOCKERD_PID" 2>/dev/null || break
+        sleep 0.5
+    done
+    as_root pkill -x containerd-shim-runc-v2 2>/dev/null || true
+    local bridge
+    for bridge in $(ip -o link show type bridge 2>/dev/null | awk -F': ' '{print $2}' | grep -E '^(docker0|br-[0-9a-f]{12})$'); do
+        as_root ip link delete "$bridge" 2>/dev/null || true
+    done
+    # Every rule and chain dockerd made names DOCKER or one of its bridges; the rest stays.
+    local table
+    for table in filter nat; do
+        as_root iptables-save -t "$table" 2>/dev/null |
+            grep -v -E 'DOCKER|docker0|br-[0-9a-f]{12}' | as_root iptables-restore -T "$table" 2>/dev/null || true
+    done
+    [ -n "${DOCKERD_FORWARD_POLICY:-}" ] && as_root iptables -P FORWARD "$DOCKERD_FORWARD_POLICY" 2>/dev/null
+    as_root sysctl -q -w net.ipv4.ip_forward="${DOCKERD_IP_FORWARD:-0}" >/dev/null || true
+    DOCKERD_PID=""
+}
+
+# A Debian bookworm base image, tagged debian:bookworm-slim (what deploy/Dockerfile's runtime
+# stage and the stand-in images start from), made once per machine with debootstrap (minbase) and
+# `docker import`: no registry can be reached here. The root file system is kept as a tarball in
+# the cache, so an engine whose images were removed gets it back in seconds.
+ensure_base_image() {
+    if as_root "$DOCKER" image inspect debian:bookworm-slim >/dev/null 2>&1; then
+        return
+    fi
+    local tarball="$CACHE_DIR/debian-bookworm-minbase.tar"
+    if [ ! -s "$tarball" ]; then
+        say "making a Debian bookworm base image with debootstrap (about a minute, once; cached in $tarball)"
+        local rootfs
+        rootfs=$(mktemp -d)
+        as_root debootstrap --variant=minbase bookworm "$rootfs" http://deb.debian.org/debian >"$CACHE_DIR/debootstrap.log" 2>&1 ||
+            die "debootstrap failed; see $CACHE_DIR/debootstrap.log"
+        as_root rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+        as_root tar -C "$rootfs" -cf "$tarball.new" .
+        as_root rm -rf "$rootfs"
+        mv "$tarball.new" "$tarball"
+    fi
+    say "importing the Debian bookworm base image as debian:bookworm-slim"
+    as_root "$DOCKER" import --change 'CMD ["bash"]' "$tarball" debian:bookworm-slim >/dev/null
+}
+
 ensure_docker_compose() {  # Debian's docker-compose: the tests validate docker-compose.yml with it
     command -v docker-compose >/dev/null && return
     say "installing docker-compose (Debian's package; only to validate docker-compose.yml)"

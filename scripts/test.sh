@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit, codec and end-to-end tests (real binaries, real Postgres, real
 # Tansu broker; each end-to-end test starts its own broker and creates its own databases), then the
-# end-to-end suite again against a running stack (scripts/run.sh's, started here if none runs), the
-# way it runs against Docker Compose.
-# Installs what is missing first (Postgres, Tansu, cargo-deny, kcat, promtool, docker-compose, socat,
+# end-to-end suite again against a running stack (scripts/run.sh's, started here if none runs), and
+# then against the Docker Compose stack, in containers (scripts/compose-test.sh).
+# Installs what is missing first (Postgres, Tansu, cargo-deny, kcat, promtool, Docker, socat,
 # openssl, Chromium and ChromeDriver, and schemathesis in a venv). Checks the dependencies with cargo deny. Extra arguments
 # go to the test runner.
 #
@@ -19,15 +19,22 @@ have_nextest() { cargo nextest --version >/dev/null 2>&1; }
 # shared stack's counters are read as increases, which only a test running alone can own. The
 # tests that need a stack of their own (they kill, restart or reconfigure processes) live in
 # `own_stack` modules and are left out by name, so the runner counts them as skipped.
+# The tests that cut, pause and kill the Compose stack's containers, compose_stack::*, run only
+# against it (scripts/compose-test.sh sets E2E_COMPOSE_PROJECT).
 e2e_against_stack() {
-    say "running the end-to-end suite against the running stack E2E_STACK=$E2E_STACK, one test at a time (the tests that must stop or reconfigure processes, own_stack::*, are skipped)"
+    local skip=(--skip own_stack::) what="own_stack::*"
+    if [ "$E2E_STACK" != compose ] || [ -z "${E2E_COMPOSE_PROJECT:-}" ]; then
+        skip+=(--skip compose_stack::)
+        what="own_stack::* and compose_stack::*"
+    fi
+    say "running the end-to-end suite against the running stack E2E_STACK=$E2E_STACK, one test at a time (the tests that must stop or reconfigure processes, $what, are skipped)"
     # Test-name filters go after `--`; the caller's own `--`, if any, is reused.
     local args=("$@") separator=(--)
     for arg in "$@"; do [ "$arg" = -- ] && separator=(); done
     if have_nextest; then
-        cargo nextest run -p e2e --no-fail-fast --test-threads 1 "${args[@]}" "${separator[@]}" --skip own_stack::
+        cargo nextest run -p e2e --no-fail-fast --test-threads 1 "${args[@]}" "${separator[@]}" "${skip[@]}"
     else
-        cargo test -p e2e --no-fail-fast "${args[@]}" "${separator[@]}" --skip own_stack:: --test-threads 1
+        cargo test -p e2e --no-fail-fast "${args[@]}" "${separator[@]}" "${skip[@]}" --test-threads 1
     fi
 }
 
@@ -59,12 +66,15 @@ ensure_docker_compose
 ensure_tls_tools
 ensure_chromium
 status=0
+# The Compose stack's own tests run in scripts/compose-test.sh, below; here the runner skips them.
+args=("$@") separator=(--)
+for arg in "$@"; do [ "$arg" = -- ] && separator=(); done
 if have_nextest; then
     say "running the tests with cargo-nextest"
-    cargo nextest run --workspace --no-fail-fast "$@" || status=$?
+    cargo nextest run --workspace --no-fail-fast "${args[@]}" "${separator[@]}" --skip compose_stack:: || status=$?
 else
     say "running the tests with cargo test"
-    cargo test --workspace --no-fail-fast "$@" || status=$?
+    cargo test --workspace --no-fail-fast "${args[@]}" "${separator[@]}" --skip compose_stack:: || status=$?
 fi
 
 # The same end-to-end tests against a stack they did not start, as against Compose.
@@ -88,6 +98,18 @@ if [ "$#" -eq 0 ] && [ -n "${started_stack:-}" ]; then
 elif [ "$#" -eq 0 ]; then
     say "not fuzzing the HTTP APIs: the running stack was not started here, and its audit would judge what ran before"
 fi
-export E2E_STACK=local
-e2e_against_stack "$@" || status=$?
+E2E_STACK=local e2e_against_stack "$@" || status=$?
+
+# And against the Docker Compose stack, in containers (scripts/compose-test.sh: a Docker engine,
+# the images, the stack up, the same suite with E2E_STACK=compose, everything torn down). Its
+# services publish the same ports as the local stack, which is stopped first.
+if [ -n "${started_stack:-}" ]; then
+    say "stopping the local stack"
+    scripts/stop.sh >&2 || true
+    trap - EXIT
+    say "the end-to-end suite against the Docker Compose stack (scripts/compose-test.sh)"
+    scripts/compose-test.sh "$@" || status=$?
+else
+    say "SKIPPED: the end-to-end suite against Docker Compose; the local stack this command did not start holds its ports (stop it with scripts/stop.sh, or run scripts/compose-test.sh)"
+fi
 exit "$status"

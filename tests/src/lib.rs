@@ -61,6 +61,9 @@ pub struct ExternalStack {
     pub orders_db: String,
     pub inventory_db: String,
     pub payments_db: String,
+    /// The bearer token of `PUT /products` and `PUT /faults` (`E2E_ADMIN_TOKEN`), when the
+    /// stack has one.
+    pub admin_token: Option<String>,
 }
 
 impl ExternalStack {
@@ -91,6 +94,8 @@ impl ExternalStack {
             orders_db: "orders".into(),
             inventory_db: "inventory".into(),
             payments_db: "payments".into(),
+            // Compose's default (ADMIN_TOKEN unset); the local stack has none.
+            admin_token: (name == "compose").then(|| "saga-local-dev-admin".to_owned()),
         })
     }
 }
@@ -98,7 +103,8 @@ impl ExternalStack {
 /// The running stack named by `E2E_STACK` ([`ExternalStack::defaults`]), or `None` when each test
 /// starts its own. Each address can be overridden: `E2E_ORDER_URL`, `E2E_INVENTORY_URL`,
 /// `E2E_PAYMENT_URL`, `E2E_GATEWAY_URL`, `E2E_RELAY_URL`, `E2E_MONITOR_URL`, `E2E_KAFKA_BOOTSTRAP`,
-/// `E2E_POSTGRES_URL`, `E2E_ORDERS_DB`, `E2E_INVENTORY_DB`, `E2E_PAYMENTS_DB`.
+/// `E2E_POSTGRES_URL`, `E2E_ORDERS_DB`, `E2E_INVENTORY_DB`, `E2E_PAYMENTS_DB`; and
+/// `E2E_ADMIN_TOKEN` is the stack's admin token, if it has one.
 pub fn external_stack() -> Option<&'static ExternalStack> {
     static STACK: OnceLock<Option<ExternalStack>> = OnceLock::new();
     STACK
@@ -127,6 +133,12 @@ pub fn external_stack() -> Option<&'static ExternalStack> {
                     *field = value;
                 }
             }
+            if let Some(token) = std::env::var("E2E_ADMIN_TOKEN")
+                .ok()
+                .filter(|v| !v.is_empty())
+            {
+                stack.admin_token = Some(token);
+            }
             Some(stack)
         })
         .as_ref()
@@ -148,6 +160,25 @@ pub fn requires_own_stack(what_it_does: &str) {
              tests named {OWN_STACK_MODULE}* (`cargo nextest run -p e2e -- --skip {OWN_STACK_MODULE}`, \
              as scripts/test.sh does)",
             stack.name
+        );
+    }
+}
+
+/// The module that holds the tests that need the Docker Compose stack itself (they cut, pause
+/// and kill its containers): `compose_stack::<test>`. Everywhere else they are left out by name,
+/// so that the runner reports them as skipped; scripts/compose-test.sh runs them.
+pub const COMPOSE_STACK_MODULE: &str = "compose_stack::";
+
+/// First line of every test in a `compose_stack` module: panics, saying why, unless the tests
+/// run against the Compose stack that scripts/compose-test.sh brought up.
+pub fn requires_compose(what_it_does: &str) {
+    let on_compose = external_stack().is_some_and(|s| s.name == "compose");
+    if !on_compose || std::env::var_os("E2E_COMPOSE_PROJECT").is_none() {
+        panic!(
+            "this test {what_it_does}, so it runs only against the Compose stack of \
+             scripts/compose-test.sh (E2E_STACK=compose and E2E_COMPOSE_PROJECT set): leave out \
+             the tests named {COMPOSE_STACK_MODULE}* elsewhere (`-- --skip {COMPOSE_STACK_MODULE}`, \
+             as scripts/test.sh does)"
         );
     }
 }
@@ -693,6 +724,24 @@ pub fn http_client() -> reqwest::Client {
         .expect("HTTP client")
 }
 
+/// [`http_client`] for a running stack: when it has an admin token, every request carries it,
+/// so that the tests that change products or the processor's knobs act as its operator would.
+fn external_http_client(stack: &ExternalStack) -> reqwest::Client {
+    let Some(token) = &stack.admin_token else {
+        return http_client();
+    };
+    let mut headers = reqwest::header::HeaderMap::new();
+    let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+        .expect("E2E_ADMIN_TOKEN is a header value");
+    value.set_sensitive(true);
+    headers.insert(reqwest::header::AUTHORIZATION, value);
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .default_headers(headers)
+        .build()
+        .expect("HTTP client")
+}
+
 /// A process of the stack the harness starts and controls; a new one is an entry here and an
 /// arm in [`Process::program`], [`Process::port_flag`] and [`Stack::args_of`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -997,7 +1046,7 @@ impl Stack {
             monitors: Vec::new(),
             pg: postgres_url(),
             inventory_proxy: None,
-            http: http_client(),
+            http: external_http_client(external),
             options,
             log_dir,
             sku_prefix: format!("e2e-{suffix}-"),
@@ -1386,13 +1435,14 @@ impl Stack {
 
     /// Sets the stand-in processor's fault knobs (`PUT /faults`), e.g. `{"mode": "hang"}`.
     pub async fn set_gateway_faults(&self, faults: Value) {
-        let answer = self
+        let mut request = self
             .http
             .put(format!("{}/faults", self.gateway_url))
-            .json(&faults)
-            .send()
-            .await
-            .expect("PUT /faults");
+            .json(&faults);
+        if let Some(token) = self.admin_token() {
+            request = request.bearer_auth(token);
+        }
+        let answer = request.send().await.expect("PUT /faults");
         assert!(
             answer.status().is_success(),
             "PUT /faults: {}",
@@ -1470,8 +1520,11 @@ impl Stack {
     }
 
     /// The admin token the stack's services were started with (`ADMIN_TOKEN` in
-    /// [`StackOptions::env`]), if any.
+    /// [`StackOptions::env`], or a running stack's `E2E_ADMIN_TOKEN`), if any.
     pub fn admin_token(&self) -> Option<&str> {
+        if let Some(stack) = external_stack() {
+            return stack.admin_token.as_deref();
+        }
         self.options
             .env
             .iter()

@@ -18,9 +18,16 @@ fn root() -> PathBuf {
 
 /// The compose file as `docker-compose config` normalises it.
 fn compose() -> Value {
-    let out = Command::new("docker-compose")
-        .arg("-f")
-        .arg(root().join("docker-compose.yml"))
+    compose_of(&["docker-compose.yml"])
+}
+
+/// The compose files, layered in this order, as `docker-compose config` merges them.
+fn compose_of(files: &[&str]) -> Value {
+    let mut command = Command::new("docker-compose");
+    for file in files {
+        command.arg("-f").arg(root().join(file));
+    }
+    let out = command
         .arg("config")
         .output()
         .expect("docker-compose (Debian's package; scripts/test.sh installs it)");
@@ -51,6 +58,11 @@ fn variables_read_by(binary: &str) -> (BTreeSet<String>, String) {
             .iter()
             .map(|v| v.to_string()),
     );
+    // The admin token is read from the environment beside its file's flag (`AdminToken`), and
+    // the flag's help names it.
+    if help.contains("set ADMIN_TOKEN") || help.contains("the ADMIN_TOKEN environment variable") {
+        names.insert("ADMIN_TOKEN".to_owned());
+    }
     (names, help)
 }
 
@@ -254,6 +266,11 @@ fn the_compose_file_agrees_with_the_binaries_ports_and_topics() {
         "E2E_STACK=compose uses Kafka at {}; the broker advertises {kafka_listeners}",
         pointed.bootstrap
     );
+    assert_eq!(
+        pointed.admin_token.as_deref(),
+        env(&services["inventory-service"], "ADMIN_TOKEN"),
+        "E2E_STACK=compose uses another admin token than the file's default"
+    );
     for db in [&pointed.orders_db, &pointed.inventory_db] {
         assert!(init.contains(&format!("CREATE DATABASE {db};")));
     }
@@ -280,18 +297,48 @@ fn the_compose_file_agrees_with_the_binaries_ports_and_topics() {
         Some("Admin"),
         "anonymous Grafana visitors are admins"
     );
-    for service in [
-        "order-service",
-        "inventory-service",
-        "payment-service",
-        "payment-gateway",
-        "outbox-relay",
-    ] {
-        assert!(
-            services[service]["restart"].as_str().is_some(),
-            "{service} is designed to exit and be restarted, and has no restart policy"
+    // Everything that runs for good comes back by itself after a crash or a Docker daemon
+    // restart (a host reboot), the one-shot topics job aside.
+    for (name, spec) in services.as_mapping().unwrap() {
+        let name = name.as_str().unwrap();
+        if name == "topics" {
+            continue;
+        }
+        assert_eq!(
+            spec["restart"].as_str(),
+            Some("unless-stopped"),
+            "{name} does not come back by itself after a crash or a daemon restart"
         );
     }
+    // The routes that change prices, stock and the processor's behaviour need a token, taken
+    // from the environment like the passwords.
+    for service in ["inventory-service", "payment-gateway"] {
+        assert_eq!(
+            env(&services[service], "ADMIN_TOKEN"),
+            Some("saga-local-dev-admin"),
+            "{service}: ADMIN_TOKEN is not set from the environment (default saga-local-dev-admin)"
+        );
+    }
+    assert!(
+        std::fs::read_to_string(root().join("docker-compose.yml"))
+            .unwrap()
+            .contains("ADMIN_TOKEN: ${ADMIN_TOKEN:-saga-local-dev-admin}"),
+        "ADMIN_TOKEN is not taken from the environment"
+    );
+    // Light, true healthchecks: the broker answers a Kafka request (no JVM tool every 2 s), and
+    // Postgres answers over TCP in a database init.sql makes (its socket answers while the
+    // official image is still initializing).
+    let kafka_health = serde_yaml::to_string(&services["kafka"]["healthcheck"]["test"]).unwrap();
+    assert!(
+        kafka_health.contains("/dev/tcp/127.0.0.1/9092") && !kafka_health.contains(".sh"),
+        "the broker's healthcheck: {kafka_health}"
+    );
+    let pg_health = serde_yaml::to_string(&services["postgres"]["healthcheck"]["test"]).unwrap();
+    assert!(
+        pg_health.contains("-h 127.0.0.1") && pg_health.contains("-d monitor"),
+        "Postgres's healthcheck: {pg_health}"
+    );
+    assert!(init.contains("CREATE DATABASE monitor;"));
 
     // Every service with a healthcheck is waited for by what depends on it.
     for (name, spec) in services.as_mapping().unwrap() {
@@ -304,5 +351,106 @@ fn the_compose_file_agrees_with_the_binaries_ports_and_topics() {
                 );
             }
         }
+    }
+}
+
+/// deploy/Dockerfile builds without BuildKit too (docker-compose 1.x, `DOCKER_BUILDKIT=0`, a
+/// docker CLI without buildx): no instruction only BuildKit knows, and BIN chosen after the
+/// build stage, so that the six images share one compilation in the layer cache.
+#[test]
+fn the_dockerfile_needs_no_buildkit_and_compiles_once_for_every_image() {
+    let dockerfile = std::fs::read_to_string(root().join("deploy/Dockerfile")).unwrap();
+    let instructions: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect();
+    for line in &instructions {
+        assert!(
+            !line.contains("--mount") && !line.contains("<<") && !line.contains("--link"),
+            "a BuildKit-only instruction: {line}"
+        );
+    }
+    assert!(
+        !dockerfile.starts_with("# syntax"),
+        "a frontend image is pulled"
+    );
+    let build_stage = dockerfile
+        .split("FROM ${BINARIES}")
+        .next()
+        .expect("a BINARIES stage");
+    assert!(
+        !build_stage.contains("ARG BIN\n") && !build_stage.contains("$BIN"),
+        "the build stage depends on BIN: each image would compile the workspace again"
+    );
+    for bin in e2e::Process::ALL.map(e2e::Process::program) {
+        assert!(
+            build_stage.contains(&format!("--bin {bin}")),
+            "the build stage does not build {bin}"
+        );
+    }
+}
+
+/// docker-compose.standin.yml, the project's own stand-ins for images only a registry has,
+/// changes nothing of docker-compose.yml but which images run and how the stand-in broker is
+/// addressed: every other setting of every service is the one users run.
+#[test]
+fn the_stand_in_override_changes_only_images_and_the_brokers_address() {
+    let users = compose();
+    let ours = compose_of(&["docker-compose.yml", "docker-compose.standin.yml"]);
+    let services = users["services"].as_mapping().unwrap();
+    for (name, spec) in services {
+        let name = name.as_str().unwrap();
+        let mut theirs = spec.as_mapping().unwrap().clone();
+        let mut mine = ours["services"][name].as_mapping().unwrap().clone();
+        theirs.remove("image");
+        mine.remove("image");
+        // The processes' images: the same Dockerfile and BIN, the binaries from this machine.
+        if let (Some(Value::Mapping(a)), Some(Value::Mapping(b))) = (
+            theirs
+                .get_mut("build")
+                .and_then(|b| b.get_mut("args"))
+                .cloned(),
+            mine.get_mut("build")
+                .and_then(|b| b.get_mut("args"))
+                .cloned(),
+        ) {
+            let mut b = b;
+            assert_eq!(
+                b.remove("BINARIES")
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .as_deref(),
+                Some("order-saga/binaries:local"),
+                "{name}"
+            );
+            assert_eq!(a, b, "{name}: build arguments");
+            theirs.remove("build");
+            mine.remove("build");
+        }
+        match name {
+            "kafka" => {
+                for key in ["environment", "networks"] {
+                    theirs.remove(key);
+                    mine.remove(key);
+                }
+            }
+            "topics" => {
+                theirs.remove("command");
+                mine.remove("command");
+            }
+            _ => {
+                theirs.remove("networks");
+                mine.remove("networks");
+            }
+        }
+        // `docker-compose config` lists merged ports in another order.
+        for spec in [&mut theirs, &mut mine] {
+            if let Some(Value::Sequence(ports)) = spec.get_mut("ports") {
+                ports.sort_by_key(|p| serde_yaml::to_string(p).unwrap_or_default());
+            }
+        }
+        assert_eq!(
+            theirs, mine,
+            "{name}: the override changes more than its image"
+        );
     }
 }

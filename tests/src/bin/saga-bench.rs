@@ -247,18 +247,12 @@ async fn main() -> anyhow::Result<()> {
             .chain(drain_usages.iter().map(|u| u.max_rss(name)))
             .fold(0.0, f64::max)
     };
-    let process_rss: Vec<(String, f64)> = [
-        "order-service",
-        "inventory-service",
-        "payment-service",
-        "payment-gateway",
-        "outbox-relay",
-        "saga-monitor",
-        "broker",
-    ]
-    .iter()
-    .map(|n| (n.to_string(), max_rss(n)))
-    .collect();
+    let process_rss: Vec<(String, f64)> = e2e::Process::ALL
+        .map(e2e::Process::program)
+        .iter()
+        .chain(&["broker"])
+        .map(|n| (n.to_string(), max_rss(n)))
+        .collect();
     let ceiling_for_sagas = pgbench.unwrap_or(commits);
     let summary = json!({
         "relay_drain_over_batched_produce_ceiling": ratio(drain_rate, produce_batched),
