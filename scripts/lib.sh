@@ -194,10 +194,12 @@ ensure_docker_engine() {
 stop_docker_engine() {
     [ -n "$DOCKERD_PID" ] || return 0
     say "stopping the dockerd this command started"
-    as_root kill "$DOCKERD_PID" 2>/dev/null || true
-    local i
+    # The one running now: a test may have restarted it (its pid file names it).
+    local pid i
+    pid=$(cat /var/run/docker.pid 2>/dev/null || echo "$DOCKERD_PID")
+    as_root kill "$pid" "$DOCKERD_PID" 2>/dev/null || true
     for i in $(seq 1 60); do
-        kill -0 "$DOCKERD_PID" 2>/dev/null || break
+        kill -0 "$pid" 2>/dev/null || kill -0 "$DOCKERD_PID" 2>/dev/null || break
         sleep 0.5
     done
     as_root pkill -x containerd-shim-runc-v2 2>/dev/null || true

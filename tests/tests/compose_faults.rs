@@ -5,13 +5,16 @@
 //! process killed inside its container from the host (`kill -9` of its process: `docker kill`
 //! is a manual stop, which restart policies ignore), each brought back by its restart policy.
 //! Then every order of the run is terminal, its stock and its money add up, none of its records
-//! was dead-lettered, and no container restarted more often than it was killed.
+//! was dead-lettered, and no container restarted more often than it was killed. And, last and
+//! alone (scripts/compose-test.sh runs it after the rest), the Docker daemon restarted under the
+//! stack: every container back and healthy with no manual step, the saga working on.
 //!
 //! The checks are of the run's own orders, skus and keys: the stack is shared with the rest of the
 //! suite, whose tests leave records and orders of their own behind.
 
-use std::collections::HashMap;
-use std::process::Command;
+use std::collections::{HashMap, HashSet};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -126,6 +129,78 @@ impl Containers {
         });
     }
 
+    /// Whether `service` runs and is healthy; `false` also while the daemon does not answer.
+    fn try_healthy(&self, service: &str) -> bool {
+        let id = Command::new("/usr/bin/docker")
+            .args([
+                "ps",
+                "-q",
+                "--filter",
+                &format!("label=com.docker.compose.project={}", self.project),
+                "--filter",
+                &format!("label=com.docker.compose.service={service}"),
+            ])
+            .output();
+        let Some(id) = id
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .filter(|id| !id.is_empty())
+        else {
+            return false;
+        };
+        Command::new("/usr/bin/docker")
+            .args([
+                "inspect",
+                "-f",
+                "{{.State.Status}} {{.State.Health.Status}}",
+                &id,
+            ])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "running healthy")
+    }
+
+    /// Stops the Docker daemon (SIGTERM: it stops the containers, as on a host's shutdown) and
+    /// starts it again, in a session of its own so that it outlives the test, logging to `log`.
+    async fn restart_daemon(&self, log: &str) {
+        let pid = std::fs::read_to_string("/var/run/docker.pid")
+            .expect("the daemon's pid file")
+            .trim()
+            .to_owned();
+        let stopped = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(stopped.success(), "kill -TERM {pid} (dockerd)");
+        eventually(Duration::from_secs(60), || async {
+            Ok((!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(()))
+        })
+        .await
+        .expect("dockerd stopped within 60 s");
+        let out = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(log)
+            .expect("the daemon's log");
+        // `setsid --fork` returns at once, leaving dockerd in a session of its own.
+        let started = Command::new("setsid")
+            .args(["--fork", "dockerd"])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .status()
+            .expect("starting dockerd");
+        assert!(started.success(), "setsid --fork dockerd: {started}");
+        eventually(Duration::from_secs(60), || async {
+            let answers = Command::new("/usr/bin/docker")
+                .arg("info")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            Ok(answers.then_some(()))
+        })
+        .await
+        .expect("the restarted dockerd answers within 60 s");
+    }
+
     async fn wait_healthy(&self, service: &str) {
         eventually(Duration::from_secs(120), || async {
             Ok(self.healthy(service).then_some(()))
@@ -212,38 +287,29 @@ impl Load {
     }
 }
 
-mod compose_stack {
-    use super::*;
+/// Orders offered every 200 ms until [`Running::stop`], each by a customer of its own.
+struct Running {
+    load: Arc<Load>,
+    running: Arc<AtomicBool>,
+    generator: tokio::task::JoinHandle<()>,
+}
 
-    #[tokio::test(flavor = "multi_thread")]
-    async fn orders_flowing_through_network_cuts_a_paused_broker_and_killed_processes_all_end_and_add_up()
-     {
-        e2e::requires_compose("cuts, pauses and kills the stack's containers");
-        let stack = Stack::start("compose_faults").await;
-        let containers = Containers::of_stack();
-        const STOCK: i64 = 1_000_000;
-        let skus = [stack.sku("FAULTS-A"), stack.sku("FAULTS-B")];
-        stack.put_product("FAULTS-A", 250, STOCK).await;
-        stack.put_product("FAULTS-B", 400, STOCK).await;
-        let restarts_before: HashMap<&str, u64> = processes()
-            .iter()
-            .map(|p| (*p, containers.restarts(p)))
-            .collect();
-
+impl Running {
+    fn start(stack: &Stack, skus: &[String]) -> Running {
         let load = Arc::new(Load {
             http: stack.http.clone(),
             order_url: stack.order_url.clone(),
             skus: skus.to_vec(),
             placed: Mutex::default(),
         });
-        let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let running = Arc::new(AtomicBool::new(true));
         let generator = {
             let (load, running) = (load.clone(), running.clone());
             tokio::spawn(async move {
                 let mut customers = tokio::task::JoinSet::new();
                 let mut tick = tokio::time::interval(Duration::from_millis(200));
                 let mut n = 0;
-                while running.load(std::sync::atomic::Ordering::SeqCst) {
+                while running.load(Ordering::SeqCst) {
                     tick.tick().await;
                     customers.spawn(load.clone().customer(n));
                     n += 1;
@@ -253,7 +319,137 @@ mod compose_stack {
                 }
             })
         };
+        Running {
+            load,
+            running,
+            generator,
+        }
+    }
 
+    /// Stops offering, waits for every customer's requests to be answered, returns the orders.
+    async fn stop(self) -> Vec<Placed> {
+        self.running.store(false, Ordering::SeqCst);
+        self.generator.await.expect("the load");
+        self.load.placed.lock().unwrap().clone()
+    }
+}
+
+/// The run's two skus, each with `STOCK` units.
+async fn stock_up(stack: &Stack, run: &str) -> [String; 2] {
+    let names = [format!("{run}-A"), format!("{run}-B")];
+    stack.put_product(&names[0], 250, STOCK).await;
+    stack.put_product(&names[1], 400, STOCK).await;
+    [stack.sku(&names[0]), stack.sku(&names[1])]
+}
+
+const STOCK: i64 = 1_000_000;
+
+/// Waits until every order in `placed` has ended, and checks what a user would: a confirmed
+/// order was charged its total once at the processor and any other kept nothing; nothing was
+/// rejected (the stock is plenty); each sku's sold stock is what the confirmed orders took,
+/// nothing is left reserved and stock is conserved; no group dead-lettered a record of the run.
+/// Returns how many orders ended in each status.
+async fn every_order_ends_and_adds_up(
+    stack: &Stack,
+    placed: &[Placed],
+    skus: &[String],
+) -> HashMap<String, usize> {
+    let ids: Vec<Uuid> = placed.iter().map(|p| p.id).collect();
+    let statuses = stack
+        .wait_for_statuses(
+            &ids,
+            &["CONFIRMED", "REJECTED", "CANCELLED"],
+            Duration::from_secs(300),
+        )
+        .await;
+    let mut sold: HashMap<&str, i64> = HashMap::new();
+    for order in placed {
+        let status = statuses[&order.id].as_str();
+        let view = stack
+            .get_json(&format!("{}/orders/{}", stack.order_url, order.id))
+            .await;
+        let payment = stack.payment_of(order.id).await;
+        let (net, charges) = match payment["payment_id"].as_str() {
+            Some(payment_id) => stack.ledger_of(payment_id).await,
+            None => (0, 0),
+        };
+        if status == "CONFIRMED" {
+            assert_eq!(
+                (net, charges),
+                (view["total_cents"].as_i64().unwrap(), 1),
+                "{}: confirmed, charged {net} in {charges} charges: {view}",
+                order.id
+            );
+            for (sku, quantity) in &order.lines {
+                *sold.entry(sku.as_str()).or_default() += quantity;
+            }
+        } else {
+            assert_eq!(net, 0, "{}: {status}, and {net} cents kept", order.id);
+            assert_ne!(
+                status, "REJECTED",
+                "{}: plenty of stock, yet rejected",
+                order.id
+            );
+        }
+    }
+    for sku in skus {
+        let product = stack
+            .get_json(&format!("{}/products/{sku}", stack.inventory_url))
+            .await;
+        let (available, reserved, sold_now) = (
+            product["available"].as_i64().unwrap(),
+            product["reserved"].as_i64().unwrap(),
+            product["sold"].as_i64().unwrap(),
+        );
+        let expected = sold.get(sku.as_str()).copied().unwrap_or(0);
+        assert_eq!(
+            (reserved, sold_now, available + reserved + sold_now),
+            (0, expected, STOCK),
+            "{sku}: {product}"
+        );
+    }
+    let keys: HashSet<String> = ids.iter().map(Uuid::to_string).collect();
+    for group in [
+        schemas::ORDER_SERVICE,
+        schemas::INVENTORY_SERVICE,
+        schemas::PAYMENT_SERVICE,
+    ] {
+        let topic = messaging::kafka::dead_letter_topic(group);
+        let dead = kafka::read_topic(&stack.broker.bootstrap, &topic)
+            .await
+            .unwrap_or_default();
+        let ours: Vec<String> = dead
+            .iter()
+            .map(|d| d.key_text())
+            .filter(|k| keys.contains(k))
+            .collect();
+        assert!(
+            ours.is_empty(),
+            "{topic} holds records of the run: {ours:?}"
+        );
+    }
+    statuses.values().fold(HashMap::new(), |mut m, s| {
+        *m.entry(s.clone()).or_insert(0) += 1;
+        m
+    })
+}
+
+mod compose_stack {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn orders_flowing_through_network_cuts_a_paused_broker_and_killed_processes_all_end_and_add_up()
+     {
+        e2e::requires_compose("cuts, pauses and kills the stack's containers");
+        let stack = Stack::start("compose_faults").await;
+        let containers = Containers::of_stack();
+        let skus = stock_up(&stack, "FAULTS").await;
+        let restarts_before: HashMap<&str, u64> = processes()
+            .iter()
+            .map(|p| (*p, containers.restarts(p)))
+            .collect();
+
+        let load = Running::start(&stack, &skus);
         let mut faults = Vec::new();
         for service in [
             "outbox-relay",
@@ -276,94 +472,14 @@ mod compose_stack {
             faults.push(format!("kill -9 {service}"));
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
-        running.store(false, std::sync::atomic::Ordering::SeqCst);
-        generator.await.expect("the load");
-        let placed = load.placed.lock().unwrap().clone();
+        let placed = load.stop().await;
         eprintln!(
             "compose faults: {} faults, {} orders placed; waiting for every one to end",
             faults.len(),
             placed.len()
         );
         assert!(placed.len() >= 100, "only {} orders placed", placed.len());
-
-        // Every order ends; each ending is one its customer's requests allow.
-        let ids: Vec<Uuid> = placed.iter().map(|p| p.id).collect();
-        let statuses = stack
-            .wait_for_statuses(
-                &ids,
-                &["CONFIRMED", "REJECTED", "CANCELLED"],
-                Duration::from_secs(300),
-            )
-            .await;
-        // Money: a confirmed order was charged its total once; any other order kept nothing.
-        let mut sold: HashMap<&str, i64> = HashMap::new();
-        for order in &placed {
-            let status = statuses[&order.id].as_str();
-            let view = stack
-                .get_json(&format!("{}/orders/{}", stack.order_url, order.id))
-                .await;
-            let payment = stack.payment_of(order.id).await;
-            let (net, charges) = match payment["payment_id"].as_str() {
-                Some(payment_id) => stack.ledger_of(payment_id).await,
-                None => (0, 0),
-            };
-            if status == "CONFIRMED" {
-                assert_eq!(
-                    (net, charges),
-                    (view["total_cents"].as_i64().unwrap(), 1),
-                    "{}: confirmed, charged {net} in {charges} charges: {view}",
-                    order.id
-                );
-                for (sku, quantity) in &order.lines {
-                    *sold.entry(sku.as_str()).or_default() += quantity;
-                }
-            } else {
-                assert_eq!(net, 0, "{}: {status}, and {net} cents kept", order.id);
-                assert_ne!(
-                    status, "REJECTED",
-                    "{}: plenty of stock, yet rejected",
-                    order.id
-                );
-            }
-        }
-        // Stock: what was sold is what confirmed orders took; nothing else is held.
-        for sku in &skus {
-            let product = stack
-                .get_json(&format!("{}/products/{sku}", stack.inventory_url))
-                .await;
-            let (available, reserved, sold_now) = (
-                product["available"].as_i64().unwrap(),
-                product["reserved"].as_i64().unwrap(),
-                product["sold"].as_i64().unwrap(),
-            );
-            let expected = sold.get(sku.as_str()).copied().unwrap_or(0);
-            assert_eq!(
-                (reserved, sold_now, available + reserved + sold_now),
-                (0, expected, STOCK),
-                "{sku}: {product}"
-            );
-        }
-        // Nothing of the run was dead-lettered by any group.
-        let keys: std::collections::HashSet<String> = ids.iter().map(Uuid::to_string).collect();
-        for group in [
-            schemas::ORDER_SERVICE,
-            schemas::INVENTORY_SERVICE,
-            schemas::PAYMENT_SERVICE,
-        ] {
-            let topic = messaging::kafka::dead_letter_topic(group);
-            let dead = kafka::read_topic(&stack.broker.bootstrap, &topic)
-                .await
-                .unwrap_or_default();
-            let ours: Vec<String> = dead
-                .iter()
-                .map(|d| d.key_text())
-                .filter(|k| keys.contains(k))
-                .collect();
-            assert!(
-                ours.is_empty(),
-                "{topic} holds records of the run: {ours:?}"
-            );
-        }
+        let by_status = every_order_ends_and_adds_up(&stack, &placed, &skus).await;
         // No process crashed by itself: each restarted exactly once, for its kill.
         for process in processes() {
             assert_eq!(
@@ -372,13 +488,62 @@ mod compose_stack {
                 "{process} restarted other than for its kill"
             );
         }
-        let by_status = statuses.values().fold(HashMap::new(), |mut m, s| {
-            *m.entry(s.clone()).or_insert(0) += 1;
-            m
-        });
         eprintln!(
             "compose faults: {}; {} orders, {by_status:?}; stock and money add up, no dead letters",
             faults.join(", "),
+            placed.len()
+        );
+    }
+
+    /// The Docker daemon stops (as on a host's shutdown) and starts again: every long-running
+    /// container comes back by its restart policy and is healthy, with no manual step, and the
+    /// saga works on. The stand-in broker keeps its log in memory (apache/kafka keeps it in the
+    /// container, which a restart keeps), so the daemon restarts once the orders before it have
+    /// ended; those and the ones after must all add up.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn after_a_docker_daemon_restart_every_container_comes_back_and_orders_complete() {
+        e2e::requires_compose("restarts the Docker daemon under the stack");
+        let log = std::env::var("E2E_DOCKERD_LOG").unwrap_or_else(|_| {
+            panic!(
+                "E2E_DOCKERD_LOG is not set: only a Docker daemon that scripts/compose-test.sh \
+                 started itself is restarted (and it runs this test last)"
+            )
+        });
+        let stack = Stack::start("compose_daemon_restart").await;
+        let containers = Containers::of_stack();
+        let skus = stock_up(&stack, "RESTART").await;
+
+        let load = Running::start(&stack, &skus);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let mut placed = load.stop().await;
+        every_order_ends_and_adds_up(&stack, &placed, &skus).await;
+
+        let started = Instant::now();
+        eprintln!("compose faults: restarting the Docker daemon");
+        containers.restart_daemon(&log).await;
+        let services = ["kafka", "postgres", "prometheus"]
+            .into_iter()
+            .chain(processes());
+        for service in services {
+            eventually(Duration::from_secs(240), || async {
+                Ok(containers.try_healthy(service).then_some(()))
+            })
+            .await
+            .unwrap_or_else(|_| {
+                panic!("{service} is not running and healthy within 240 s of the daemon's restart")
+            });
+        }
+        eprintln!(
+            "compose faults: every container healthy {:.0} s after the daemon's restart began",
+            started.elapsed().as_secs_f64()
+        );
+
+        let load = Running::start(&stack, &skus);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        placed.extend(load.stop().await);
+        let by_status = every_order_ends_and_adds_up(&stack, &placed, &skus).await;
+        eprintln!(
+            "compose faults: daemon restarted; {} orders before and after it, {by_status:?}; stock and money add up",
             placed.len()
         );
     }
